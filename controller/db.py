@@ -1,0 +1,123 @@
+"""SQLModel tables and the engine: the controller's source of truth.
+
+SQLite (WAL) by default, PostgreSQL by URL. Every rollout decision is
+re-derived from these rows, so a controller killed at any point resumes.
+Times are stored as UNIX seconds (float) so both databases agree on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Field, SQLModel, UniqueConstraint, create_engine
+
+
+class ModelVersionRow(SQLModel, table=True):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    version: str
+    sha256: str
+    size: int
+    signature: str  # human-readable tensor signature, e.g. (float32[1, 4]) -> (float32[1, 3])
+    device_types: str = ""  # comma-separated; empty means any
+    signed_manifest: str  # the SignedManifest JSON as pushed
+    s3_key: str
+    created_at: float
+
+
+class DeviceRow(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    device_id: str = Field(primary_key=True)
+    region: str = Field(index=True)
+    device_type: str = Field(index=True)
+    online: bool = False
+    active_name: str | None = None
+    active_version: str | None = None
+    active_sha256: str | None = None
+    standby_ref: str | None = None
+    memory_mb: int | None = None
+    agent_version: str = ""
+    last_seen: float = 0.0
+
+
+class RolloutRow(SQLModel, table=True):
+    __tablename__ = "rollouts"
+
+    rollout_id: str = Field(primary_key=True)
+    model: str
+    version: str
+    sha256: str
+    strategy: str
+    spec: str  # JSON of the StartRollout request that created it
+    status: str = Field(index=True)
+    reason: str | None = None
+    device_timeout_s: float = 600.0
+    created_at: float
+    updated_at: float
+    finished_at: float | None = None
+
+
+class AssignmentRow(SQLModel, table=True):
+    """One device's part in one rollout: which command it got and how far it came."""
+
+    __tablename__ = "assignments"
+
+    rollout_id: str = Field(primary_key=True, foreign_key="rollouts.rollout_id")
+    device_id: str = Field(primary_key=True)
+    state: str = "pending"
+    command_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    attempts: int = 0
+    sent_at: float | None = None
+    updated_at: float = 0.0
+
+
+class TelemetryWindowRow(SQLModel, table=True):
+    __tablename__ = "telemetry_windows"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(index=True)
+    model: str
+    version: str = Field(index=True)
+    window_start: float
+    window_end: float = Field(index=True)
+    count: int
+    errors: int
+    latency_total_ms: float
+    latency_counts: str  # JSON list, LATENCY_BUCKETS_MS
+    confidence_counts: str  # JSON list, CONFIDENCE_BUCKETS
+    input_mean: float | None = None
+    input_std: float | None = None
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; creates the SQLite file's directory and turns on WAL."""
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

@@ -1,0 +1,196 @@
+"""The operator's side of the controller API: request/response over MQTT 5, and push.
+
+`OperatorClient` sends a request on `hotswap/v1/controller/requests` with a
+response topic and correlation data, and waits for the matching answer.
+`push_model` checks, signs and uploads a model, then registers it. Does
+network and file I/O; used by the CLI, the demo and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+
+from controller.artifacts import ArtifactStore
+from shared import topics
+from shared.errors import BrokerError, RequestError
+from shared.keys import load_private_key
+from shared.manifest import build_manifest, sign_manifest
+from shared.messages import RegisterModel, Request, Response, RolloutStatus
+from shared.mqtt import make_client, publish_properties
+from shared.settings import MqttEndpoint
+from shared.tflite import read_signature
+
+RETAINED_GRACE_S = 3.0
+
+
+def broker_error(endpoint: MqttEndpoint, exc: Exception) -> BrokerError:
+    return BrokerError(f"cannot reach the MQTT broker at {endpoint}: {exc}")
+
+
+class OperatorClient:
+    """`async with OperatorClient(endpoint) as op: await op.request(ListDevices())`."""
+
+    def __init__(self, endpoint: MqttEndpoint, *, timeout: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.client_id = f"hotswap-cli-{uuid.uuid4().hex[:12]}"
+        self._client = make_client(endpoint, identifier=self.client_id, timeout=timeout)
+        self._pending: dict[bytes, asyncio.Future[Response]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> OperatorClient:
+        try:
+            await self._client.__aenter__()
+            await self._client.subscribe(topics.response_topic(self.client_id), qos=1)
+        except aiomqtt.MqttError as exc:
+            raise broker_error(self.endpoint, exc) from exc
+        self._reader = asyncio.create_task(self._read(), name="responses")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(exc_type, exc, tb)
+
+    async def _read(self) -> None:
+        async for message in self._client.messages:
+            correlation = getattr(message.properties, "CorrelationData", None)
+            future = self._pending.pop(bytes(correlation or b""), None)
+            if future is None or future.done():
+                continue
+            try:
+                payload = message.payload
+                raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+                future.set_result(Response.model_validate_json(raw))
+            except ValueError as exc:
+                future.set_exception(RequestError(f"unreadable answer from the controller: {exc}"))
+
+    async def request(self, request: Request) -> Any:
+        """Send `request`; return the result or raise RequestError with the controller's words."""
+        correlation = uuid.uuid4().bytes
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        try:
+            await self._client.publish(
+                topics.CONTROLLER_REQUESTS,
+                request.to_wire(),
+                qos=1,
+                properties=publish_properties(
+                    response_topic=topics.response_topic(self.client_id),
+                    correlation=correlation,
+                    expiry_s=int(self.timeout) + 1,
+                ),
+            )
+            response = await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            raise RequestError(
+                f"no answer from the controller within {self.timeout:g}s "
+                f"(is `hotswap controller run` connected to {self.endpoint}?)",
+                reason="controller_unavailable",
+            ) from None
+        except aiomqtt.MqttError as exc:
+            raise broker_error(self.endpoint, exc) from exc
+        finally:
+            self._pending.pop(correlation, None)
+        if not response.ok:
+            raise RequestError(response.error or "request refused", reason=response.reason)
+        return response.result
+
+
+async def read_rollout_status(
+    endpoint: MqttEndpoint, rollout_id: str, *, wait_s: float | None = None
+) -> RolloutStatus:
+    """The retained status of a rollout; with `wait_s`, the first final one within it.
+
+    Reads the retained topic only, so it works without a running controller.
+    Raises RequestError when no status exists, or none is final in time.
+    """
+    topic = topics.rollout_status(rollout_id)
+    client = make_client(endpoint, identifier=f"hotswap-cli-{uuid.uuid4().hex[:12]}")
+    latest: RolloutStatus | None = None
+    loop = asyncio.get_running_loop()
+    # A retained status arrives right after subscribing; silence means there is none.
+    first_by = loop.time() + RETAINED_GRACE_S
+    final_by = loop.time() + (wait_s or 0.0)
+    try:
+        async with client:
+            await client.subscribe(topic, qos=1)
+            messages = aiter(client.messages)
+            while latest is None or (wait_s and not latest.final):
+                remaining = (first_by if latest is None else final_by) - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    message = await asyncio.wait_for(anext(messages), remaining)
+                except TimeoutError:
+                    break
+                if isinstance(message.payload, bytes | bytearray) and message.payload:
+                    latest = RolloutStatus.model_validate_json(message.payload)
+    except aiomqtt.MqttError as exc:
+        raise broker_error(endpoint, exc) from exc
+    if latest is None:
+        raise RequestError(f"unknown rollout {rollout_id!r} (no status published)")
+    if wait_s and not latest.final:
+        raise RequestError(
+            f"rollout {rollout_id} is still {latest.status} after {wait_s:g}s "
+            f"({latest.devices_updated}/{latest.devices_targeted} devices updated)",
+            reason="timeout",
+        )
+    return latest
+
+
+@dataclass(frozen=True, slots=True)
+class PushResult:
+    name: str
+    version: str
+    sha256: str
+    size: int
+    s3_key: str
+    registered: dict[str, Any]
+
+
+async def push_model(
+    data: bytes,
+    *,
+    name: str,
+    version: str,
+    signing_key: Path,
+    endpoint: MqttEndpoint,
+    artifacts: ArtifactStore,
+    device_types: tuple[str, ...] = (),
+    request_timeout_s: float = 10.0,
+) -> PushResult:
+    """Check the file is a TFLite model, sign its manifest, upload both, register.
+
+    Everything local (file, model, key) is checked before anything is uploaded.
+    """
+    signature = read_signature(data)
+    key = load_private_key(signing_key)
+    try:
+        manifest = build_manifest(
+            name=name, version=version, data=data, signature=signature, device_types=device_types
+        )
+    except ValueError as exc:
+        raise RequestError(str(exc).splitlines()[-1].strip()) from exc
+    signed = sign_manifest(manifest, key)
+    # Fail fast on an unreachable broker before uploading anything.
+    async with OperatorClient(endpoint, timeout=request_timeout_s) as op:
+        s3_key = await asyncio.to_thread(artifacts.put_model, name, version, data, signed)
+        registered = await op.request(RegisterModel(manifest=signed, s3_key=s3_key))
+    return PushResult(name, version, manifest.sha256, manifest.size, s3_key, registered)

@@ -1,0 +1,453 @@
+"""The controller service: MQTT session, message handlers and the rollout executor.
+
+An async service that owns a TaskGroup of named loops (receive, tick) inside a
+reconnecting MQTT 5 session. Decisions come from `controller.planner` (pure);
+this module loads their inputs from the database, persists each intent before
+publishing it, and turns device messages into row updates. Does network and
+database I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import structlog
+from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
+
+from controller import metrics
+from controller.artifacts import ArtifactStore
+from controller.db import AssignmentRow, ModelVersionRow, RolloutRow
+from controller.planner import (
+    FINAL_DEVICE_STATES,
+    AssignmentView,
+    FinishRollout,
+    RolloutView,
+    SendDeploy,
+    StartRollout,
+    TimeOutDevice,
+    plan_next_actions,
+)
+from controller.status import build_status
+from controller.store import Store
+from shared import __version__, topics
+from shared.errors import HotswapError, RequestError
+from shared.manifest import SignedManifest
+from shared.messages import (
+    MAX_MESSAGE_BYTES,
+    REQUEST,
+    ControllerState,
+    DeployCommand,
+    DeviceEvent,
+    DeviceState,
+    GetRollout,
+    ListDevices,
+    ListModels,
+    ListRollouts,
+    RegisterModel,
+    Request,
+    Response,
+    RolloutStatus,
+    TelemetryWindow,
+)
+from shared.messages import StartRollout as StartRolloutRequest
+from shared.mqtt import backoff_delays, expiry_seconds, make_client, publish_properties
+from shared.settings import MqttEndpoint
+
+log = structlog.get_logger("hotswap.controller")
+
+_INBOUND: dict[str, type[DeviceState] | type[DeviceEvent] | type[TelemetryWindow]] = {
+    "state": DeviceState,
+    "events": DeviceEvent,
+    "telemetry": TelemetryWindow,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    mqtt: MqttEndpoint
+    db_url: str
+    s3_endpoint: str | None
+    s3_bucket: str
+    s3_region: str = "us-east-1"
+    presign_ttl_s: int = 3600
+    command_ttl_s: int = 3600
+    tick_s: float = 0.5
+    # Finished rollouts keep their retained status fresh this long, so that
+    # avgInferenceLatency reflects the telemetry of the new version once it arrives.
+    status_refresh_s: float = 300.0
+    client_id: str = "hotswap-controller"
+
+
+def row_to_wire(row: BaseModel, *, exclude: set[str] | None = None) -> dict[str, Any]:
+    return {to_camel(k): v for k, v in row.model_dump(exclude=exclude).items()}
+
+
+class Controller:
+    """Run with `await Controller(config).run()`; cancel the task to stop."""
+
+    def __init__(self, config: ControllerConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = Store(config.db_url)
+        self.artifacts = ArtifactStore(config.s3_endpoint, config.s3_bucket, config.s3_region)
+        self.connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._published: dict[str, str] = {}  # rollout id -> fingerprint of last status
+        self._client: aiomqtt.Client | None = None
+
+    # ------------------------------------------------------------ session
+
+    async def run(self) -> None:
+        will = aiomqtt.Will(
+            topics.CONTROLLER_STATE,
+            ControllerState(online=False, version=__version__).to_wire(),
+            qos=1,
+            retain=True,
+        )
+        delays = backoff_delays()
+        while True:
+            client = make_client(
+                self.config.mqtt,
+                identifier=self.config.client_id,
+                will=will,
+                persistent_session=True,
+            )
+            try:
+                async with client:
+                    self._client = client
+                    delays = backoff_delays()
+                    await self._on_connect(client)
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._receive_loop(client), name="receive")
+                        tg.create_task(self._tick_loop(), name="tick")
+            except* aiomqtt.MqttError as group:
+                delay = next(delays)
+                log.warning(
+                    "mqtt_disconnected",
+                    broker=str(self.config.mqtt),
+                    error=str(group.exceptions[0]),
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+            finally:
+                self._client = None
+                self.connected.clear()
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        for topic in (
+            topics.ALL_DEVICE_STATES,
+            topics.ALL_DEVICE_EVENTS,
+            topics.ALL_DEVICE_TELEMETRY,
+            topics.CONTROLLER_REQUESTS,
+        ):
+            await client.subscribe(topic, qos=1)
+        await client.publish(
+            topics.CONTROLLER_STATE,
+            ControllerState(online=True, version=__version__).to_wire(),
+            qos=1,
+            retain=True,
+        )
+        # Resume: re-send every command whose outcome is still open. The command id
+        # is unchanged, so a device that already has it answers without redoing work.
+        for rollout in self.store.open_rollouts():
+            for a in self.store.assignments(rollout.rollout_id):
+                if a.command_id and a.state not in FINAL_DEVICE_STATES:
+                    await self._publish_deploy(rollout, a.device_id, a.command_id)
+        self._published.clear()
+        self.connected.set()
+        self._wake.set()
+        log.info("controller_connected", broker=str(self.config.mqtt))
+
+    # ------------------------------------------------------------ inbound
+
+    async def _receive_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = str(message.topic)
+            try:
+                await self._dispatch(client, topic, message)
+            except HotswapError as exc:
+                log.warning("message_rejected", topic=topic, reason=exc.reason, error=str(exc))
+            except Exception:
+                # One bad message must never stop the controller serving the fleet.
+                log.exception("message_handler_failed", topic=topic)
+
+    async def _dispatch(self, client: aiomqtt.Client, topic: str, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            payload = str(payload or "").encode()
+        if topic == topics.CONTROLLER_REQUESTS:
+            await self._on_request(client, bytes(payload), message)
+            return
+        try:
+            where = topics.parse_device_topic(topic)
+        except topics.TopicError:
+            metrics.MESSAGES.labels("unknown", "rejected").inc()
+            return
+        kind = where.leaf
+        if len(payload) > MAX_MESSAGE_BYTES:
+            metrics.MESSAGES.labels(kind, "rejected").inc()
+            log.warning(
+                "message_too_large", device_id=where.device_id, topic=topic, size=len(payload)
+            )
+            return
+        if kind == "cmd" or (kind == "state" and not payload):
+            return  # our own commands, or a cleared retained state
+        model = _INBOUND[kind]
+        try:
+            msg = model.model_validate_json(payload)
+        except ValidationError as exc:
+            metrics.MESSAGES.labels(kind, "rejected").inc()
+            log.warning(
+                "message_malformed",
+                device_id=where.device_id,
+                topic=topic,
+                error=exc.errors()[0]["msg"],
+            )
+            return
+        if msg.device_id != where.device_id:
+            metrics.MESSAGES.labels(kind, "rejected").inc()
+            log.warning(
+                "message_identity_mismatch",
+                topic=topic,
+                topic_device=where.device_id,
+                payload_device=msg.device_id,
+            )
+            return
+        now = self.clock()
+        metrics.MESSAGES.labels(kind, "accepted").inc()
+        if isinstance(msg, DeviceState):
+            self.store.upsert_device(msg, now)
+            metrics.DEVICES_ONLINE.set(self.store.devices_online())
+            log.info(
+                "device_state",
+                device_id=msg.device_id,
+                online=msg.online,
+                active=msg.active.ref if msg.active else None,
+            )
+        elif isinstance(msg, DeviceEvent):
+            row = self.store.apply_event(msg, now)
+            log.info(
+                "device_event",
+                device_id=msg.device_id,
+                rollout_id=msg.rollout_id,
+                command_id=msg.command_id,
+                phase=msg.phase,
+                reason=msg.reason,
+                applied=row is not None,
+            )
+            if row is not None:
+                self._wake.set()
+        else:
+            self.store.record_telemetry(msg)
+
+    async def _on_request(
+        self, client: aiomqtt.Client, payload: bytes, message: aiomqtt.Message
+    ) -> None:
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        kind = "invalid"
+        try:
+            if len(payload) > MAX_MESSAGE_BYTES:
+                raise RequestError(f"request too large ({len(payload)} bytes)")
+            try:
+                request = REQUEST.validate_json(payload)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(map(str, first["loc"]))
+                raise RequestError(f"malformed request: {where}: {first['msg']}") from exc
+            kind = request.kind
+            result = await self._handle(request)
+            response = Response(ok=True, result=result)
+        except HotswapError as exc:
+            response = Response(ok=False, error=str(exc), reason=exc.reason)
+        metrics.REQUESTS.labels(kind, str(response.ok).lower()).inc()
+        log.info("request", kind=kind, ok=response.ok, error=response.error)
+        if response_topic:
+            await client.publish(
+                response_topic,
+                response.to_wire(),
+                qos=1,
+                properties=publish_properties(correlation=correlation, expiry_s=60),
+            )
+
+    async def _handle(self, request: Request) -> Any:
+        now = self.clock()
+        if isinstance(request, RegisterModel):
+            return await self._register(request, now)
+        if isinstance(request, ListModels):
+            return [
+                row_to_wire(r, exclude={"signed_manifest", "id"}) for r in self.store.list_models()
+            ]
+        if isinstance(request, ListDevices):
+            return [row_to_wire(r) for r in self.store.list_devices()]
+        if isinstance(request, StartRolloutRequest):
+            model = self.store.get_model(request.model, request.version)
+            targets = self.store.resolve_targets(request, model)
+            rollout = self.store.create_rollout(request, model, targets, now)
+            log.info(
+                "rollout_created",
+                rollout_id=rollout.rollout_id,
+                model=f"{model.name}@{model.version}",
+                strategy=rollout.strategy,
+                devices=len(targets),
+            )
+            await self._publish_status(rollout)
+            self._wake.set()
+            return {"rolloutId": rollout.rollout_id, "devicesTargeted": len(targets)}
+        if isinstance(request, GetRollout):
+            rollout = self.store.get_rollout(request.rollout_id)
+            return self._status(rollout).model_dump(mode="json", by_alias=True)
+        if isinstance(request, ListRollouts):
+            return [
+                self._status(r).model_dump(mode="json", by_alias=True, exclude={"devices"})
+                for r in self.store.list_rollouts()
+            ]
+        raise RequestError(f"unsupported request {request.kind!r}")
+
+    async def _register(self, request: RegisterModel, now: float) -> dict[str, Any]:
+        manifest = request.manifest.unverified()
+        size = await asyncio.to_thread(self.artifacts.object_size, request.s3_key)
+        if size != manifest.size:
+            raise RequestError(
+                f"artifact {request.s3_key} is {size} bytes in S3, the manifest says "
+                f"{manifest.size}",
+                reason="artifact_mismatch",
+            )
+        row = self.store.register_model(request.manifest, request.s3_key, now)
+        log.info("model_registered", model=manifest.ref, sha256=manifest.sha256)
+        return row_to_wire(row, exclude={"signed_manifest", "id"})
+
+    # ------------------------------------------------------------ executor
+
+    async def _tick_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick_s)
+            self._wake.clear()
+            open_rollouts = self.store.open_rollouts()
+            metrics.OPEN_ROLLOUTS.set(len(open_rollouts))
+            for rollout in open_rollouts:
+                try:
+                    await self._step(rollout)
+                except aiomqtt.MqttError:
+                    raise
+                except HotswapError as exc:
+                    log.warning(
+                        "rollout_step_failed",
+                        rollout_id=rollout.rollout_id,
+                        reason=exc.reason,
+                        error=str(exc),
+                    )
+            for rollout in self.store.recently_finished(
+                self.clock() - self.config.status_refresh_s
+            ):
+                await self._publish_status(rollout)
+
+    async def _step(self, rollout: RolloutRow) -> None:
+        now = self.clock()
+        assignments = self.store.assignments(rollout.rollout_id)
+        actions = plan_next_actions(
+            RolloutView(
+                rollout.rollout_id, rollout.strategy, rollout.status, rollout.device_timeout_s
+            ),
+            [AssignmentView(a.device_id, a.state, a.sent_at, a.reason) for a in assignments],
+            now,
+        )
+        bound = log.bind(rollout_id=rollout.rollout_id)
+        for action in actions:
+            if isinstance(action, StartRollout):
+                self.store.set_rollout_status(
+                    rollout.rollout_id, "InProgress", None, now, final=False
+                )
+                bound.info("rollout_started")
+            elif isinstance(action, SendDeploy):
+                command_id = f"c-{uuid.uuid4().hex}"
+                self.store.mark_sent(rollout.rollout_id, action.device_id, command_id, now)
+                await self._publish_deploy(rollout, action.device_id, command_id)
+            elif isinstance(action, TimeOutDevice):
+                if self.store.mark_timed_out(rollout.rollout_id, action.device_id, now):
+                    bound.warning("device_timed_out", device_id=action.device_id)
+            elif isinstance(action, FinishRollout):
+                self.store.set_rollout_status(
+                    rollout.rollout_id, action.status, action.reason, now, final=True
+                )
+                metrics.ROLLOUTS.labels(action.status).inc()
+                bound.info("rollout_finished", status=action.status, reason=action.reason)
+        await self._publish_status(self.store.get_rollout(rollout.rollout_id))
+
+    async def _publish_deploy(self, rollout: RolloutRow, device_id: str, command_id: str) -> None:
+        model = self.store.get_model(rollout.model, rollout.version)
+        url = await asyncio.to_thread(
+            self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
+        )
+        issued = datetime.now(UTC)
+        expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
+        command = DeployCommand(
+            command_id=command_id,
+            rollout_id=rollout.rollout_id,
+            manifest=SignedManifest.model_validate_json(model.signed_manifest),
+            url=url,
+            issued_at=issued,
+            expires_at=expires,
+        )
+        await self._publish(
+            topics.device_cmd(device_id),
+            command.to_wire(),
+            expiry_s=expiry_seconds(expires, issued),
+        )
+        metrics.COMMANDS.labels("deploy").inc()
+        log.info(
+            "deploy_sent",
+            rollout_id=rollout.rollout_id,
+            device_id=device_id,
+            command_id=command_id,
+            model=f"{model.name}@{model.version}",
+        )
+
+    def _status(self, rollout: RolloutRow) -> RolloutStatus:
+        assignments: list[AssignmentRow] = self.store.assignments(rollout.rollout_id)
+        latency = self.store.avg_latency_ms(
+            rollout.model,
+            rollout.version,
+            [a.device_id for a in assignments if a.state == "activated"],
+            rollout.created_at,
+        )
+        return build_status(rollout, assignments, latency, self.clock())
+
+    async def _publish_status(self, rollout: RolloutRow) -> None:
+        status = self._status(rollout)
+        fingerprint = status.model_dump_json(exclude={"updated_at"})
+        if self._published.get(rollout.rollout_id) == fingerprint:
+            return
+        await self._publish(
+            topics.rollout_status(rollout.rollout_id), status.to_wire(), retain=True
+        )
+        self._published[rollout.rollout_id] = fingerprint
+
+    async def _publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, expiry_s: int | None = None
+    ) -> None:
+        if self._client is None:
+            raise aiomqtt.MqttError("not connected")
+        await self._client.publish(
+            topic, payload, qos=1, retain=retain, properties=publish_properties(expiry_s=expiry_s)
+        )
+
+
+def model_summary(row: ModelVersionRow) -> dict[str, Any]:
+    return row_to_wire(row, exclude={"signed_manifest", "id"})
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)

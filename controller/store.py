@@ -1,0 +1,315 @@
+"""Reads and writes of the controller's tables (one short transaction each).
+
+Does database I/O, synchronously: each call is brief, and the async service
+calls it from its loop. Validation that needs the database (unknown model,
+unregistered device) lives here and raises RequestError with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from controller.db import (
+    AssignmentRow,
+    DeviceRow,
+    ModelVersionRow,
+    RolloutRow,
+    TelemetryWindowRow,
+    make_engine,
+)
+from controller.planner import advances
+from shared.errors import RequestError
+from shared.manifest import SignedManifest
+from shared.messages import DeviceEvent, DeviceState, StartRollout, TelemetryWindow
+
+
+class Store:
+    def __init__(self, url_or_engine: str | Engine) -> None:
+        self.engine = (
+            make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+        )
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ------------------------------------------------------------ models
+
+    def register_model(self, signed: SignedManifest, s3_key: str, now: float) -> ModelVersionRow:
+        """Record a pushed model; the same manifest twice is fine, a changed one is not."""
+        manifest = signed.unverified()
+        with self.session() as s:
+            existing = s.exec(
+                select(ModelVersionRow).where(
+                    ModelVersionRow.name == manifest.name,
+                    ModelVersionRow.version == manifest.version,
+                )
+            ).first()
+            if existing is not None:
+                if existing.sha256 != manifest.sha256:
+                    raise RequestError(
+                        f"model {manifest.ref} is already registered with another sha256 "
+                        f"({existing.sha256[:12]}…); push a new version instead"
+                    )
+                return existing
+            row = ModelVersionRow(
+                name=manifest.name,
+                version=manifest.version,
+                sha256=manifest.sha256,
+                size=manifest.size,
+                signature=manifest.signature.describe(),
+                device_types=",".join(manifest.device_types),
+                signed_manifest=signed.model_dump_json(by_alias=True),
+                s3_key=s3_key,
+                created_at=now,
+            )
+            s.add(row)
+            s.commit()
+            return row
+
+    def get_model(self, name: str, version: str) -> ModelVersionRow:
+        with self.session() as s:
+            row = s.exec(
+                select(ModelVersionRow).where(
+                    ModelVersionRow.name == name, ModelVersionRow.version == version
+                )
+            ).first()
+            if row is None:
+                known = s.exec(
+                    select(ModelVersionRow.version).where(ModelVersionRow.name == name)
+                ).all()
+                hint = f" (known versions: {', '.join(known)})" if known else ""
+                raise RequestError(f"unknown model {name}@{version}{hint}", reason="unknown_model")
+            return row
+
+    def list_models(self) -> list[ModelVersionRow]:
+        with self.session() as s:
+            return list(
+                s.exec(select(ModelVersionRow).order_by(col(ModelVersionRow.created_at))).all()
+            )
+
+    # ------------------------------------------------------------ devices
+
+    def upsert_device(self, state: DeviceState, now: float) -> None:
+        with self.session() as s:
+            row = s.get(DeviceRow, state.device_id) or DeviceRow(
+                device_id=state.device_id, region=state.region, device_type=state.device_type
+            )
+            row.region, row.device_type, row.online = state.region, state.device_type, state.online
+            if state.online or state.active is not None:
+                # A last will carries no model: keep what the device last said it serves.
+                row.active_name = state.active.name if state.active else None
+                row.active_version = state.active.version if state.active else None
+                row.active_sha256 = state.active.sha256 if state.active else None
+                row.standby_ref = state.standby.ref if state.standby else None
+            row.memory_mb = state.capabilities.memory_mb
+            row.agent_version = state.agent_version or row.agent_version
+            row.last_seen = now
+            s.add(row)
+            s.commit()
+
+    def list_devices(self) -> list[DeviceRow]:
+        with self.session() as s:
+            return list(s.exec(select(DeviceRow).order_by(col(DeviceRow.device_id))).all())
+
+    def devices_online(self) -> int:
+        with self.session() as s:
+            return len(s.exec(select(DeviceRow.device_id).where(col(DeviceRow.online))).all())
+
+    def resolve_targets(self, req: StartRollout, model: ModelVersionRow) -> list[str]:
+        """The device ids a rollout request names; RequestError when it names none."""
+        allowed = set(filter(None, model.device_types.split(",")))
+        with self.session() as s:
+            if req.devices:
+                rows = {d.device_id: d for d in s.exec(select(DeviceRow)).all()}
+                missing = [d for d in req.devices if d not in rows]
+                if missing:
+                    raise RequestError(
+                        f"device(s) not registered: {', '.join(missing)}", reason="unknown_device"
+                    )
+                wrong = [d for d in req.devices if allowed and rows[d].device_type not in allowed]
+                if wrong:
+                    raise RequestError(
+                        f"{model.name}@{model.version} is only for device types "
+                        f"{sorted(allowed)}; not for: {', '.join(wrong)}",
+                        reason="incompatible_device",
+                    )
+                return sorted(set(req.devices))
+            query = select(DeviceRow)
+            if req.region:
+                query = query.where(DeviceRow.region == req.region)
+            if req.device_type:
+                query = query.where(DeviceRow.device_type == req.device_type)
+            found = [
+                d.device_id for d in s.exec(query).all() if not allowed or d.device_type in allowed
+            ]
+        if not found:
+            what = " and ".join(
+                f"{k} {v!r}"
+                for k, v in (("region", req.region), ("device type", req.device_type))
+                if v
+            )
+            raise RequestError(
+                f"no registered device matches {what or 'the request'}", reason="no_targets"
+            )
+        return sorted(found)
+
+    # ------------------------------------------------------------ rollouts
+
+    def create_rollout(
+        self, req: StartRollout, model: ModelVersionRow, targets: Sequence[str], now: float
+    ) -> RolloutRow:
+        rollout = RolloutRow(
+            rollout_id=f"r-{uuid.uuid4().hex[:12]}",
+            model=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            strategy=req.strategy,
+            spec=req.model_dump_json(by_alias=True),
+            status="Pending",
+            device_timeout_s=req.device_timeout_s,
+            created_at=now,
+            updated_at=now,
+        )
+        with self.session() as s:
+            s.add(rollout)
+            s.flush()  # the parent row exists before its assignments reference it
+            for device_id in targets:
+                s.add(
+                    AssignmentRow(
+                        rollout_id=rollout.rollout_id, device_id=device_id, updated_at=now
+                    )
+                )
+            s.commit()
+        return rollout
+
+    def get_rollout(self, rollout_id: str) -> RolloutRow:
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id)
+        if row is None:
+            raise RequestError(f"unknown rollout {rollout_id!r}", reason="unknown_rollout")
+        return row
+
+    def list_rollouts(self) -> list[RolloutRow]:
+        with self.session() as s:
+            return list(s.exec(select(RolloutRow).order_by(col(RolloutRow.created_at))).all())
+
+    def open_rollouts(self) -> list[RolloutRow]:
+        with self.session() as s:
+            return list(
+                s.exec(
+                    select(RolloutRow).where(col(RolloutRow.status).in_(["Pending", "InProgress"]))
+                ).all()
+            )
+
+    def recently_finished(self, since: float) -> list[RolloutRow]:
+        with self.session() as s:
+            return list(
+                s.exec(select(RolloutRow).where(col(RolloutRow.finished_at) >= since)).all()
+            )
+
+    def assignments(self, rollout_id: str) -> list[AssignmentRow]:
+        with self.session() as s:
+            return list(
+                s.exec(
+                    select(AssignmentRow)
+                    .where(AssignmentRow.rollout_id == rollout_id)
+                    .order_by(col(AssignmentRow.device_id))
+                ).all()
+            )
+
+    def set_rollout_status(
+        self, rollout_id: str, status: str, reason: str | None, now: float, *, final: bool
+    ) -> None:
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                return
+            row.status, row.reason, row.updated_at = status, reason, now
+            if final:
+                row.finished_at = now
+            s.add(row)
+            s.commit()
+
+    def mark_sent(self, rollout_id: str, device_id: str, command_id: str, now: float) -> None:
+        """Persist the intent to send before the command is published."""
+        with self.session() as s:
+            row = s.get(AssignmentRow, (rollout_id, device_id))
+            if row is None or row.state != "pending":
+                return
+            row.state, row.command_id, row.sent_at = "sent", command_id, now
+            row.attempts += 1
+            row.updated_at = now
+            s.add(row)
+            s.commit()
+
+    def mark_timed_out(self, rollout_id: str, device_id: str, now: float) -> bool:
+        with self.session() as s:
+            row = s.get(AssignmentRow, (rollout_id, device_id))
+            if row is None or not advances(row.state, "timed_out"):
+                return False
+            row.state, row.reason, row.updated_at = "timed_out", "timeout", now
+            s.add(row)
+            s.commit()
+            return True
+
+    def apply_event(self, event: DeviceEvent, now: float) -> AssignmentRow | None:
+        """Apply a device's progress event; returns the row if it changed."""
+        if not event.rollout_id:
+            return None
+        with self.session() as s:
+            row = s.get(AssignmentRow, (event.rollout_id, event.device_id))
+            if row is None or row.command_id != event.command_id:
+                return None  # not ours, or a stale command's echo
+            if not advances(row.state, event.phase):
+                return None
+            row.state, row.updated_at = event.phase, now
+            if event.phase in ("failed", "rolled_back"):
+                row.reason, row.detail = event.reason or event.phase, event.detail
+            s.add(row)
+            s.commit()
+            return row
+
+    # ------------------------------------------------------------ telemetry
+
+    def record_telemetry(self, window: TelemetryWindow) -> None:
+        with self.session() as s:
+            s.add(
+                TelemetryWindowRow(
+                    device_id=window.device_id,
+                    model=window.model.name,
+                    version=window.model.version,
+                    window_start=window.window_start.timestamp(),
+                    window_end=window.window_end.timestamp(),
+                    count=window.count,
+                    errors=window.errors,
+                    latency_total_ms=window.latency_ms.total,
+                    latency_counts=json.dumps(list(window.latency_ms.counts)),
+                    confidence_counts=json.dumps(list(window.confidence.counts)),
+                    input_mean=window.input_mean,
+                    input_std=window.input_std,
+                )
+            )
+            s.commit()
+
+    def avg_latency_ms(
+        self, model: str, version: str, devices: Sequence[str], since: float
+    ) -> float | None:
+        """Mean inference latency of one version on some devices since a time."""
+        if not devices:
+            return None
+        with self.session() as s:
+            rows = s.exec(
+                select(TelemetryWindowRow.count, TelemetryWindowRow.latency_total_ms).where(
+                    TelemetryWindowRow.model == model,
+                    TelemetryWindowRow.version == version,
+                    TelemetryWindowRow.window_end >= since,
+                    col(TelemetryWindowRow.device_id).in_(list(devices)),
+                )
+            ).all()
+        count = sum(r[0] for r in rows)
+        return sum(r[1] for r in rows) / count if count else None

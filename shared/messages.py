@@ -1,0 +1,316 @@
+"""Message models for every topic of DESIGN.md §2.
+
+JSON on the wire, camelCase keys, snake_case in Python; every message carries
+`v` (the schema version) and a `kind` discriminator. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic.alias_generators import to_camel
+
+from shared.manifest import SignedManifest
+from shared.topics import check_ident
+
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WireModel(BaseModel):
+    # Unknown keys are ignored so that a newer controller can talk to older agents.
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, extra="ignore"
+    )
+    v: Literal[1] = 1  # SCHEMA_VERSION
+
+    def to_wire(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class ModelRef(WireModel):
+    name: str
+    version: str
+    sha256: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class Selector(WireModel):
+    """Which devices of a region a region-wide command is for (all fields AND-ed)."""
+
+    device_types: tuple[str, ...] = ()
+    min_memory_mb: int | None = None
+    cohort: tuple[str, ...] = ()  # explicit device ids; empty means every device
+
+    def matches(self, *, device_id: str, device_type: str, memory_mb: int | None) -> bool:
+        if self.device_types and device_type not in self.device_types:
+            return False
+        if self.min_memory_mb is not None and (memory_mb or 0) < self.min_memory_mb:
+            return False
+        return not self.cohort or device_id in self.cohort
+
+
+# ---------------------------------------------------------------- commands
+
+
+class _Command(WireModel):
+    command_id: str = Field(min_length=1, max_length=128)
+    rollout_id: str | None = None
+    issued_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    selector: Selector | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class DeployCommand(_Command):
+    """Download, verify, load and activate the model the signed manifest names."""
+
+    kind: Literal["deploy"] = "deploy"
+    manifest: SignedManifest
+    url: str = Field(max_length=8192)
+
+
+class RollbackCommand(_Command):
+    """Swap back to `to` (default: the resident previous model)."""
+
+    kind: Literal["rollback"] = "rollback"
+    to: ModelRef | None = None
+
+
+class CancelCommand(_Command):
+    """Abandon the work of an earlier command of the same rollout, if not yet active."""
+
+    kind: Literal["cancel"] = "cancel"
+
+
+Command = Annotated[DeployCommand | RollbackCommand | CancelCommand, Field(discriminator="kind")]
+COMMAND = TypeAdapter[Command](Command)
+
+
+# ---------------------------------------------------------------- device → controller
+
+
+class Capabilities(WireModel):
+    memory_mb: int | None = None
+    cpu_count: int | None = None
+    runtime: str = ""
+
+
+class DeviceState(WireModel):
+    """Retained on the device's state topic; the last will sets online=false."""
+
+    kind: Literal["state"] = "state"
+    device_id: str
+    region: str
+    device_type: str
+    capabilities: Capabilities = Capabilities()
+    online: bool
+    active: ModelRef | None = None
+    standby: ModelRef | None = None
+    agent_version: str = ""
+    at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("device_id", "region", "device_type")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        return check_ident(v)
+
+
+EventPhase = Literal["received", "downloading", "verified", "activated", "failed", "rolled_back"]
+FINAL_PHASES: frozenset[str] = frozenset({"activated", "failed", "rolled_back"})
+
+
+class DeviceEvent(WireModel):
+    """Progress of one command on one device."""
+
+    kind: Literal["event"] = "event"
+    device_id: str
+    command_id: str
+    rollout_id: str | None = None
+    phase: EventPhase
+    reason: str | None = None
+    detail: str | None = Field(default=None, max_length=2048)
+    model: ModelRef | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+# Fixed bucket upper bounds, so that windows from any device merge by adding counts.
+LATENCY_BUCKETS_MS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, math.inf,
+)  # fmt: skip
+CONFIDENCE_BUCKETS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+
+class Histogram(WireModel):
+    """Counts per fixed bucket (upper bounds inclusive) plus the plain sum."""
+
+    counts: tuple[int, ...]
+    total: float = 0.0
+
+    @classmethod
+    def empty(cls, bounds: Sequence[float]) -> Histogram:
+        return cls(counts=(0,) * len(bounds))
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts)
+
+    def mean(self) -> float | None:
+        return self.total / self.n if self.n else None
+
+    def merged(self, other: Histogram) -> Histogram:
+        if len(other.counts) != len(self.counts):
+            raise ValueError("histograms with different buckets do not merge")
+        return Histogram(
+            counts=tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)),
+            total=self.total + other.total,
+        )
+
+    def quantile(self, q: float, bounds: Sequence[float]) -> float | None:
+        """The upper bound of the bucket holding the q-quantile (conservative)."""
+        n = self.n
+        if not n:
+            return None
+        rank = q * n
+        seen = 0
+        for bound, count in zip(bounds, self.counts, strict=True):
+            seen += count
+            if seen >= rank and count:
+                return bound if math.isfinite(bound) else bounds[-2]
+        return bounds[-2]
+
+
+class TelemetryWindow(WireModel):
+    """Inference metrics of one model version on one device over one window."""
+
+    kind: Literal["telemetry"] = "telemetry"
+    device_id: str
+    model: ModelRef
+    window_start: datetime
+    window_end: datetime
+    count: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    latency_ms: Histogram
+    confidence: Histogram
+    input_mean: float | None = None
+    input_std: float | None = None
+
+
+# ---------------------------------------------------------------- controller → all
+
+RolloutState = Literal[
+    "Pending", "InProgress", "Paused", "Succeeded", "Failed", "RolledBack", "Aborted"
+]
+FINAL_ROLLOUT_STATES: frozenset[str] = frozenset({"Succeeded", "Failed", "RolledBack", "Aborted"})
+
+
+class GateVerdict(WireModel):
+    gate: str
+    verdict: Literal["pass", "fail", "inconclusive"]
+    observed: float | None = None
+    threshold: float | None = None
+    detail: str = ""
+
+
+class DeviceProgress(WireModel):
+    device_id: str
+    state: str
+    reason: str | None = None
+
+
+class RolloutStatus(WireModel):
+    """Retained on `hotswap/v1/rollouts/{id}/status`."""
+
+    kind: Literal["rollout_status"] = "rollout_status"
+    rollout_id: str
+    model: str
+    version: str
+    strategy: str
+    status: RolloutState
+    devices_targeted: int
+    devices_updated: int
+    devices_failed: int = 0
+    devices_pending: int = 0
+    success_rate: float = 0.0  # percent of targeted devices that activated
+    avg_inference_latency: float | None = None  # ms, candidate version on targeted devices
+    stage: str = ""
+    gates: tuple[GateVerdict, ...] = ()
+    devices: tuple[DeviceProgress, ...] = ()
+    reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL_ROLLOUT_STATES
+
+
+class ControllerState(WireModel):
+    kind: Literal["controller_state"] = "controller_state"
+    online: bool
+    version: str = ""
+    at: datetime = Field(default_factory=utcnow)
+
+
+# ---------------------------------------------------------------- operator ⇄ controller
+
+
+class RegisterModel(WireModel):
+    kind: Literal["register_model"] = "register_model"
+    manifest: SignedManifest
+    s3_key: str
+
+
+class ListModels(WireModel):
+    kind: Literal["list_models"] = "list_models"
+
+
+class ListDevices(WireModel):
+    kind: Literal["list_devices"] = "list_devices"
+
+
+class StartRollout(WireModel):
+    kind: Literal["start_rollout"] = "start_rollout"
+    model: str
+    version: str
+    strategy: Literal["direct"] = "direct"
+    devices: tuple[str, ...] = ()
+    region: str | None = None
+    device_type: str | None = None
+    device_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class GetRollout(WireModel):
+    kind: Literal["get_rollout"] = "get_rollout"
+    rollout_id: str
+
+
+class ListRollouts(WireModel):
+    kind: Literal["list_rollouts"] = "list_rollouts"
+
+
+Request = Annotated[
+    RegisterModel | ListModels | ListDevices | StartRollout | GetRollout | ListRollouts,
+    Field(discriminator="kind"),
+]
+REQUEST = TypeAdapter[Request](Request)
+
+
+class Response(WireModel):
+    kind: Literal["response"] = "response"
+    ok: bool
+    error: str | None = None
+    reason: str | None = None
+    result: Any = None

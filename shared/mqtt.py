@@ -1,0 +1,86 @@
+"""MQTT 5 client construction and reconnect backoff, shared by every participant.
+
+Builds aiomqtt clients (it does not connect: `async with` does) and yields
+jittered, capped reconnect delays. The only network-facing module of `shared`.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+from collections.abc import Iterator
+from datetime import datetime
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.settings import MqttEndpoint
+
+
+def make_client(
+    endpoint: MqttEndpoint,
+    *,
+    identifier: str,
+    will: aiomqtt.Will | None = None,
+    persistent_session: bool = False,
+    session_expiry_s: int = 3600,
+    keepalive: int = 30,
+    timeout: float = 10.0,
+    max_queued_incoming: int | None = 10_000,
+) -> aiomqtt.Client:
+    """An MQTT 5 client for `endpoint`.
+
+    With `persistent_session` the broker keeps the subscriptions and queued QoS 1
+    messages for `session_expiry_s` while the client is away (clean start off).
+    """
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s if persistent_session else 0
+    return aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        will=will,
+        clean_start=not persistent_session,
+        properties=props,
+        keepalive=keepalive,
+        timeout=timeout,
+        tls_context=ssl.create_default_context() if endpoint.tls else None,
+        max_queued_incoming_messages=max_queued_incoming,
+    )
+
+
+def publish_properties(
+    *,
+    expiry_s: int | None = None,
+    response_topic: str | None = None,
+    correlation: bytes | None = None,
+) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.PayloadFormatIndicator = 1  # UTF-8 JSON
+    props.ContentType = "application/json"
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, int(expiry_s))
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
+
+
+def expiry_seconds(expires_at: datetime | None, now: datetime) -> int | None:
+    if expires_at is None:
+        return None
+    return max(1, int((expires_at - now).total_seconds()))
+
+
+def backoff_delays(
+    *, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None
+) -> Iterator[float]:
+    """Endless 'full jitter' delays: uniform(0, min(cap, base * 2**attempt))."""
+    r = rng or random.Random()
+    attempt = 0
+    while True:
+        yield r.uniform(base / 2, min(cap, base * 2**attempt))
+        attempt = min(attempt + 1, 30)

@@ -1,0 +1,61 @@
+"""Typed settings, read from `HOTSWAP_*` environment variables; CLI flags override.
+
+One place documents every knob (the README's configuration table mirrors it).
+Reads the environment only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOTSWAP_", extra="ignore")
+
+    mqtt_url: str = Field(DEFAULT_MQTT_URL, description="broker URL: mqtt://host:port")
+    db_url: str = Field(
+        "sqlite:///hotswap-data/controller.db",
+        description="controller database: sqlite:///path or postgresql+psycopg://...",
+    )
+    s3_endpoint: str | None = Field(None, description="S3 endpoint URL (None: AWS default)")
+    s3_bucket: str = Field("hotswap-models", description="bucket holding artifacts")
+    s3_region: str = Field("us-east-1", description="S3 region for signing requests")
+    presign_ttl_s: int = Field(3600, description="lifetime of presigned artifact URLs")
+    data_dir: Path = Field(Path("hotswap-data"), description="agent/broker data directory")
+    telemetry_interval_s: float = Field(5.0, description="agent telemetry window length")
+    command_ttl_s: int = Field(3600, description="message expiry of device commands")
+    request_timeout_s: float = Field(10.0, description="CLI wait for a controller answer")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    log_json: bool = Field(False, description="JSON logs (one event per line)")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttEndpoint:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> MqttEndpoint:
+    """`mqtt://host[:port]` or `mqtts://host[:port]`; ValueError on anything else."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+        raise ValueError(f"invalid MQTT URL {url!r}: expected mqtt://host:port")
+    if not parts.hostname:
+        raise ValueError(f"invalid MQTT URL {url!r}: no host")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ValueError(f"invalid MQTT URL {url!r}: bad port") from exc
+    return MqttEndpoint(parts.hostname, port, tls)
