@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from edge_agent.cli import app as agent_app
 
 from broker.launcher import Mosquitto
 from controller.cli import controller_app, device_app, model_app, rollout_app
+from edge_agent.cli import app as agent_app
 from shared.console import cli_errors, emit_json, fail, progress
 from shared.keys import init_keys
 from shared.model_builder import build_dense_model

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from edge_agent.agent import Agent, AgentConfig
 
 from broker.launcher import Mosquitto
 from broker.s3server import S3Server
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller, ControllerConfig
+from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.console import progress
 from shared.errors import HotswapError
@@ -111,6 +111,8 @@ async def _demo(workdir: Path, devices: int, rollout_timeout_s: float) -> dict[s
             asyncio.create_task(a.run(), name=a.config.device_id) for a in agents
         ]
         try:
+            # Requests sent before the controller subscribes would go unheard.
+            await asyncio.wait_for(controller.connected.wait(), 30)
             async with OperatorClient(endpoint) as op:
 
                 async def all_registered() -> bool:

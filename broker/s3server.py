@@ -6,6 +6,7 @@ A real S3 HTTP API on a free local port (moto is an optional dependency: the
 
 from __future__ import annotations
 
+import logging
 import os
 from types import TracebackType
 
@@ -44,6 +45,8 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> S3Server:
+        # werkzeug logs every request at INFO on its own handler; only problems matter here.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         ensure_demo_credentials()
         self._server.start()
         if not wait_for_port("127.0.0.1", self.port, 10.0):

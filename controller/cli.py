@@ -7,8 +7,6 @@ service or the operator client, print a table or `--json`. Does terminal I/O.
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,7 +15,7 @@ import typer
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller, ControllerConfig
-from shared.console import cli_errors, emit_json, fail, print_table, progress
+from shared.console import cli_errors, emit_json, fail, print_table, progress, run_until_signalled
 from shared.errors import HotswapError
 from shared.logs import configure_logging
 from shared.messages import ListDevices, ListModels, ListRollouts, RolloutStatus, StartRollout
@@ -44,22 +42,6 @@ controller_app = typer.Typer(help="Run the fleet controller.", no_args_is_help=T
 model_app = typer.Typer(help="Push and list signed models.", no_args_is_help=True)
 device_app = typer.Typer(help="List the devices the controller knows.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Start and watch rollouts.", no_args_is_help=True)
-
-
-def run_until_signalled(main: Coroutine[Any, Any, T]) -> T | None:
-    """Run a long-lived coroutine; SIGINT/SIGTERM cancel it and return None."""
-
-    async def runner() -> T | None:
-        task = asyncio.ensure_future(main)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            return await task
-        except asyncio.CancelledError:
-            return None
-
-    return asyncio.run(runner())
 
 
 @controller_app.command("run")

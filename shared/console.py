@@ -6,17 +6,21 @@ machine output (`--json`) goes to stdout alone. Writes to the terminal only.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from shared.errors import HotswapError
+
+T = TypeVar("T")
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -79,3 +83,19 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
 def progress(message: str) -> None:
     """A progress line for people, on stderr so stdout stays machine-readable."""
     print(message, file=sys.stderr, flush=True)
+
+
+def run_until_signalled(main: Coroutine[Any, Any, T]) -> T | None:
+    """Run a long-lived coroutine; SIGINT/SIGTERM cancel it and return None."""
+
+    async def runner() -> T | None:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return None
+
+    return asyncio.run(runner())

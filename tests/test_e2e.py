@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edge_agent.agent import Agent, AgentConfig
 
 from broker.launcher import Mosquitto
+from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.keys import load_public_key
 from shared.messages import DeviceState

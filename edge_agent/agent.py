@@ -1,0 +1,549 @@
+"""The edge agent: one device's MQTT session, command handling and model lifecycle.
+
+`Agent.run` restores the last active model from the data directory and serves
+it before anything touches the network, then keeps an MQTT 5 session (client id
+= device id, persistent session, a retained `state` with a last will saying
+`online: false`, jittered capped backoff on reconnect). Commands from the
+device's and its region's `cmd` topics are queued and handled one at a time:
+
+    deploy:   received → verify manifest → downloading → verify bytes → load
+              into standby + warm up → verified → swap → health probes →
+              activated (or rolled_back / failed with a reason code)
+    rollback: swap back to the resident previous model → rolled_back
+
+A duplicate `command_id` does the work once (the final event is sent again, so
+a restarted controller gets its answer); an expired command is ignored; a
+deploy of the active model answers `activated` at once. Network, disk and
+thread I/O around the pure checks of `verify` and the runtime of `runtime`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
+
+from edge_agent.fetch import FetchLimits, fetch_artifact
+from edge_agent.runtime import DoubleBufferedRuntime, ModelSlot, NoModelError
+from edge_agent.store import ModelStore, StoreState
+from edge_agent.telemetry import TelemetryRecorder
+from edge_agent.verify import verify_artifact, verify_manifest, verify_tensor_signature
+from edge_agent.workload import SyntheticWorkload
+from shared import __version__, topics
+from shared.errors import DownloadError, HotswapError
+from shared.manifest import Manifest, trusted_keyring
+from shared.messages import (
+    COMMAND,
+    MAX_MESSAGE_BYTES,
+    CancelCommand,
+    Capabilities,
+    Command,
+    DeployCommand,
+    DeviceEvent,
+    DeviceState,
+    EventPhase,
+    ModelRef,
+    RollbackCommand,
+)
+from shared.mqtt import backoff_delays, make_client
+from shared.settings import MqttEndpoint
+from shared.tflite import RUNTIME_NAME
+
+log = structlog.get_logger("hotswap.agent")
+
+OUTBOX_LIMIT = 1000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    region: str
+    device_type: str
+    data_dir: Path
+    trusted_keys: tuple[Ed25519PublicKey, ...]
+    mqtt: MqttEndpoint
+    workload_hz: float = 0.0  # synthetic inferences per second; 0 = none
+    telemetry_interval_s: float = 5.0
+    memory_mb: int | None = None
+    max_download_bytes: int = 512 * 1024 * 1024
+    health_inferences: int = 5  # probes on a new model before `activated`
+    max_latency_factor: float = 20.0  # a new model this much slower than the old is unhealthy
+    keep_versions: int = 3  # stored versions per model name
+    num_threads: int = 1  # interpreter threads
+    fetch_limits: FetchLimits = field(default_factory=FetchLimits)
+
+    def __post_init__(self) -> None:
+        topics.check_ident(self.device_id, "device id")
+        topics.check_ident(self.region, "region")
+        topics.check_ident(self.device_type, "device type")
+        if not self.trusted_keys:
+            raise ValueError("an agent needs at least one trusted public key")
+        if self.telemetry_interval_s <= 0:
+            raise ValueError("telemetry interval must be positive")
+        if self.workload_hz < 0:
+            raise ValueError("workload rate must be >= 0")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.log = log.bind(device_id=config.device_id)
+        self._trusted = trusted_keyring(config.trusted_keys)
+        self.telemetry = TelemetryRecorder(config.device_id, utcnow())
+        self.runtime = DoubleBufferedRuntime(observer=self.telemetry.observe)
+        self.store = ModelStore(config.data_dir)
+        self._state = StoreState()
+        self._queue: asyncio.Queue[Command] = asyncio.Queue()
+        self._client: aiomqtt.Client | None = None
+        self._outbox: deque[DeviceEvent] = deque(maxlen=OUTBOX_LIMIT)
+        self._cancelled_rollouts: set[str] = set()
+        self._rng = np.random.default_rng()
+        self.connected = asyncio.Event()
+        self.serving = asyncio.Event()
+
+    # ------------------------------------------------------------ the application's API
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Run one inference on the active model (any thread; never blocked by a swap)."""
+        return self.runtime.infer(x)
+
+    @property
+    def active(self) -> ModelRef | None:
+        slot = self.runtime.active
+        return slot.ref if slot else None
+
+    @property
+    def standby(self) -> ModelRef | None:
+        slot = self.runtime.standby
+        return slot.ref if slot else None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the stored model, then stay connected and handle commands until cancelled."""
+        await asyncio.to_thread(self._restore)
+        if self.runtime.active is not None:
+            self.serving.set()
+        workload = (
+            SyntheticWorkload(
+                self.runtime, self.infer, hz=self.config.workload_hz, name=self.config.device_id
+            ).start()
+            if self.config.workload_hz > 0
+            else None
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._session_loop(), name=f"{self.config.device_id}-mqtt")
+                tg.create_task(self._command_loop(), name=f"{self.config.device_id}-commands")
+        finally:
+            if workload is not None:
+                workload.stop()
+            self.connected.clear()
+
+    def _restore(self) -> None:
+        """Load the stored active (and previous) model into the runtime, offline."""
+        state = self.store.open()
+        self.store.clean_downloads()
+        slots: list[ModelSlot] = []
+        for sha in (state.active, state.previous):
+            if sha is None:
+                continue
+            try:
+                data, signed = self.store.read(sha)
+                manifest = signed.unverified()
+                slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
+                slot.warm_up(self._rng)
+                slots.append(slot)
+            except (HotswapError, ValueError, OSError) as exc:
+                self.log.error("stored_model_unusable", sha256=sha, error=str(exc))
+        if slots:
+            self.runtime.restore(slots[0], slots[1] if len(slots) > 1 else None)
+            self.log.info("serving_stored_model", model=slots[0].ref.ref)
+        new_active = slots[0].ref.sha256 if slots else None
+        new_previous = slots[1].ref.sha256 if len(slots) > 1 else None
+        if (new_active, new_previous) != (state.active, state.previous):
+            state.active, state.previous = new_active, new_previous
+            self.store.write_state(state)
+        self._state = state
+
+    # ------------------------------------------------------------ MQTT session
+
+    def _device_state(self, *, online: bool, with_models: bool = True) -> DeviceState:
+        return DeviceState(
+            device_id=self.config.device_id,
+            region=self.config.region,
+            device_type=self.config.device_type,
+            capabilities=Capabilities(
+                memory_mb=self.config.memory_mb, cpu_count=os.cpu_count(), runtime=RUNTIME_NAME
+            ),
+            online=online,
+            active=self.active if with_models else None,
+            standby=self.standby if with_models else None,
+            agent_version=__version__,
+        )
+
+    async def _session_loop(self) -> None:
+        cfg = self.config
+        will = aiomqtt.Will(
+            topics.device_state(cfg.device_id),
+            # Fixed at connect time: it names no model rather than a stale one.
+            self._device_state(online=False, with_models=False).to_wire(),
+            qos=1,
+            retain=True,
+        )
+        delays = backoff_delays()
+        while True:
+            try:
+                async with make_client(
+                    cfg.mqtt, identifier=cfg.device_id, will=will, persistent_session=True
+                ) as client:
+                    await self._on_connect(client)
+                    delays = backoff_delays()
+                    telemetry = asyncio.create_task(self._telemetry_loop(client))
+                    try:
+                        await self._receive(client)
+                    except asyncio.CancelledError:
+                        await self._say_goodbye(client)
+                        raise
+                    finally:
+                        self._client = None
+                        self.connected.clear()
+                        telemetry.cancel()
+                        await asyncio.gather(telemetry, return_exceptions=True)
+            except aiomqtt.MqttError as exc:
+                self._client = None
+                self.connected.clear()
+                delay = next(delays)
+                self.log.warning("mqtt_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        cfg = self.config
+        await client.subscribe(topics.device_cmd(cfg.device_id), qos=1)
+        await client.subscribe(topics.region_cmd(cfg.region), qos=1)
+        self._client = client
+        await self._publish_state()
+        while self._outbox:
+            await self._publish_event(client, self._outbox[0])
+            self._outbox.popleft()
+        self.connected.set()
+        self.log.info("connected", broker=str(cfg.mqtt), model=self.active and self.active.ref)
+
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        """A clean disconnect discards the will, so say `online: false` ourselves."""
+        offline = self._device_state(online=False)
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                await client.publish(
+                    topics.device_state(self.config.device_id),
+                    offline.to_wire(),
+                    qos=1,
+                    retain=True,
+                )
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        own = topics.device_cmd(self.config.device_id)
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload
+            if not isinstance(payload, bytes) or len(payload) > MAX_MESSAGE_BYTES:
+                self.log.warning("command_rejected", topic=topic, reason="bad_payload")
+                continue
+            try:
+                command = COMMAND.validate_json(payload)
+            except ValidationError as exc:
+                self.log.warning(
+                    "command_rejected", topic=topic, reason="malformed", error=str(exc)
+                )
+                continue
+            if topic != own and not self._selected(command):
+                continue
+            if isinstance(command, CancelCommand):
+                if command.rollout_id:
+                    self._cancelled_rollouts.add(command.rollout_id)
+                    self.log.info("rollout_cancelled", rollout_id=command.rollout_id)
+                continue
+            self._queue.put_nowait(command)
+
+    def _selected(self, command: Command) -> bool:
+        s = command.selector
+        return s is None or s.matches(
+            device_id=self.config.device_id,
+            device_type=self.config.device_type,
+            memory_mb=self.config.memory_mb,
+        )
+
+    async def _telemetry_loop(self, client: aiomqtt.Client) -> None:
+        topic = topics.device_telemetry(self.config.device_id)
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            for window in self.telemetry.drain(utcnow()):
+                try:
+                    await client.publish(topic, window.to_wire(), qos=0)
+                except aiomqtt.MqttError:
+                    return  # the session is going down; the receive loop reconnects
+
+    async def _publish_state(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(
+                topics.device_state(self.config.device_id),
+                self._device_state(online=True).to_wire(),
+                qos=1,
+                retain=True,
+            )
+
+    async def _publish_event(self, client: aiomqtt.Client, event: DeviceEvent) -> None:
+        await client.publish(topics.device_events(self.config.device_id), event.to_wire(), qos=1)
+
+    async def _emit(self, event: DeviceEvent) -> None:
+        """Send an event now, or keep it until the next connection."""
+        client = self._client
+        if client is not None:
+            try:
+                await self._publish_event(client, event)
+                return
+            except aiomqtt.MqttError:
+                pass
+        self._outbox.append(event)
+
+    # ------------------------------------------------------------ commands
+
+    async def _command_loop(self) -> None:
+        while True:
+            command = await self._queue.get()
+            try:
+                await self._handle(command)
+            except Exception:
+                # A bug must not take the device down: it keeps serving what it has.
+                self.log.exception("command_crashed", command_id=command.command_id)
+
+    def _event(
+        self,
+        command: Command,
+        phase: EventPhase,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+        model: ModelRef | None = None,
+    ) -> DeviceEvent:
+        return DeviceEvent(
+            device_id=self.config.device_id,
+            command_id=command.command_id,
+            rollout_id=command.rollout_id,
+            phase=phase,
+            reason=reason,
+            detail=detail[:2048] if detail else None,
+            model=model,
+        )
+
+    async def _handle(self, command: Command) -> None:
+        bound = self.log.bind(command_id=command.command_id, rollout_id=command.rollout_id)
+        if command.expired(utcnow()):
+            bound.info("command_expired", expires_at=str(command.expires_at))
+            return
+        if command.command_id in self._state.commands:
+            answer = self._state.commands[command.command_id]
+            bound.info("command_duplicate", answered=answer is not None)
+            if answer is not None:
+                await self._emit(DeviceEvent.model_validate_json(answer))
+            return
+        self._state.commands[command.command_id] = None
+        await self._emit(self._event(command, "received"))
+        started = time.perf_counter()
+        try:
+            if isinstance(command, DeployCommand):
+                final = await self._deploy(command, bound)
+            elif isinstance(command, RollbackCommand):
+                final = await self._rollback(command)
+            else:  # cancel is handled on receipt
+                return
+        except HotswapError as exc:
+            bound.warning("command_failed", reason=exc.reason, error=str(exc))
+            final = self._event(command, "failed", reason=exc.reason, detail=str(exc))
+        except Exception as exc:
+            bound.exception("command_failed", reason="internal_error")
+            final = self._event(command, "failed", reason="internal_error", detail=repr(exc))
+        self._state.commands[command.command_id] = final.model_dump_json(by_alias=True)
+        # Pointers and the answer reach the disk before the controller hears of them.
+        await asyncio.to_thread(self.store.write_state, self._state)
+        await self._emit(final)
+        await self._publish_state()
+        bound.info(
+            "command_done",
+            phase=final.phase,
+            reason=final.reason,
+            model=self.active and self.active.ref,
+            ms=round((time.perf_counter() - started) * 1e3, 1),
+        )
+
+    async def _deploy(self, command: DeployCommand, bound: structlog.BoundLogger) -> DeviceEvent:
+        manifest = verify_manifest(
+            command.manifest, self._trusted, device_type=self.config.device_type
+        )
+        ref = _ref(manifest)
+        self._check_not_cancelled(command)
+        active, standby = self.runtime.active, self.runtime.standby
+        if active is not None and active.ref.sha256 == manifest.sha256:
+            return self._event(command, "activated", model=active.ref, detail="already active")
+        if standby is not None and standby.ref.sha256 == manifest.sha256:
+            slot = standby  # still resident: no download, no load
+        else:
+            slot = await self._obtain(command, manifest, bound)
+        verify_tensor_signature(manifest, slot.signature, active.signature if active else None)
+        self._check_not_cancelled(command)
+        await self._emit(self._event(command, "verified", model=ref))
+        return await self._activate(command, slot, active, standby)
+
+    async def _obtain(
+        self, command: DeployCommand, manifest: Manifest, bound: structlog.BoundLogger
+    ) -> ModelSlot:
+        """Bytes from the store or the URL, verified, loaded into a warm standby slot."""
+        if manifest.size > self.config.max_download_bytes:
+            raise DownloadError(
+                f"{manifest.ref} is {manifest.size} bytes, over this device's limit of "
+                f"{self.config.max_download_bytes}",
+                reason="too_large",
+            )
+        if not self.store.has(manifest.sha256):
+            await self._emit(self._event(command, "downloading", model=_ref(manifest)))
+            dest = self.store.download_path(manifest.sha256)
+            started = time.perf_counter()
+            try:
+                await fetch_artifact(
+                    command.url,
+                    dest,
+                    size=manifest.size,
+                    sha256=manifest.sha256,
+                    limits=self.config.fetch_limits,
+                )
+                data = await asyncio.to_thread(dest.read_bytes)
+                verify_artifact(manifest, data)
+                slot = await asyncio.to_thread(self._load, manifest, data)
+                await asyncio.to_thread(self.store.adopt, command.manifest, manifest, dest)
+            finally:
+                dest.unlink(missing_ok=True)
+            bound.info(
+                "downloaded", model=manifest.ref, bytes=manifest.size,
+                ms=round((time.perf_counter() - started) * 1e3, 1),
+            )  # fmt: skip
+            return slot
+        data, _ = await asyncio.to_thread(self.store.read, manifest.sha256)
+        verify_artifact(manifest, data)
+        return await asyncio.to_thread(self._load, manifest, data)
+
+    def _load(self, manifest: Manifest, data: bytes) -> ModelSlot:
+        slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
+        slot.warm_up(self._rng)
+        return slot
+
+    def _check_not_cancelled(self, command: Command) -> None:
+        if command.rollout_id and command.rollout_id in self._cancelled_rollouts:
+            raise HotswapError("the rollout was cancelled", reason="cancelled")
+
+    async def _activate(
+        self,
+        command: Command,
+        slot: ModelSlot,
+        old_active: ModelSlot | None,
+        old_standby: ModelSlot | None,
+    ) -> DeviceEvent:
+        """Swap `slot` in, probe it, keep it (activated) or swap back (rolled_back)."""
+        self.runtime.activate(slot)
+        problem = await asyncio.to_thread(self._health_problem, slot, old_active)
+        if problem is not None:
+            self.runtime.restore(old_active, old_standby)
+            phase: EventPhase = "rolled_back" if old_active is not None else "failed"
+            return self._event(
+                command,
+                phase,
+                reason="unhealthy",
+                detail=problem,
+                model=old_active.ref if old_active else None,
+            )
+        self._set_pointers(slot, old_active)
+        await asyncio.to_thread(
+            self.store.prune,
+            self.config.keep_versions,
+            (self._state.active, self._state.previous),
+        )
+        return self._event(command, "activated", model=slot.ref)
+
+    def _set_pointers(self, active: ModelSlot, previous: ModelSlot | None) -> None:
+        self._state.active = active.ref.sha256
+        self._state.previous = previous.ref.sha256 if previous and previous is not active else None
+
+    def _health_problem(self, slot: ModelSlot, previous: ModelSlot | None) -> str | None:
+        """Why the new model is not fit to serve, or None: errors, NaN/inf, latency."""
+        n = max(1, self.config.health_inferences)
+        new_ms = []
+        for _ in range(n):
+            x = slot.sample_input(self._rng)
+            t0 = time.perf_counter()
+            try:
+                out = slot.run(x)
+            except (RuntimeError, ValueError) as exc:
+                return f"inference failed: {exc}"
+            new_ms.append((time.perf_counter() - t0) * 1e3)
+            if not np.all(np.isfinite(out)):
+                return "the model produced non-finite outputs"
+        if previous is None:
+            return None
+        old_ms = []
+        for _ in range(n):
+            x = previous.sample_input(self._rng)
+            t0 = time.perf_counter()
+            with contextlib.suppress(RuntimeError, ValueError):
+                previous.run(x)
+            old_ms.append((time.perf_counter() - t0) * 1e3)
+        new_p50, old_p50 = float(np.median(new_ms)), float(np.median(old_ms))
+        # Sub-millisecond timings are mostly Python overhead: only judge real slowdowns.
+        if new_p50 > 1.0 and new_p50 > self.config.max_latency_factor * old_p50:
+            return (
+                f"p50 latency {new_p50:.2f} ms is over {self.config.max_latency_factor:g}x "
+                f"the previous model's {old_p50:.2f} ms"
+            )
+        return None
+
+    async def _rollback(self, command: RollbackCommand) -> DeviceEvent:
+        active, standby = self.runtime.active, self.runtime.standby
+        target = command.to
+        if active is not None and target is not None and target.sha256 == active.ref.sha256:
+            return self._event(command, "rolled_back", model=active.ref, detail="already active")
+        if standby is not None and (target is None or target.sha256 == standby.ref.sha256):
+            self.runtime.swap_back()
+            self._set_pointers(standby, active)
+            return self._event(command, "rolled_back", model=standby.ref)
+        if target is not None and self.store.has(target.sha256):
+            data, signed = await asyncio.to_thread(self.store.read, target.sha256)
+            manifest = signed.unverified()
+            slot = await asyncio.to_thread(self._load, manifest, data)
+            verify_tensor_signature(manifest, slot.signature, active.signature if active else None)
+            self.runtime.activate(slot)
+            self._set_pointers(slot, active)
+            return self._event(command, "rolled_back", model=slot.ref)
+        raise NoModelError(
+            "no resident or stored model to roll back to" + (f" ({target.ref})" if target else ""),
+            reason="not_resident",
+        )
+
+
+def _ref(manifest: Manifest) -> ModelRef:
+    return ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.sha256)

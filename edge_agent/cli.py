@@ -1,0 +1,107 @@
+"""`hotswap agent run`: the edge agent as a long-running process.
+
+Parses flags (each with a `HOTSWAP_*` env var), loads the trusted public keys
+and runs `Agent` until SIGINT/SIGTERM. Does terminal and file I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge_agent.agent import Agent, AgentConfig
+from edge_agent.fetch import FetchLimits
+from shared.console import cli_errors, fail, progress, run_until_signalled
+from shared.keys import load_public_keys
+from shared.logs import configure_logging
+from shared.settings import Settings, parse_mqtt_url
+
+_DEFAULTS = Settings()
+
+app = typer.Typer(help="Run an edge agent (one device).", no_args_is_help=True)
+
+
+def _split_keys(values: list[str]) -> list[Path]:
+    # --trusted-key may repeat; HOTSWAP_TRUSTED_KEYS is one comma-separated list.
+    return [Path(p.strip()) for v in values for p in v.split(",") if p.strip()]
+
+
+@app.command("run")
+def agent_run(
+    device_id: Annotated[str, typer.Option("--device-id", envvar="HOTSWAP_DEVICE_ID")],
+    region: Annotated[str, typer.Option("--region", envvar="HOTSWAP_REGION")],
+    device_type: Annotated[str, typer.Option("--device-type", envvar="HOTSWAP_DEVICE_TYPE")],
+    trusted_key: Annotated[
+        list[str],
+        typer.Option(
+            "--trusted-key",
+            envvar="HOTSWAP_TRUSTED_KEYS",
+            help="operator public key (PEM); repeat for key rotation",
+        ),
+    ],
+    data_dir: Annotated[
+        Path,
+        typer.Option("--data-dir", envvar="HOTSWAP_DATA_DIR", help="models and state"),
+    ] = _DEFAULTS.data_dir / "agent",
+    mqtt_url: Annotated[
+        str, typer.Option("--mqtt-url", envvar="HOTSWAP_MQTT_URL", help="broker, mqtt://host:port")
+    ] = _DEFAULTS.mqtt_url,
+    workload_hz: Annotated[
+        float,
+        typer.Option("--workload-hz", min=0, envvar="HOTSWAP_WORKLOAD_HZ", help="synthetic load"),
+    ] = 0.0,
+    telemetry_interval: Annotated[
+        float,
+        typer.Option(
+            "--telemetry-interval", min=0.1, envvar="HOTSWAP_TELEMETRY_INTERVAL_S", help="seconds"
+        ),
+    ] = _DEFAULTS.telemetry_interval_s,
+    memory_mb: Annotated[
+        int | None, typer.Option("--memory-mb", envvar="HOTSWAP_MEMORY_MB", help="advertised")
+    ] = None,
+    keep_versions: Annotated[
+        int, typer.Option("--keep-versions", min=2, help="stored versions per model")
+    ] = 3,
+    max_download_mb: Annotated[
+        int, typer.Option("--max-download-mb", min=1, help="largest model accepted")
+    ] = 512,
+    download_timeout: Annotated[
+        float, typer.Option("--download-timeout", min=1, help="seconds per download")
+    ] = 300.0,
+    log_level: Annotated[str, typer.Option("--log-level", envvar="HOTSWAP_LOG_LEVEL")] = (
+        _DEFAULTS.log_level
+    ),
+    log_json: Annotated[bool, typer.Option("--log-json", envvar="HOTSWAP_LOG_JSON")] = (
+        _DEFAULTS.log_json
+    ),
+) -> None:
+    """Serve the stored model at once, then follow the controller's commands."""
+    configure_logging(log_level, json=log_json)
+    with cli_errors():
+        paths = _split_keys(trusted_key)
+        if not paths:
+            fail("give at least one --trusted-key", 2)
+        config = AgentConfig(
+            device_id=device_id,
+            region=region,
+            device_type=device_type,
+            data_dir=data_dir,
+            trusted_keys=tuple(load_public_keys(paths)),
+            mqtt=parse_mqtt_url(mqtt_url),
+            workload_hz=workload_hz,
+            telemetry_interval_s=telemetry_interval,
+            memory_mb=memory_mb,
+            keep_versions=keep_versions,
+            max_download_bytes=max_download_mb * 1024 * 1024,
+            fetch_limits=FetchLimits(timeout_s=download_timeout),
+        )
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            fail(f"cannot use data directory {data_dir}: {exc.strerror}")
+        progress(
+            f"agent {device_id} ({region}/{device_type}): broker {config.mqtt}, data {data_dir}"
+        )
+        run_until_signalled(Agent(config).run())

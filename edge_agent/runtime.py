@@ -1,0 +1,159 @@
+"""The double-buffered inference runtime: an active slot, a standby slot, one swap.
+
+Each `ModelSlot` owns one interpreter and the lock that guards it (interpreters
+are not thread-safe). `DoubleBufferedRuntime.infer` reads the active slot
+reference once and runs on it, so an inference that started before a swap
+finishes on the old interpreter while every later call sees the new one; the
+swap itself is a single reference assignment and never waits for inferences.
+The previous model stays loaded in the standby slot: rolling back is another
+reference swap. CPU work only; no network or disk I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.errors import CompatibilityError, HotswapError
+from shared.manifest import TensorSignature
+from shared.messages import ModelRef
+from shared.tflite import Interpreter, make_interpreter, signature_of
+
+
+class NoModelError(HotswapError):
+    """An inference was asked for before any model was loaded."""
+
+    reason = "no_model"
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """What one call produced, for telemetry."""
+
+    ref: ModelRef
+    output: np.ndarray
+    latency_ms: float
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """One loaded model: its interpreter, the lock that serialises calls on it."""
+
+    ref: ModelRef
+    interpreter: Interpreter
+    signature: TensorSignature
+    input_index: int
+    output_index: int
+    input_shape: tuple[int, ...]
+    input_dtype: np.dtype[Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, ref: ModelRef, data: bytes, *, num_threads: int = 1) -> ModelSlot:
+        """Build, allocate and describe an interpreter (ModelFormatError if not a model)."""
+        interp = make_interpreter(data, num_threads=num_threads)
+        inputs = interp.get_input_details()
+        outputs = interp.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            # The runtime's call API is one tensor in, one tensor out.
+            raise CompatibilityError(
+                f"models with {len(inputs)} inputs and {len(outputs)} outputs are not supported"
+            )
+        return cls(
+            ref=ref,
+            interpreter=interp,
+            signature=signature_of(interp),
+            input_index=int(inputs[0]["index"]),
+            output_index=int(outputs[0]["index"]),
+            input_shape=tuple(int(d) for d in inputs[0]["shape"]),
+            input_dtype=np.dtype(inputs[0]["dtype"]),
+        )
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """One inference on this slot's interpreter (thread-safe)."""
+        if x.shape != self.input_shape or x.dtype != self.input_dtype:
+            raise ValueError(
+                f"input must be {self.input_dtype.name}{list(self.input_shape)}, "
+                f"got {x.dtype.name}{list(x.shape)}"
+            )
+        with self.lock:
+            self.interpreter.set_tensor(self.input_index, x)
+            self.interpreter.invoke()
+            out: np.ndarray = self.interpreter.get_tensor(self.output_index).copy()
+        return out
+
+    def sample_input(self, rng: np.random.Generator) -> np.ndarray:
+        """A random input of the right shape and type (warm-up, health probes, load)."""
+        if np.issubdtype(self.input_dtype, np.floating):
+            return rng.standard_normal(self.input_shape).astype(self.input_dtype)
+        info = np.iinfo(self.input_dtype)
+        return rng.integers(info.min, info.max, self.input_shape, dtype=self.input_dtype)
+
+    def warm_up(self, rng: np.random.Generator, runs: int = 1) -> None:
+        for _ in range(runs):
+            self.run(self.sample_input(rng))
+
+
+Observer = Callable[[ModelRef, float, np.ndarray | None, np.ndarray], None]
+
+
+class DoubleBufferedRuntime:
+    """Active + standby slots; `infer` is safe from any number of threads."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self._active: ModelSlot | None = None
+        self._standby: ModelSlot | None = None
+        self._swap_lock = threading.Lock()  # serialises swaps, never inferences
+        self._observer = observer
+
+    @property
+    def active(self) -> ModelSlot | None:
+        return self._active
+
+    @property
+    def standby(self) -> ModelSlot | None:
+        return self._standby
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        slot = self._active  # one read: the call stays on this slot even if a swap follows
+        if slot is None:
+            raise NoModelError("no model is loaded yet")
+        start = time.perf_counter()
+        try:
+            out = slot.run(x)
+        except Exception:
+            if self._observer is not None:
+                self._observer(slot.ref, (time.perf_counter() - start) * 1e3, None, x)
+            raise
+        if self._observer is not None:
+            self._observer(slot.ref, (time.perf_counter() - start) * 1e3, out, x)
+        return out
+
+    def activate(self, slot: ModelSlot) -> ModelSlot | None:
+        """Make `slot` active; the old active becomes standby. Returns the old active."""
+        with self._swap_lock:
+            previous = self._active
+            self._active = slot
+            if previous is not None and previous is not slot:
+                self._standby = previous
+            elif self._standby is slot:
+                self._standby = None
+            return previous
+
+    def swap_back(self) -> ModelSlot:
+        """Exchange active and standby (rollback without loading anything)."""
+        with self._swap_lock:
+            if self._standby is None:
+                raise NoModelError("no resident previous model to roll back to")
+            self._active, self._standby = self._standby, self._active
+            return self._active
+
+    def restore(self, active: ModelSlot | None, standby: ModelSlot | None) -> None:
+        """Install both slots at once (agent start-up, undoing a failed activation)."""
+        with self._swap_lock:
+            self._active, self._standby = active, standby
