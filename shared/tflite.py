@@ -28,13 +28,13 @@ class Interpreter(Protocol):
     def get_tensor(self, tensor_index: int) -> Any: ...
 
 
-def _interpreter_class() -> tuple[type[Any], str]:
+def _runtime_module() -> tuple[Any, str]:
     for module, name in (
         ("ai_edge_litert.interpreter", "litert"),
         ("tflite_runtime.interpreter", "tflite_runtime"),
     ):
         try:
-            return importlib.import_module(module).Interpreter, name
+            return importlib.import_module(module), name
         except ImportError:
             continue
     raise ImportError(
@@ -42,19 +42,31 @@ def _interpreter_class() -> tuple[type[Any], str]:
     )
 
 
-_INTERPRETER, RUNTIME_NAME = _interpreter_class()
+_RUNTIME, RUNTIME_NAME = _runtime_module()
+_INTERPRETER = _RUNTIME.Interpreter
 
 
 def looks_like_tflite(data: bytes) -> bool:
     return len(data) >= 8 and data[4:8] == TFLITE_IDENTIFIER
 
 
-def make_interpreter(data: bytes, *, num_threads: int = 1) -> Interpreter:
-    """An allocated interpreter for `data`; ModelFormatError if it is not a model."""
+def make_interpreter(
+    data: bytes, *, num_threads: int = 1, default_delegates: bool = True
+) -> Interpreter:
+    """An allocated interpreter for `data`; ModelFormatError if it is not a model.
+
+    `default_delegates=False` skips XNNPACK: for one-off reads (signatures) where
+    speed does not matter, and the delegate's start-up notice on stderr would.
+    """
     if not looks_like_tflite(data):
         raise ModelFormatError("not a TFLite flatbuffer (missing 'TFL3' identifier)")
+    kwargs: dict[str, Any] = {}
+    if not default_delegates:
+        kwargs["experimental_op_resolver_type"] = (
+            _RUNTIME.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
     try:
-        interp = _INTERPRETER(model_content=data, num_threads=num_threads)
+        interp = _INTERPRETER(model_content=data, num_threads=num_threads, **kwargs)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelFormatError(f"the TFLite interpreter refused the model: {exc}") from exc
@@ -80,4 +92,4 @@ def signature_of(interp: Interpreter) -> TensorSignature:
 
 def read_signature(data: bytes) -> TensorSignature:
     """The tensor signature of a model file (loads it once in a throwaway interpreter)."""
-    return signature_of(make_interpreter(data))
+    return signature_of(make_interpreter(data, default_delegates=False))
