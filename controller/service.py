@@ -60,7 +60,13 @@ from shared.messages import (
     TelemetryWindow,
 )
 from shared.messages import StartRollout as StartRolloutRequest
-from shared.mqtt import backoff_delays, expiry_seconds, make_client, publish_properties
+from shared.mqtt import (
+    backoff_delays,
+    expiry_seconds,
+    make_client,
+    publish_properties,
+    raise_if_cancelled,
+)
 from shared.settings import MqttEndpoint
 
 log = structlog.get_logger("hotswap.controller")
@@ -172,6 +178,7 @@ class Controller:
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
+            raise_if_cancelled()
             topic = str(message.topic)
             try:
                 await self._dispatch(client, topic, message)
@@ -332,8 +339,10 @@ class Controller:
 
     async def _tick_loop(self) -> None:
         while True:
+            raise_if_cancelled()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick_s)
+                async with asyncio.timeout(self.config.tick_s):
+                    await self._wake.wait()
             self._wake.clear()
             open_rollouts = self.store.open_rollouts()
             metrics.OPEN_ROLLOUTS.set(len(open_rollouts))

@@ -42,7 +42,7 @@ from edge_agent.verify import verify_artifact, verify_manifest, verify_tensor_si
 from edge_agent.workload import SyntheticWorkload
 from shared import __version__, topics
 from shared.errors import DownloadError, HotswapError
-from shared.manifest import Manifest, trusted_keyring
+from shared.manifest import Manifest, TensorSignature, trusted_keyring
 from shared.messages import (
     COMMAND,
     MAX_MESSAGE_BYTES,
@@ -56,7 +56,7 @@ from shared.messages import (
     ModelRef,
     RollbackCommand,
 )
-from shared.mqtt import backoff_delays, make_client
+from shared.mqtt import backoff_delays, make_client, raise_if_cancelled
 from shared.settings import MqttEndpoint
 from shared.tflite import RUNTIME_NAME
 
@@ -273,6 +273,7 @@ class Agent:
                 continue
             if topic != own and not self._selected(command):
                 continue
+            raise_if_cancelled()
             if isinstance(command, CancelCommand):
                 if command.rollout_id:
                     self._cancelled_rollouts.add(command.rollout_id)
@@ -291,6 +292,7 @@ class Agent:
     async def _telemetry_loop(self, client: aiomqtt.Client) -> None:
         topic = topics.device_telemetry(self.config.device_id)
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.config.telemetry_interval_s)
             for window in self.telemetry.drain(utcnow()):
                 try:
@@ -328,6 +330,7 @@ class Agent:
 
     async def _command_loop(self) -> None:
         while True:
+            raise_if_cancelled()
             command = await self._queue.get()
             try:
                 await self._handle(command)
@@ -403,19 +406,27 @@ class Agent:
         active, standby = self.runtime.active, self.runtime.standby
         if active is not None and active.ref.sha256 == manifest.sha256:
             return self._event(command, "activated", model=active.ref, detail="already active")
+        active_sig = active.signature if active else None
         if standby is not None and standby.ref.sha256 == manifest.sha256:
             slot = standby  # still resident: no download, no load
+            verify_tensor_signature(manifest, slot.signature, active_sig)
         else:
-            slot = await self._obtain(command, manifest, bound)
-        verify_tensor_signature(manifest, slot.signature, active.signature if active else None)
+            slot = await self._obtain(command, manifest, active_sig, bound)
         self._check_not_cancelled(command)
         await self._emit(self._event(command, "verified", model=ref))
         return await self._activate(command, slot, active, standby)
 
     async def _obtain(
-        self, command: DeployCommand, manifest: Manifest, bound: structlog.BoundLogger
+        self,
+        command: DeployCommand,
+        manifest: Manifest,
+        active_sig: TensorSignature | None,
+        bound: structlog.BoundLogger,
     ) -> ModelSlot:
-        """Bytes from the store or the URL, verified, loaded into a warm standby slot."""
+        """Bytes from the store or the URL, verified, loaded into a warm standby slot.
+
+        Nothing is stored until every check passed, the tensor signature included.
+        """
         if manifest.size > self.config.max_download_bytes:
             raise DownloadError(
                 f"{manifest.ref} is {manifest.size} bytes, over this device's limit of "
@@ -437,6 +448,7 @@ class Agent:
                 data = await asyncio.to_thread(dest.read_bytes)
                 verify_artifact(manifest, data)
                 slot = await asyncio.to_thread(self._load, manifest, data)
+                verify_tensor_signature(manifest, slot.signature, active_sig)
                 await asyncio.to_thread(self.store.adopt, command.manifest, manifest, dest)
             finally:
                 dest.unlink(missing_ok=True)
@@ -447,7 +459,9 @@ class Agent:
             return slot
         data, _ = await asyncio.to_thread(self.store.read, manifest.sha256)
         verify_artifact(manifest, data)
-        return await asyncio.to_thread(self._load, manifest, data)
+        slot = await asyncio.to_thread(self._load, manifest, data)
+        verify_tensor_signature(manifest, slot.signature, active_sig)
+        return slot
 
     def _load(self, manifest: Manifest, data: bytes) -> ModelSlot:
         slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)

@@ -26,8 +26,6 @@ from shared.mqtt import backoff_delays
 
 log = structlog.get_logger("hotswap.agent.fetch")
 
-CHUNK = 256 * 1024
-
 
 @dataclass(frozen=True, slots=True)
 class FetchLimits:
@@ -123,7 +121,7 @@ async def _transfer(
             )
         window_start, window_bytes = time.monotonic(), 0
         with part.open("ab" if have else "wb") as out:
-            async for chunk in response.aiter_bytes(CHUNK):
+            async for chunk in response.aiter_bytes():  # as it arrives: resume keeps every byte
                 have += len(chunk)
                 if have > size:
                     out.close()

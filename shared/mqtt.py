@@ -6,6 +6,7 @@ jittered, capped reconnect delays. The only network-facing module of `shared`.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import ssl
 from collections.abc import Iterator
@@ -84,3 +85,16 @@ def backoff_delays(
     while True:
         yield r.uniform(base / 2, min(cap, base * 2**attempt))
         attempt = min(attempt + 1, 30)
+
+
+def raise_if_cancelled() -> None:
+    """Honour a cancellation that an aiomqtt call swallowed.
+
+    aiomqtt waits through `asyncio.wait_for`, which on Python 3.11 returns the
+    result and drops the cancellation when both happen at once (CPython
+    gh-86296). A loop that published calls this before waiting again, so that
+    cancelling it always stops it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -1,0 +1,332 @@
+"""One edge agent against a real broker and moto's S3: commands, events, refusals, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.launcher import Mosquitto
+from controller.artifacts import ArtifactStore
+from edge_agent.agent import Agent, AgentConfig
+from shared import topics
+from shared.keys import load_public_key
+from shared.manifest import SignedManifest, build_manifest, sign_manifest
+from shared.messages import DeployCommand, DeviceEvent, DeviceState, RollbackCommand, Selector
+from shared.model_builder import build_dense_model
+from shared.mqtt import make_client
+from shared.settings import parse_mqtt_url
+from shared.tflite import make_interpreter, read_signature
+from tests.conftest import S3, KeyPair
+
+VARIANT = build_dense_model(seed=7)  # same tensor signature as model_v1, other weights
+X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
+
+
+def reference(model: bytes) -> np.ndarray:
+    interp = make_interpreter(model)
+    interp.set_tensor(interp.get_input_details()[0]["index"], X)
+    interp.invoke()
+    return np.array(interp.get_tensor(interp.get_output_details()[0]["index"]))
+
+
+@dataclass
+class Harness:
+    """Publishes commands like the controller and records the device's events."""
+
+    agent: Agent
+    client: aiomqtt.Client
+    artifacts: ArtifactStore
+    keys: KeyPair
+    events: list[DeviceEvent] = field(default_factory=list)
+    states: list[DeviceState] = field(default_factory=list)
+
+    def upload(
+        self, data: bytes, version: str, device_types: tuple[str, ...] = ()
+    ) -> tuple[SignedManifest, str]:
+        manifest = build_manifest(
+            name="clf",
+            version=version,
+            data=data,
+            signature=read_signature(data),
+            device_types=device_types,
+        )
+        signed = sign_manifest(manifest, self.keys.private)
+        key = self.artifacts.put_model("clf", version, data, signed)
+        return signed, self.artifacts.presign_get(key, 600)
+
+    async def send(
+        self, command: DeployCommand | RollbackCommand, topic: str | None = None
+    ) -> None:
+        await self.client.publish(
+            topic or topics.device_cmd(self.agent.config.device_id), command.to_wire(), qos=1
+        )
+
+    async def final_event(self, command_id: str, within_s: float = 20.0) -> DeviceEvent:
+        async with asyncio.timeout(within_s):
+            while True:
+                for e in self.events:
+                    if e.command_id == command_id and e.phase in (
+                        "activated",
+                        "failed",
+                        "rolled_back",
+                    ):
+                        return e
+                await asyncio.sleep(0.05)
+
+    def phases(self, command_id: str) -> list[str]:
+        return [e.phase for e in self.events if e.command_id == command_id]
+
+
+def deploy(signed: SignedManifest, url: str, **kw) -> DeployCommand:
+    return DeployCommand(
+        command_id=f"c-{uuid.uuid4().hex}", rollout_id="r-test", manifest=signed, url=url, **kw
+    )
+
+
+def agent_config(tmp_path: Path, keys: KeyPair, url: str, **kw) -> AgentConfig:
+    return AgentConfig(
+        device_id="cam-1",
+        region="eu-west",
+        device_type="camera",
+        data_dir=tmp_path / "agent",
+        trusted_keys=(load_public_key(keys.public_path),),
+        mqtt=parse_mqtt_url(url),
+        telemetry_interval_s=0.3,
+        **kw,
+    )
+
+
+@pytest.fixture
+async def harness(
+    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
+    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
+    task = asyncio.create_task(agent.run())
+    async with make_client(parse_mqtt_url(mosquitto.url), identifier="test-controller") as client:
+        h = Harness(agent, client, artifacts, signing_keys)
+        await client.subscribe(topics.device_events("cam-1"), qos=1)
+        await client.subscribe(topics.device_state("cam-1"), qos=1)
+
+        async def record() -> None:
+            async for m in client.messages:
+                assert isinstance(m.payload, bytes)
+                if m.topic.matches(topics.device_events("cam-1")):
+                    h.events.append(DeviceEvent.model_validate_json(m.payload))
+                elif m.payload:
+                    h.states.append(DeviceState.model_validate_json(m.payload))
+
+        reader = asyncio.create_task(record())
+        await asyncio.wait_for(agent.connected.wait(), 10)
+        try:
+            yield h
+        finally:
+            reader.cancel()
+            task.cancel()
+            await asyncio.gather(reader, task, return_exceptions=True)
+
+
+async def test_deploy_goes_through_every_phase_and_serves_the_model(
+    harness: Harness, model_v1: bytes
+) -> None:
+    """received → downloading → verified → activated, then real outputs of the model and a retained state."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    cmd = deploy(signed, url)
+    await harness.send(cmd)
+    final = await harness.final_event(cmd.command_id)
+    assert final.phase == "activated" and final.model and final.model.version == "1.0.0"
+    assert harness.phases(cmd.command_id) == ["received", "downloading", "verified", "activated"]
+    np.testing.assert_allclose(harness.agent.infer(X), reference(model_v1), atol=1e-6)
+    async with asyncio.timeout(5):
+        while not (
+            harness.states
+            and harness.states[-1].active
+            and harness.states[-1].active.version == "1.0.0"
+        ):
+            await asyncio.sleep(0.05)
+    assert list((harness.agent.config.data_dir / "downloads").iterdir()) == []
+
+
+async def test_duplicate_command_does_the_work_once_and_answers_again(
+    harness: Harness, model_v1: bytes
+) -> None:
+    """The same command id twice: one download, and the final event is sent a second time."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    cmd = deploy(signed, url)
+    await harness.send(cmd)
+    await harness.final_event(cmd.command_id)
+    await harness.send(cmd)
+    async with asyncio.timeout(10):
+        while harness.phases(cmd.command_id).count("activated") < 2:
+            await asyncio.sleep(0.05)
+    assert harness.phases(cmd.command_id) == [
+        "received",
+        "downloading",
+        "verified",
+        "activated",
+        "activated",
+    ]
+
+
+async def test_expired_command_is_ignored(harness: Harness, model_v1: bytes) -> None:
+    """A command past its expiry gets no event and changes nothing."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    stale = deploy(signed, url, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    await harness.send(stale)
+    fresh = deploy(signed, url)
+    await harness.send(
+        fresh
+    )  # commands are handled in order: once this one answers, the stale one was seen
+    await harness.final_event(fresh.command_id)
+    assert harness.phases(stale.command_id) == []
+
+
+async def test_deploy_of_the_active_version_answers_at_once(
+    harness: Harness, model_v1: bytes
+) -> None:
+    """Asking for what already runs is `activated` with no download."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    await harness.final_event(first.command_id)
+    await harness.send(again := deploy(signed, url))
+    final = await harness.final_event(again.command_id)
+    assert harness.phases(again.command_id) == ["received", "activated"]
+    assert final.detail == "already active"
+
+
+async def test_rollback_swaps_back_to_the_resident_model(
+    harness: Harness, model_v1: bytes, model_v2: bytes
+) -> None:
+    """After v1 then v2, a rollback serves v1 again without any download."""
+    for data, version in ((model_v1, "1.0.0"), (model_v2, "2.0.0")):
+        signed, url = harness.upload(data, version)
+        await harness.send(cmd := deploy(signed, url))
+        assert (await harness.final_event(cmd.command_id)).phase == "activated"
+    np.testing.assert_allclose(harness.agent.infer(X), reference(model_v2), atol=1e-6)
+    rb = RollbackCommand(command_id="c-rb-1", rollout_id="r-test")
+    await harness.send(rb)
+    final = await harness.final_event(rb.command_id)
+    assert final.phase == "rolled_back" and final.model and final.model.version == "1.0.0"
+    assert harness.phases(rb.command_id) == ["received", "rolled_back"]
+    np.testing.assert_allclose(harness.agent.infer(X), reference(model_v1), atol=1e-6)
+    assert harness.agent.standby and harness.agent.standby.version == "2.0.0"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        ("flip_artifact_byte", "sha256_mismatch"),
+        ("unknown_key", "untrusted_key"),
+        ("wrong_device_type", "incompatible_device_type"),
+        ("other_signature", "incompatible"),
+        ("not_a_model", "not_a_model"),
+    ],
+)
+async def test_bad_artifacts_are_refused_and_the_old_model_keeps_serving(
+    harness: Harness, model_v1: bytes, model_other_signature: bytes, tamper: str, reason: str
+) -> None:
+    """Each refusal names its reason, leaves no file behind and changes nothing served."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    await harness.final_event(first.command_id)
+    if tamper == "flip_artifact_byte":
+        signed2, url2 = harness.upload(VARIANT, "2.0.0")
+        # The signed manifest promises one file; S3 now holds another of the same size.
+        harness.artifacts.put_model("clf", "2.0.0", flip_last_byte(VARIANT), signed2)
+    elif tamper == "unknown_key":
+        manifest = build_manifest(
+            name="clf", version="2.0.0", data=VARIANT, signature=read_signature(VARIANT)
+        )
+        signed2 = sign_manifest(manifest, Ed25519PrivateKey.generate())
+        url2 = harness.artifacts.presign_get(
+            harness.artifacts.put_model("clf", "2.0.0", VARIANT, signed2), 600
+        )
+    elif tamper == "wrong_device_type":
+        signed2, url2 = harness.upload(VARIANT, "2.0.0", device_types=("gateway",))
+    elif tamper == "other_signature":
+        signed2, url2 = harness.upload(model_other_signature, "2.0.0")
+    else:
+        junk = b"\x00" * 64
+        manifest = build_manifest(
+            name="clf", version="2.0.0", data=junk, signature=read_signature(model_v1)
+        )
+        signed2 = sign_manifest(manifest, harness.keys.private)
+        url2 = harness.artifacts.presign_get(
+            harness.artifacts.put_model("clf", "2.0.0", junk, signed2), 600
+        )
+    await harness.send(bad := deploy(signed2, url2))
+    final = await harness.final_event(bad.command_id)
+    assert final.phase == "failed"
+    assert final.reason == reason, final
+    assert harness.agent.active and harness.agent.active.version == "1.0.0"
+    np.testing.assert_allclose(harness.agent.infer(X), reference(model_v1), atol=1e-6)
+    store = harness.agent.store
+    assert list(store.downloads.iterdir()) == []
+    assert {sha for sha, _ in store.stored()} == {signed.unverified().sha256}
+
+
+async def test_region_command_with_a_selector_reaches_only_matching_devices(
+    harness: Harness, model_v1: bytes
+) -> None:
+    """A region-wide deploy for gateways is ignored by a camera; one for cameras is done."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    region_topic = topics.region_cmd("eu-west")
+    skip = deploy(signed, url, selector=Selector(device_types=("gateway",)))
+    await harness.send(skip, region_topic)
+    take = deploy(signed, url, selector=Selector(device_types=("camera",)))
+    await harness.send(take, region_topic)
+    assert (await harness.final_event(take.command_id)).phase == "activated"
+    assert harness.phases(skip.command_id) == []
+
+
+async def test_restarted_agent_serves_the_stored_model_offline(
+    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, model_v1: bytes
+) -> None:
+    """With the broker down, a restarted agent serves its last model at once; it reconnects later."""
+    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
+    first = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
+    task = asyncio.create_task(first.run())
+    async with make_client(parse_mqtt_url(mosquitto.url), identifier="test-controller") as client:
+        h = Harness(first, client, artifacts, signing_keys)
+        await client.subscribe(topics.device_events("cam-1"), qos=1)
+
+        async def record() -> None:
+            async for m in client.messages:
+                assert isinstance(m.payload, bytes)
+                h.events.append(DeviceEvent.model_validate_json(m.payload))
+
+        reader = asyncio.create_task(record())
+        await asyncio.wait_for(first.connected.wait(), 10)
+        signed, url = h.upload(model_v1, "1.0.0")
+        await h.send(cmd := deploy(signed, url))
+        await h.final_event(cmd.command_id)
+        reader.cancel()
+        task.cancel()
+        await asyncio.gather(reader, task, return_exceptions=True)
+    mosquitto.stop()
+    second = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
+    task = asyncio.create_task(second.run())
+    try:
+        await asyncio.wait_for(second.serving.wait(), 10)
+        assert not second.connected.is_set()
+        np.testing.assert_allclose(second.infer(X), reference(model_v1), atol=1e-6)
+        mosquitto.start()
+        await asyncio.wait_for(second.connected.wait(), 30)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
