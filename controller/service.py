@@ -242,6 +242,9 @@ class Controller:
                 active=msg.active.ref if msg.active else None,
             )
         elif isinstance(msg, DeviceEvent):
+            if msg.phase == "downloading" and msg.reason == "url_expired":
+                await self._represign(msg)
+                return
             row = self.store.apply_event(msg, now)
             log.info(
                 "device_event",
@@ -394,6 +397,25 @@ class Controller:
                 metrics.ROLLOUTS.labels(action.status).inc()
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
         await self._publish_status(self.store.get_rollout(rollout.rollout_id))
+
+    async def _represign(self, event: DeviceEvent) -> None:
+        """A device's presigned URL expired mid-download: send the same command, new URL."""
+        if not event.rollout_id:
+            return
+        rollout = self.store.get_rollout(event.rollout_id)
+        for a in self.store.assignments(rollout.rollout_id):
+            if (
+                a.device_id == event.device_id
+                and a.command_id == event.command_id
+                and a.state not in FINAL_DEVICE_STATES
+            ):
+                log.info(
+                    "url_represigned",
+                    rollout_id=rollout.rollout_id,
+                    device_id=event.device_id,
+                    command_id=event.command_id,
+                )
+                await self._publish_deploy(rollout, a.device_id, a.command_id)
 
     async def _publish_deploy(self, rollout: RolloutRow, device_id: str, command_id: str) -> None:
         model = self.store.get_model(rollout.model, rollout.version)

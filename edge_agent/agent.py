@@ -34,8 +34,10 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from edge_agent.fetch import FetchLimits, fetch_artifact
-from edge_agent.runtime import DoubleBufferedRuntime, ModelSlot, NoModelError
+from edge_agent.faults import crash_point
+from edge_agent.fetch import FetchLimits, UrlExpiredError, fetch_artifact
+from edge_agent.health import health_problem
+from edge_agent.runtime import DoubleBufferedRuntime, HealthSample, ModelSlot, NoModelError
 from edge_agent.store import ModelStore, StoreState
 from edge_agent.telemetry import TelemetryRecorder
 from edge_agent.verify import verify_artifact, verify_manifest, verify_tensor_signature
@@ -81,11 +83,13 @@ class AgentConfig:
     telemetry_interval_s: float = 5.0
     memory_mb: int | None = None
     max_download_bytes: int = 512 * 1024 * 1024
-    health_inferences: int = 5  # probes on a new model before `activated`
+    health_inferences: int = 5  # inferences a new model must serve well before `activated`
+    health_window_s: float = 1.0  # how long to wait for live traffic to provide them
     max_latency_factor: float = 20.0  # a new model this much slower than the old is unhealthy
     keep_versions: int = 3  # stored versions per model name
     num_threads: int = 1  # interpreter threads
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
+    url_refresh_timeout_s: float = 30.0  # wait for the controller to re-presign an expired URL
 
     def __post_init__(self) -> None:
         topics.check_ident(self.device_id, "device id")
@@ -112,6 +116,7 @@ class Agent:
         self._client: aiomqtt.Client | None = None
         self._outbox: deque[DeviceEvent] = deque(maxlen=OUTBOX_LIMIT)
         self._cancelled_rollouts: set[str] = set()
+        self._url_waiters: dict[str, asyncio.Future[str]] = {}
         self._rng = np.random.default_rng()
         self.connected = asyncio.Event()
         self.serving = asyncio.Event()
@@ -274,6 +279,10 @@ class Agent:
             if topic != own and not self._selected(command):
                 continue
             raise_if_cancelled()
+            waiter = self._url_waiters.get(command.command_id)
+            if isinstance(command, DeployCommand) and waiter is not None and not waiter.done():
+                waiter.set_result(command.url)  # the answer to our url_expired event
+                continue
             if isinstance(command, CancelCommand):
                 if command.rollout_id:
                     self._cancelled_rollouts.add(command.rollout_id)
@@ -387,6 +396,7 @@ class Agent:
         self._state.commands[command.command_id] = final.model_dump_json(by_alias=True)
         # Pointers and the answer reach the disk before the controller hears of them.
         await asyncio.to_thread(self.store.write_state, self._state)
+        crash_point("committed")
         await self._emit(final)
         await self._publish_state()
         bound.info(
@@ -438,18 +448,29 @@ class Agent:
             dest = self.store.download_path(manifest.sha256)
             started = time.perf_counter()
             try:
-                await fetch_artifact(
-                    command.url,
-                    dest,
-                    size=manifest.size,
-                    sha256=manifest.sha256,
-                    limits=self.config.fetch_limits,
-                )
+                url = command.url
+                while True:
+                    try:
+                        await fetch_artifact(
+                            url,
+                            dest,
+                            size=manifest.size,
+                            sha256=manifest.sha256,
+                            limits=self.config.fetch_limits,
+                        )
+                        break
+                    except UrlExpiredError:
+                        if url != command.url:
+                            raise  # a fresh URL refused too: give up
+                        url = await self._fresh_url(command)
+                crash_point("downloaded")
                 data = await asyncio.to_thread(dest.read_bytes)
                 verify_artifact(manifest, data)
                 slot = await asyncio.to_thread(self._load, manifest, data)
                 verify_tensor_signature(manifest, slot.signature, active_sig)
+                crash_point("verified")
                 await asyncio.to_thread(self.store.adopt, command.manifest, manifest, dest)
+                crash_point("stored")
             finally:
                 dest.unlink(missing_ok=True)
             bound.info(
@@ -462,6 +483,26 @@ class Agent:
         slot = await asyncio.to_thread(self._load, manifest, data)
         verify_tensor_signature(manifest, slot.signature, active_sig)
         return slot
+
+    async def _fresh_url(self, command: DeployCommand) -> str:
+        """Ask the controller (through the events topic) for a new presigned URL.
+
+        The controller answers with the same command, same id, fresh URL; the
+        partial download is kept and resumed from where it stopped.
+        """
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._url_waiters[command.command_id] = future
+        try:
+            await self._emit(self._event(command, "downloading", reason="url_expired"))
+            async with asyncio.timeout(self.config.url_refresh_timeout_s):
+                return await future
+        except TimeoutError:
+            raise UrlExpiredError(
+                f"the artifact URL expired and no fresh one came within "
+                f"{self.config.url_refresh_timeout_s:g}s"
+            ) from None
+        finally:
+            self._url_waiters.pop(command.command_id, None)
 
     def _load(self, manifest: Manifest, data: bytes) -> ModelSlot:
         slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
@@ -479,9 +520,12 @@ class Agent:
         old_active: ModelSlot | None,
         old_standby: ModelSlot | None,
     ) -> DeviceEvent:
-        """Swap `slot` in, probe it, keep it (activated) or swap back (rolled_back)."""
+        """Swap `slot` in, watch it serve, keep it (activated) or swap back (rolled_back)."""
+        before = slot.stats.snapshot()
+        baseline = old_active.stats.snapshot() if old_active else None
         self.runtime.activate(slot)
-        problem = await asyncio.to_thread(self._health_problem, slot, old_active)
+        crash_point("swapped")
+        problem = await self._watch(slot, before, old_active, baseline)
         if problem is not None:
             self.runtime.restore(old_active, old_standby)
             phase: EventPhase = "rolled_back" if old_active is not None else "failed"
@@ -504,37 +548,51 @@ class Agent:
         self._state.active = active.ref.sha256
         self._state.previous = previous.ref.sha256 if previous and previous is not active else None
 
-    def _health_problem(self, slot: ModelSlot, previous: ModelSlot | None) -> str | None:
-        """Why the new model is not fit to serve, or None: errors, NaN/inf, latency."""
-        n = max(1, self.config.health_inferences)
-        new_ms = []
+    async def _watch(
+        self,
+        slot: ModelSlot,
+        before: HealthSample,
+        previous: ModelSlot | None,
+        baseline: HealthSample | None,
+    ) -> str | None:
+        """Judge the new model on its first live inferences ("serving confirmed").
+
+        With live traffic (the previous model served within the last few
+        seconds) the agent waits up to `health_window_s` for
+        `health_inferences` real calls; what traffic does not provide, probe
+        inferences on random inputs make up.
+        """
+        cfg = self.config
+        want = max(1, cfg.health_inferences)
+        live = baseline is not None and time.monotonic() - baseline.last_at < 5.0
+        if live:
+            deadline = time.monotonic() + cfg.health_window_s
+            # Counts arrive from inference threads: a 5 ms poll beats a wake-up per call.
+            while slot.stats.since(before).count < want and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        observed = slot.stats.since(before)
+        if observed.count < want:
+            observed = await asyncio.to_thread(self._probe, slot, want - observed.count, observed)
+        if previous is not None and (baseline is None or len(baseline.latencies_ms) < want):
+            baseline = await asyncio.to_thread(self._probe, previous, want, HealthSample())
+        return health_problem(observed, baseline, max_latency_factor=cfg.max_latency_factor)
+
+    def _probe(self, slot: ModelSlot, n: int, sample: HealthSample) -> HealthSample:
+        """`sample` plus `n` inferences on random inputs run directly on `slot`."""
+        errors, nonfinite, latencies = sample.errors, sample.nonfinite, list(sample.latencies_ms)
         for _ in range(n):
             x = slot.sample_input(self._rng)
             t0 = time.perf_counter()
             try:
                 out = slot.run(x)
-            except (RuntimeError, ValueError) as exc:
-                return f"inference failed: {exc}"
-            new_ms.append((time.perf_counter() - t0) * 1e3)
-            if not np.all(np.isfinite(out)):
-                return "the model produced non-finite outputs"
-        if previous is None:
-            return None
-        old_ms = []
-        for _ in range(n):
-            x = previous.sample_input(self._rng)
-            t0 = time.perf_counter()
-            with contextlib.suppress(RuntimeError, ValueError):
-                previous.run(x)
-            old_ms.append((time.perf_counter() - t0) * 1e3)
-        new_p50, old_p50 = float(np.median(new_ms)), float(np.median(old_ms))
-        # Sub-millisecond timings are mostly Python overhead: only judge real slowdowns.
-        if new_p50 > 1.0 and new_p50 > self.config.max_latency_factor * old_p50:
-            return (
-                f"p50 latency {new_p50:.2f} ms is over {self.config.max_latency_factor:g}x "
-                f"the previous model's {old_p50:.2f} ms"
-            )
-        return None
+            except (RuntimeError, ValueError):
+                errors += 1
+                continue
+            if np.isfinite(out).all():
+                latencies.append((time.perf_counter() - t0) * 1e3)
+            else:
+                nonfinite += 1
+        return HealthSample(sample.count + n, errors, nonfinite, tuple(latencies), time.monotonic())
 
     async def _rollback(self, command: RollbackCommand) -> DeviceEvent:
         active, standby = self.runtime.active, self.runtime.standby

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,58 @@ class Inference:
     latency_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class HealthSample:
+    """Live inferences of one slot over some span: what the health judge reads."""
+
+    count: int = 0
+    errors: int = 0
+    nonfinite: int = 0
+    latencies_ms: tuple[float, ...] = ()
+    last_at: float = 0.0  # monotonic time of the newest inference
+
+
+class SlotStats:
+    """Counters of a slot's live inferences (any thread), for health watching."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._count = self._errors = self._nonfinite = 0
+        self._latencies: deque[float] = deque(maxlen=keep)
+        self._last_at = 0.0
+
+    def record(self, latency_ms: float, output: np.ndarray | None) -> None:
+        finite = output is not None and bool(np.isfinite(output).all())
+        with self._lock:
+            self._count += 1
+            self._last_at = time.monotonic()
+            if output is None:
+                self._errors += 1
+            elif not finite:
+                self._nonfinite += 1
+            else:
+                self._latencies.append(latency_ms)
+
+    def snapshot(self) -> HealthSample:
+        with self._lock:
+            return HealthSample(
+                self._count, self._errors, self._nonfinite, tuple(self._latencies), self._last_at
+            )
+
+    def since(self, before: HealthSample) -> HealthSample:
+        """What happened after `before` was taken (latencies: the newest ones)."""
+        now = self.snapshot()
+        fresh = now.count - before.count
+        ok = max(0, fresh - (now.errors - before.errors) - (now.nonfinite - before.nonfinite))
+        return HealthSample(
+            fresh,
+            now.errors - before.errors,
+            now.nonfinite - before.nonfinite,
+            now.latencies_ms[len(now.latencies_ms) - ok :] if ok else (),
+            now.last_at,
+        )
+
+
 @dataclass(eq=False)
 class ModelSlot:
     """One loaded model: its interpreter, the lock that serialises calls on it."""
@@ -52,6 +105,7 @@ class ModelSlot:
     input_shape: tuple[int, ...]
     input_dtype: np.dtype[Any]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stats: SlotStats = field(default_factory=SlotStats)
 
     @classmethod
     def load(cls, ref: ModelRef, data: bytes, *, num_threads: int = 1) -> ModelSlot:
@@ -127,11 +181,15 @@ class DoubleBufferedRuntime:
         try:
             out = slot.run(x)
         except Exception:
+            ms = (time.perf_counter() - start) * 1e3
+            slot.stats.record(ms, None)
             if self._observer is not None:
-                self._observer(slot.ref, (time.perf_counter() - start) * 1e3, None, x)
+                self._observer(slot.ref, ms, None, x)
             raise
+        ms = (time.perf_counter() - start) * 1e3
+        slot.stats.record(ms, out)
         if self._observer is not None:
-            self._observer(slot.ref, (time.perf_counter() - start) * 1e3, out, x)
+            self._observer(slot.ref, ms, out, x)
         return out
 
     def activate(self, slot: ModelSlot) -> ModelSlot | None:

@@ -22,13 +22,15 @@ def build_dense_model(
     output_size: int = 3,
     seed: int = 0,
     softmax: bool = True,
+    batch: int = 1,
     description: str = "hotswap generated model",
 ) -> bytes:
-    """A float32 MLP `[1, input_size] -> [1, output_size]` with seeded random weights.
+    """A float32 MLP `[batch, input_size] -> [batch, output_size]`, seeded random weights.
 
     Different seeds give different outputs for the same input, which is how tests
     tell versions apart from real inference results. More or wider hidden layers
-    make a slower model with the same tensor signature.
+    make a slower model with the same tensor signature; a larger batch multiplies
+    the work per invoke without growing the file (benchmarks).
     """
     rng = np.random.default_rng(seed)
     model = schema.ModelT()
@@ -46,7 +48,10 @@ def build_dense_model(
     def tensor(shape: Sequence[int], name: str, data: np.ndarray | None = None) -> int:
         buf = schema.BufferT()
         if data is not None:
-            buf.data = np.ascontiguousarray(data, dtype=np.float32).tobytes()
+            # A uint8 ndarray packs as one vector copy; bytes would pack byte by byte.
+            buf.data = np.frombuffer(
+                np.ascontiguousarray(data, dtype=np.float32).tobytes(), dtype=np.uint8
+            )
         model.buffers.append(buf)
         t = schema.TensorT()
         t.shape, t.type, t.name = list(shape), schema.TensorType.FLOAT32, name.encode()
@@ -54,7 +59,7 @@ def build_dense_model(
         graph.tensors.append(t)
         return len(graph.tensors) - 1
 
-    current = tensor([1, input_size], "input")
+    current = tensor([batch, input_size], "input")
     graph.inputs = [current]
     width = input_size
     sizes = [*hidden, output_size]
@@ -62,7 +67,7 @@ def build_dense_model(
         last = i == len(sizes) - 1
         weights = rng.standard_normal((size, width)) / np.sqrt(width)
         bias = rng.standard_normal(size) * 0.1
-        out = tensor([1, size], "logits" if last and softmax else f"dense_{i}")
+        out = tensor([batch, size], "logits" if last and softmax else f"dense_{i}")
         if last and not softmax:
             graph.tensors[out].name = b"output"
         op = schema.OperatorT()
@@ -79,7 +84,7 @@ def build_dense_model(
         graph.operators.append(op)
         current, width = out, size
     if softmax:
-        out = tensor([1, output_size], "output")
+        out = tensor([batch, output_size], "output")
         op = schema.OperatorT()
         op.opcodeIndex = 1
         op.inputs, op.outputs = [current], [out]

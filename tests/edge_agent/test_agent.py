@@ -27,6 +27,7 @@ from shared.mqtt import make_client
 from shared.settings import parse_mqtt_url
 from shared.tflite import make_interpreter, read_signature
 from tests.conftest import S3, KeyPair
+from tests.edge_agent.artifact_server import ArtifactServer
 
 VARIANT = build_dense_model(seed=7)  # same tensor signature as model_v1, other weights
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
@@ -330,3 +331,59 @@ async def test_restarted_agent_serves_the_stored_model_offline(
 
 def flip_last_byte(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 0xFF])
+
+
+async def test_expired_url_is_refreshed_through_the_controller_and_the_download_completes(
+    harness: Harness, model_v1: bytes
+) -> None:
+    """HTTP 403 → `downloading`/`url_expired` event → same command with a fresh URL → activated."""
+    signed, good_url = harness.upload(model_v1, "1.0.0")
+    with ArtifactServer(model_v1, "expired") as expired:
+        cmd = deploy(signed, expired.url)
+        await harness.send(cmd)
+        async with asyncio.timeout(10):
+            while not any(e.reason == "url_expired" for e in harness.events):
+                await asyncio.sleep(0.05)
+    await harness.send(cmd.model_copy(update={"url": good_url}))
+    final = await harness.final_event(cmd.command_id)
+    assert final.phase == "activated"
+    assert harness.phases(cmd.command_id) == [
+        "received", "downloading", "downloading", "verified", "activated"
+    ]  # fmt: skip
+
+
+async def test_much_slower_model_is_swapped_back_by_the_agent(
+    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, model_v1: bytes
+) -> None:
+    """Health watch: a model far slower than the previous one is rolled back, v1 serves on."""
+    agent = Agent(
+        agent_config(tmp_path, signing_keys, mosquitto.url, workload_hz=200, max_latency_factor=3)
+    )
+    slow = build_dense_model(hidden=(2048, 2048, 2048), seed=3)  # same signature, ~1000x the work
+    task = asyncio.create_task(agent.run())
+    async with make_client(parse_mqtt_url(mosquitto.url), identifier="test-controller") as client:
+        h = Harness(agent, client, ArtifactStore(s3.endpoint, s3.bucket), signing_keys)
+        await client.subscribe(topics.device_events("cam-1"), qos=1)
+
+        async def record() -> None:
+            async for m in client.messages:
+                assert isinstance(m.payload, bytes)
+                h.events.append(DeviceEvent.model_validate_json(m.payload))
+
+        reader = asyncio.create_task(record())
+        try:
+            await asyncio.wait_for(agent.connected.wait(), 10)
+            signed, url = h.upload(model_v1, "1.0.0")
+            await h.send(first := deploy(signed, url))
+            assert (await h.final_event(first.command_id)).phase == "activated"
+            await asyncio.sleep(0.5)  # live traffic on v1 gives the baseline
+            signed, url = h.upload(slow, "2.0.0")
+            await h.send(bad := deploy(signed, url))
+            final = await h.final_event(bad.command_id, within_s=60)
+            assert (final.phase, final.reason) == ("rolled_back", "unhealthy"), final
+            assert agent.active and agent.active.version == "1.0.0"
+            np.testing.assert_allclose(agent.infer(X), reference(model_v1), atol=1e-6)
+        finally:
+            reader.cancel()
+            task.cancel()
+            await asyncio.gather(reader, task, return_exceptions=True)
