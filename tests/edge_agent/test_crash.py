@@ -1,0 +1,113 @@
+"""Crash safety: the agent process killed at each point of a deploy restarts with one valid model.
+
+A real `hotswap agent run` process dies (`os._exit`, like a power cut) at a
+named point of fetch → verify → store → swap → commit; the restarted agent must
+serve exactly one valid model, report it in its retained state, hold no temp
+file, and finish the deploy when the command comes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.launcher import Mosquitto
+from controller.artifacts import ArtifactStore
+from edge_agent.agent import Agent
+from edge_agent.faults import CRASH_EXIT_CODE, CRASH_POINTS
+from shared import topics
+from shared.messages import DeviceEvent
+from shared.mqtt import make_client
+from shared.settings import parse_mqtt_url
+from tests.conftest import S3, KeyPair
+from tests.edge_agent.test_agent import Harness, X, agent_config, deploy, reference
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def run_until_final(h: Harness, command_id: str) -> DeviceEvent:
+    return await h.final_event(command_id, within_s=30)
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+async def test_agent_killed_during_a_deploy_restarts_with_one_valid_model(
+    point: str,
+    mosquitto: Mosquitto,
+    s3: S3,
+    signing_keys: KeyPair,
+    tmp_path: Path,
+    model_v1: bytes,
+    model_v2: bytes,
+) -> None:
+    """Killed at `point`, the agent comes back serving v1 (or v2 once committed), and completes."""
+    url_broker = mosquitto.url
+    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
+    endpoint = parse_mqtt_url(url_broker)
+    async with make_client(endpoint, identifier="test-controller") as client:
+        h = Harness(
+            Agent(agent_config(tmp_path, signing_keys, url_broker)), client, artifacts, signing_keys
+        )
+        await client.subscribe(topics.device_events("cam-1"), qos=1)
+
+        async def record() -> None:
+            async for m in client.messages:
+                assert isinstance(m.payload, bytes)
+                h.events.append(DeviceEvent.model_validate_json(m.payload))
+
+        reader = asyncio.create_task(record())
+        try:
+            # v1 installed by an in-process agent.
+            task = asyncio.create_task(h.agent.run())
+            await asyncio.wait_for(h.agent.connected.wait(), 10)
+            signed1, url1 = h.upload(model_v1, "1.0.0")
+            await h.send(first := deploy(signed1, url1))
+            assert (await run_until_final(h, first.command_id)).phase == "activated"
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+            # v2 sent to a real agent process that dies at `point`.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "broker.cli", "agent", "run",
+                "--device-id", "cam-1", "--region", "eu-west", "--device-type", "camera",
+                "--data-dir", str(tmp_path / "agent"), "--trusted-key", str(signing_keys.public_path),
+                "--mqtt-url", url_broker, "--log-level", "warning",
+                env=os.environ | {"HOTSWAP_CRASH_AT": point},
+            )  # fmt: skip
+            signed2, url2 = h.upload(model_v2, "2.0.0")
+            second = deploy(signed2, url2)
+            await h.send(second)
+            assert await asyncio.wait_for(proc.wait(), 30) == CRASH_EXIT_CODE
+
+            # Restarted: exactly one valid model, consistent state, no leftovers.
+            restarted = Agent(agent_config(tmp_path, signing_keys, url_broker))
+            task = asyncio.create_task(restarted.run())
+            await asyncio.wait_for(restarted.serving.wait(), 10)
+            expected = ("2.0.0", model_v2) if point == "committed" else ("1.0.0", model_v1)
+            assert restarted.active is not None and restarted.active.version == expected[0]
+            np.testing.assert_allclose(restarted.infer(X), reference(expected[1]), atol=1e-6)
+            data_dir = tmp_path / "agent"
+            assert [p.name for p in data_dir.rglob("*") if p.name.endswith((".tmp", ".part"))] == []
+            assert list((data_dir / "downloads").iterdir()) == []
+            for model_file in (data_dir / "models").glob("*.tflite"):
+                assert hashlib.sha256(model_file.read_bytes()).hexdigest() == model_file.stem
+            await asyncio.wait_for(restarted.connected.wait(), 10)
+
+            # The same command again (a controller resending it) completes the deploy.
+            await h.send(second)
+            async with asyncio.timeout(30):
+                while not (restarted.active and restarted.active.version == "2.0.0"):
+                    await asyncio.sleep(0.05)
+            final = await run_until_final(h, second.command_id)
+            assert final.phase == "activated"
+            np.testing.assert_allclose(restarted.infer(X), reference(model_v2), atol=1e-6)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
