@@ -141,7 +141,7 @@ class Agent:
 
     async def run(self) -> None:
         """Serve the stored model, then stay connected and handle commands until cancelled."""
-        await asyncio.to_thread(self._restore)
+        await asyncio.to_thread(self.restore)
         if self.runtime.active is not None:
             self.serving.set()
         workload = (
@@ -160,7 +160,7 @@ class Agent:
                 workload.stop()
             self.connected.clear()
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
         """Load the stored active (and previous) model into the runtime, offline."""
         state = self.store.open()
         self.store.clean_downloads()
@@ -342,7 +342,7 @@ class Agent:
             raise_if_cancelled()
             command = await self._queue.get()
             try:
-                await self._handle(command)
+                await self.handle(command)
             except Exception:
                 # A bug must not take the device down: it keeps serving what it has.
                 self.log.exception("command_crashed", command_id=command.command_id)
@@ -366,17 +366,24 @@ class Agent:
             model=model,
         )
 
-    async def _handle(self, command: Command) -> None:
+    async def handle(self, command: Command) -> DeviceEvent | None:
+        """Carry out one command as if it came from the broker; the final event, or None.
+
+        Used by the command loop; also the entry point for embedding the agent
+        without MQTT (benchmarks, an application's own control channel).
+        """
         bound = self.log.bind(command_id=command.command_id, rollout_id=command.rollout_id)
         if command.expired(utcnow()):
             bound.info("command_expired", expires_at=str(command.expires_at))
-            return
+            return None
         if command.command_id in self._state.commands:
             answer = self._state.commands[command.command_id]
             bound.info("command_duplicate", answered=answer is not None)
-            if answer is not None:
-                await self._emit(DeviceEvent.model_validate_json(answer))
-            return
+            if answer is None:
+                return None
+            event = DeviceEvent.model_validate_json(answer)
+            await self._emit(event)
+            return event
         self._state.commands[command.command_id] = None
         await self._emit(self._event(command, "received"))
         started = time.perf_counter()
@@ -386,7 +393,7 @@ class Agent:
             elif isinstance(command, RollbackCommand):
                 final = await self._rollback(command)
             else:  # cancel is handled on receipt
-                return
+                return None
         except HotswapError as exc:
             bound.warning("command_failed", reason=exc.reason, error=str(exc))
             final = self._event(command, "failed", reason=exc.reason, detail=str(exc))
@@ -406,6 +413,7 @@ class Agent:
             model=self.active and self.active.ref,
             ms=round((time.perf_counter() - started) * 1e3, 1),
         )
+        return final
 
     async def _deploy(self, command: DeployCommand, bound: structlog.BoundLogger) -> DeviceEvent:
         manifest = verify_manifest(
@@ -478,7 +486,8 @@ class Agent:
                 ms=round((time.perf_counter() - started) * 1e3, 1),
             )  # fmt: skip
             return slot
-        data, _ = await asyncio.to_thread(self.store.read, manifest.sha256)
+        # verify_artifact checks size and sha256 of what was read: no second digest here.
+        data, _ = await asyncio.to_thread(self.store.read, manifest.sha256, check=False)
         verify_artifact(manifest, data)
         slot = await asyncio.to_thread(self._load, manifest, data)
         verify_tensor_signature(manifest, slot.signature, active_sig)

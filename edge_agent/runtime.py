@@ -61,12 +61,11 @@ class SlotStats:
         self._latencies: deque[float] = deque(maxlen=keep)
         self._last_at = 0.0
 
-    def record(self, latency_ms: float, output: np.ndarray | None) -> None:
-        finite = output is not None and bool(np.isfinite(output).all())
+    def record(self, latency_ms: float, *, failed: bool = False, finite: bool = True) -> None:
         with self._lock:
             self._count += 1
             self._last_at = time.monotonic()
-            if output is None:
+            if failed:
                 self._errors += 1
             elif not finite:
                 self._nonfinite += 1
@@ -153,6 +152,7 @@ class ModelSlot:
             self.run(self.sample_input(rng))
 
 
+# (model, latency ms, output or None when the call failed or gave NaN/inf, input)
 Observer = Callable[[ModelRef, float, np.ndarray | None, np.ndarray], None]
 
 
@@ -164,6 +164,7 @@ class DoubleBufferedRuntime:
         self._standby: ModelSlot | None = None
         self._swap_lock = threading.Lock()  # serialises swaps, never inferences
         self._observer = observer
+        self.swapped_at = 0.0  # perf_counter() of the last swap: from then on, the new model serves
 
     @property
     def active(self) -> ModelSlot | None:
@@ -182,14 +183,16 @@ class DoubleBufferedRuntime:
             out = slot.run(x)
         except Exception:
             ms = (time.perf_counter() - start) * 1e3
-            slot.stats.record(ms, None)
+            slot.stats.record(ms, failed=True)
             if self._observer is not None:
                 self._observer(slot.ref, ms, None, x)
             raise
         ms = (time.perf_counter() - start) * 1e3
-        slot.stats.record(ms, out)
+        finite = bool(np.isfinite(out).all())
+        slot.stats.record(ms, finite=finite)
         if self._observer is not None:
-            self._observer(slot.ref, ms, out, x)
+            # A non-finite output reaches telemetry as an error.
+            self._observer(slot.ref, ms, out if finite else None, x)
         return out
 
     def activate(self, slot: ModelSlot) -> ModelSlot | None:
@@ -197,6 +200,7 @@ class DoubleBufferedRuntime:
         with self._swap_lock:
             previous = self._active
             self._active = slot
+            self.swapped_at = time.perf_counter()
             if previous is not None and previous is not slot:
                 self._standby = previous
             elif self._standby is slot:
@@ -209,6 +213,7 @@ class DoubleBufferedRuntime:
             if self._standby is None:
                 raise NoModelError("no resident previous model to roll back to")
             self._active, self._standby = self._standby, self._active
+            self.swapped_at = time.perf_counter()
             return self._active
 
     def restore(self, active: ModelSlot | None, standby: ModelSlot | None) -> None:

@@ -27,15 +27,22 @@ from shared.messages import (
 )
 
 
-def confidence_of(output: np.ndarray) -> float:
-    """The top class probability: the output itself if it is a distribution, else softmax."""
-    flat = output.astype(np.float64, copy=False).ravel()
-    if flat.size == 0 or not np.all(np.isfinite(flat)):
+def is_distribution(output: np.ndarray) -> bool:
+    """Whether each row of the output already is a probability distribution."""
+    rows = output.reshape(output.shape[0] if output.ndim > 1 else 1, -1)
+    return bool(rows.min() >= 0.0 and np.abs(rows.sum(axis=1) - 1.0).max() < 1e-3)
+
+
+def confidence_of(output: np.ndarray, distribution: bool) -> float:
+    """Mean top-class probability over the batch rows (softmax first if needed)."""
+    rows = output.reshape(output.shape[0] if output.ndim > 1 else 1, -1)
+    if rows.size == 0:
         return 0.0
-    if flat.min() >= 0.0 and abs(flat.sum() - 1.0) < 1e-3:
-        return float(flat.max())
-    shifted = np.exp(flat - flat.max())
-    return float(shifted.max() / shifted.sum())
+    top = rows.max(axis=1)
+    if distribution:
+        return float(top.mean())
+    shifted = np.exp(rows - top[:, None])
+    return float((1.0 / shifted.sum(axis=1)).mean())
 
 
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
@@ -44,6 +51,7 @@ def _bucket(bounds: tuple[float, ...], value: float) -> int:
 
 @dataclass
 class _Window:
+    ref: ModelRef
     start: datetime
     count: int = 0
     errors: int = 0
@@ -60,20 +68,38 @@ class TelemetryRecorder:
     def __init__(self, device_id: str, now: datetime) -> None:
         self.device_id = device_id
         self._lock = threading.Lock()
-        self._windows: dict[ModelRef, _Window] = {}
+        # Keyed by sha256: a str hashes once, a frozen pydantic model on every lookup.
+        self._windows: dict[str, _Window] = {}
         self._since = now
+        self._distribution: dict[str, bool] = {}
 
     def observe(
         self, ref: ModelRef, latency_ms: float, output: np.ndarray | None, x: np.ndarray
     ) -> None:
-        ok = output is not None and bool(np.all(np.isfinite(output)))
-        conf = confidence_of(output) if ok and output is not None else None
-        xs = x.astype(np.float64, copy=False)
-        n, s, sq = xs.size, float(xs.sum()), float(np.square(xs).sum())
+        """Account one inference; `output` is None when it failed or was not finite.
+
+        Runs on every inference, so it is a handful of vectorised operations;
+        whether a model emits probabilities is learnt from its first output.
+        """
+        conf = None
+        if output is not None:
+            dist = self._distribution.get(ref.sha256)
+            if dist is None:
+                dist = self._distribution[ref.sha256] = is_distribution(output)
+            conf = confidence_of(output, dist)
+        flat = x.reshape(-1)
+        n = flat.size
+        s = float(flat.sum())
+        sq = (
+            float(np.dot(flat, flat))
+            if flat.dtype.kind == "f"
+            else float(np.square(flat, dtype=np.float64).sum())
+        )
+        ok = output is not None
         with self._lock:
-            w = self._windows.get(ref)
+            w = self._windows.get(ref.sha256)
             if w is None:
-                w = self._windows[ref] = _Window(start=self._since)
+                w = self._windows[ref.sha256] = _Window(ref=ref, start=self._since)
             w.count += 1
             if not ok:
                 w.errors += 1
@@ -92,7 +118,7 @@ class TelemetryRecorder:
         with self._lock:
             windows, self._windows, self._since = self._windows, {}, now
         out = []
-        for ref, w in windows.items():
+        for w in windows.values():
             mean = std = None
             if w.input_n:
                 mean = w.input_sum / w.input_n
@@ -100,7 +126,7 @@ class TelemetryRecorder:
             out.append(
                 TelemetryWindow(
                     device_id=self.device_id,
-                    model=ref,
+                    model=w.ref,
                     window_start=w.start,
                     window_end=now,
                     count=w.count,

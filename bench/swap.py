@@ -1,0 +1,310 @@
+"""Swap benchmark: the real agent runtime swapping A↔B under constant inference load.
+
+    python bench/swap.py --model-a A.tflite --model-b B.tflite --swaps 100 --json
+
+Without model files it generates two heavy ones (a dense network whose invoke
+takes about a millisecond here). In one run it measures:
+
+* the bare baseline for the same files: read the file + `Interpreter` +
+  `allocate_tensors` + one invoke (load), measured under the same concurrent
+  inference load as the swaps (`baseline_load_ms_p50`, the ratio's
+  denominator) and idle (`baseline_load_idle_ms_p50`); a bare invoke loop on
+  the same number of threads sharing one interpreter behind a lock
+  (throughput), and single-thread per-invoke latency (p50/p99);
+* the agent: `Agent.handle(deploy)` for each swap (verify the signed manifest,
+  read the stored file, sha256, load + warm up into the standby slot, check
+  the tensor signature, swap, watch the first live inferences, persist the
+  pointers) while `--threads` threads call `Agent.infer` non-stop.
+
+By default each swap loads its model (the resident standby is dropped first,
+the slow path); `--resident` measures the rollback-style swap to the model
+still loaded. Prints one JSON object (or a summary) with the ratios. Does file
+and thread I/O; no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.agent import Agent, AgentConfig
+from shared.logs import configure_logging
+from shared.manifest import build_manifest, sign_manifest
+from shared.messages import DeployCommand
+from shared.model_builder import build_dense_model
+from shared.settings import parse_mqtt_url
+from shared.tflite import make_interpreter, read_signature
+
+HEAVY = {"input_size": 256, "hidden": (1024, 1024, 1024), "output_size": 10, "batch": 16}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def bare_load_ms(path: Path, x: np.ndarray) -> float:
+    """Read the file, build and allocate an interpreter, invoke once: the bare load."""
+    t0 = time.perf_counter()
+    interp = make_interpreter(path.read_bytes())
+    interp.set_tensor(interp.get_input_details()[0]["index"], x)
+    interp.invoke()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def bare_invoke_latencies(data: bytes, x: np.ndarray, n: int) -> list[float]:
+    interp = make_interpreter(data)
+    i_in = interp.get_input_details()[0]["index"]
+    out: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        interp.set_tensor(i_in, x)
+        interp.invoke()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[int, int]:
+    """`threads` threads calling `call(x)` for `seconds`: (completed, failed)."""
+    stop = threading.Event()
+    done = [0] * threads
+    failed = [0] * threads
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            try:
+                call(x)
+                done[i] += 1
+            except Exception:
+                failed[i] += 1
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in ts:
+        t.join()
+    return sum(done), sum(failed)
+
+
+def bare_caller(data: bytes) -> Any:
+    """One interpreter behind a lock: the least any thread-safe caller must do."""
+    interp = make_interpreter(data)
+    i_in = interp.get_input_details()[0]["index"]
+    i_out = interp.get_output_details()[0]["index"]
+    lock = threading.Lock()
+
+    def call(x: np.ndarray) -> np.ndarray:
+        with lock:
+            interp.set_tensor(i_in, x)
+            interp.invoke()
+            out: np.ndarray = interp.get_tensor(i_out).copy()
+        return out
+
+    return call
+
+
+def deploy_command(data: bytes, version: str, key: Ed25519PrivateKey) -> DeployCommand:
+    manifest = build_manifest(
+        name="bench", version=version, data=data, signature=read_signature(data)
+    )
+    return DeployCommand(
+        command_id=f"c-{uuid.uuid4().hex}",
+        manifest=sign_manifest(manifest, key),
+        url="http://127.0.0.1:9/never-fetched",  # both files are in the agent's store
+    )
+
+
+def seed_store(agent: Agent, data: bytes, command: DeployCommand) -> None:
+    manifest = command.manifest.unverified()
+    dest = agent.store.download_path(manifest.sha256)
+    dest.write_bytes(data)
+    agent.store.adopt(command.manifest, manifest, dest)
+
+
+async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    if args.model_a and args.model_b:
+        a, b = args.model_a.read_bytes(), args.model_b.read_bytes()
+    else:
+        a, b = build_dense_model(seed=1, **HEAVY), build_dense_model(seed=2, **HEAVY)  # type: ignore[arg-type]
+    probe = make_interpreter(a).get_input_details()[0]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(tuple(probe["shape"])).astype(probe["dtype"])
+
+    files = [work / "a.tflite", work / "b.tflite"]
+    files[0].write_bytes(a)
+    files[1].write_bytes(b)
+    n_loads = max(10, min(args.swaps, 40))
+
+    # ---- baseline, bare interpreter: idle, and under the same inference load as the swaps
+    loads_idle = [bare_load_ms(files[i % 2], x) for i in range(n_loads)]
+    invoke_ms = bare_invoke_latencies(a, x, 300)
+    bare = bare_caller(a)
+    stop_bare = threading.Event()
+
+    def bare_worker() -> None:
+        while not stop_bare.is_set():
+            bare(x)
+
+    bare_threads = [threading.Thread(target=bare_worker) for _ in range(args.threads)]
+    for t in bare_threads:
+        t.start()
+    loads = [bare_load_ms(files[i % 2], x) for i in range(n_loads)]
+    stop_bare.set()
+    for t in bare_threads:
+        t.join()
+
+    # ---- the agent
+    key = Ed25519PrivateKey.generate()
+    agent = Agent(
+        AgentConfig(
+            device_id="bench-1",
+            region="bench",
+            device_type="bench",
+            data_dir=work / "agent",
+            trusted_keys=(key.public_key(),),
+            mqtt=parse_mqtt_url(
+                "mqtt://127.0.0.1:1"
+            ),  # never connected: handle() is called directly
+        )
+    )
+    await asyncio.to_thread(agent.restore)
+    cmds = {"a": deploy_command(a, "a", key), "b": deploy_command(b, "b", key)}
+    seed_store(agent, a, cmds["a"])
+    seed_store(agent, b, cmds["b"])
+    first = await agent.handle(cmds["a"])
+    assert first is not None and first.phase == "activated", first
+
+    # ---- steady-state throughput: bare vs agent, interleaved rounds, same threads
+    bare_n = agent_n = 0
+    for _ in range(args.rounds):
+        n, _ = await asyncio.to_thread(run_load, bare, x, args.threads, args.seconds)
+        bare_n += n
+        n, _ = await asyncio.to_thread(run_load, agent.infer, x, args.threads, args.seconds)
+        agent_n += n
+
+    # ---- swaps under load
+    stop = threading.Event()
+    stamps: list[list[float]] = [[] for _ in range(args.threads)]
+    failed = [0] * args.threads
+
+    def worker(i: int) -> None:
+        mine = stamps[i]
+        while not stop.is_set():
+            try:
+                agent.infer(x)
+                mine.append(time.perf_counter())
+            except Exception:
+                failed[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.threads)]
+    for t in threads:
+        t.start()
+    await asyncio.sleep(0.2)
+    swap_ms: list[float] = []
+    confirm_ms: list[float] = []
+    phases: dict[str, int] = {}
+    window_start = time.perf_counter()
+    for i in range(args.swaps):
+        target = "b" if i % 2 == 0 else "a"
+        if not args.resident:
+            agent.runtime.restore(agent.runtime.active, None)  # force a load from the store
+        cmd = cmds[target].model_copy(update={"command_id": f"c-{uuid.uuid4().hex}"})
+        t0 = time.perf_counter()
+        final = await agent.handle(cmd)
+        t1 = time.perf_counter()
+        assert final is not None
+        phases[final.phase] = phases.get(final.phase, 0) + 1
+        swap_ms.append((agent.runtime.swapped_at - t0) * 1e3)
+        confirm_ms.append((t1 - t0) * 1e3)
+        if args.progress and (i + 1) % 10 == 0:
+            print(f"bench: {i + 1}/{args.swaps} swaps", file=sys.stderr, flush=True)
+    window_end = time.perf_counter()
+    await asyncio.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    merged = sorted(s for per in stamps for s in per if window_start <= s <= window_end)
+    gaps = np.diff(merged) * 1e3 if len(merged) > 1 else np.array([0.0])
+    inferences = len(merged)
+    invoke_p99 = pct(invoke_ms, 99)
+    swap_p50 = pct(swap_ms, 50)
+    load_p50 = pct(loads, 50)
+    bare_rate = bare_n / (args.rounds * args.seconds)
+    agent_rate = agent_n / (args.rounds * args.seconds)
+    result = {
+        "swaps": args.swaps,
+        "resident": args.resident,
+        "threads": args.threads,
+        "inferences": inferences,
+        "dropped": sum(failed) + (args.swaps - phases.get("activated", 0)),
+        "max_gap_ms": round(float(gaps.max()), 3),
+        "swap_ms_p50": round(swap_p50, 3),
+        "swap_ms_p99": round(pct(swap_ms, 99), 3),
+        "confirm_ms_p50": round(pct(confirm_ms, 50), 3),
+        "baseline_load_ms_p50": round(load_p50, 3),
+        "baseline_load_idle_ms_p50": round(pct(loads_idle, 50), 3),
+        "swap_to_baseline_ratio": round(swap_p50 / load_p50, 3) if load_p50 else None,
+        "infer_ms_p50": round(pct(invoke_ms, 50), 3),
+        "infer_ms_p99": round(invoke_p99, 3),
+        "max_gap_to_infer_p99_ratio": round(float(gaps.max()) / invoke_p99, 3)
+        if invoke_p99
+        else None,
+        "bare_inferences_per_s": round(bare_rate, 1),
+        "agent_inferences_per_s": round(agent_rate, 1),
+        "infer_throughput_ratio": round(agent_rate / bare_rate, 3) if bare_rate else None,
+        "model_bytes": len(a),
+        "outcomes": phases,
+    }
+    result["targets"] = {
+        "dropped == 0": result["dropped"] == 0,
+        "swap_to_baseline_ratio <= 1.5": (result["swap_to_baseline_ratio"] or 99) <= 1.5,
+        "infer_throughput_ratio >= 0.95": (result["infer_throughput_ratio"] or 0) >= 0.95,
+        "max_gap_ms < 2 x infer p99": result["max_gap_ms"] < 2 * invoke_p99,
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-a", type=Path, help=".tflite file A (default: generated)")
+    p.add_argument("--model-b", type=Path, help=".tflite file B, same tensor signature")
+    p.add_argument("--swaps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2, help="concurrent inference threads")
+    p.add_argument("--seconds", type=float, default=1.5, help="per throughput round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved bare/agent rounds")
+    p.add_argument("--resident", action="store_true", help="swap to the resident model")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--progress", action="store_true", help="progress on stderr")
+    args = p.parse_args(argv)
+    if (args.model_a is None) != (args.model_b is None):
+        p.error("give both --model-a and --model-b, or neither")
+    for f in (args.model_a, args.model_b):
+        if f is not None and not f.is_file():
+            p.error(f"cannot read {f}")
+    configure_logging("warning")
+    with tempfile.TemporaryDirectory(prefix="hotswap-bench-") as tmp:
+        result = asyncio.run(bench(args, Path(tmp)))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>28}: {v}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
