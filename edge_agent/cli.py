@@ -61,6 +61,15 @@ def agent_run(
     memory_mb: Annotated[
         int | None, typer.Option("--memory-mb", envvar="HOTSWAP_MEMORY_MB", help="advertised")
     ] = None,
+    interpreters: Annotated[
+        int,
+        typer.Option(
+            "--interpreters",
+            min=1,
+            envvar="HOTSWAP_INTERPRETERS",
+            help="interpreters per model (parallel inference calls)",
+        ),
+    ] = 1,
     keep_versions: Annotated[
         int, typer.Option("--keep-versions", min=2, help="stored versions per model")
     ] = 3,
@@ -94,6 +103,7 @@ def agent_run(
             telemetry_interval_s=telemetry_interval,
             memory_mb=memory_mb,
             keep_versions=keep_versions,
+            interpreters=interpreters,
             max_download_bytes=max_download_mb * 1024 * 1024,
             fetch_limits=FetchLimits(timeout_s=download_timeout),
         )

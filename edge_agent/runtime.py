@@ -1,8 +1,8 @@
 """The double-buffered inference runtime: an active slot, a standby slot, one swap.
 
-Each `ModelSlot` owns one interpreter and the lock that guards it (interpreters
-are not thread-safe). `DoubleBufferedRuntime.infer` reads the active slot
-reference once and runs on it, so an inference that started before a swap
+Each `ModelSlot` owns a pool of interpreters of one model, each used by one
+call at a time (interpreters are not thread-safe). `DoubleBufferedRuntime.infer`
+reads the active slot reference once and runs on it, so an inference that started before a swap
 finishes on the old interpreter while every later call sees the new one; the
 swap itself is a single reference assignment and never waits for inferences.
 The previous model stays loaded in the standby slot: rolling back is another
@@ -11,6 +11,7 @@ reference swap. CPU work only; no network or disk I/O.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -94,7 +95,12 @@ class SlotStats:
 
 @dataclass(eq=False)
 class ModelSlot:
-    """One loaded model: its interpreter, the lock that serialises calls on it."""
+    """One loaded model: a pool of interpreters, each used by one call at a time.
+
+    A pool of one behaves like an interpreter behind a lock. `grow` adds
+    interpreters of the same model so that that many threads infer in
+    parallel; the pool grows after a swap, never in front of it.
+    """
 
     ref: ModelRef
     interpreter: Interpreter
@@ -103,8 +109,14 @@ class ModelSlot:
     output_index: int
     input_shape: tuple[int, ...]
     input_dtype: np.dtype[Any]
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    data: bytes = field(repr=False, default=b"")
+    num_threads: int = 1
     stats: SlotStats = field(default_factory=SlotStats)
+    _free: queue.SimpleQueue[Interpreter] = field(default_factory=queue.SimpleQueue)
+    _size: int = 1
+
+    def __post_init__(self) -> None:
+        self._free.put(self.interpreter)
 
     @classmethod
     def load(cls, ref: ModelRef, data: bytes, *, num_threads: int = 1) -> ModelSlot:
@@ -125,19 +137,38 @@ class ModelSlot:
             output_index=int(outputs[0]["index"]),
             input_shape=tuple(int(d) for d in inputs[0]["shape"]),
             input_dtype=np.dtype(inputs[0]["dtype"]),
+            data=data,
+            num_threads=num_threads,
         )
 
+    @property
+    def pool_size(self) -> int:
+        return self._size
+
+    def grow(self, size: int, rng: np.random.Generator | None = None) -> None:
+        """Add warm interpreters until the pool holds `size` (call from a worker thread)."""
+        while self._size < size:
+            interp = make_interpreter(self.data, num_threads=self.num_threads)
+            if rng is not None:
+                interp.set_tensor(self.input_index, self.sample_input(rng))
+                interp.invoke()
+            self._size += 1
+            self._free.put(interp)
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        """One inference on this slot's interpreter (thread-safe)."""
+        """One inference on a free interpreter of this slot (thread-safe)."""
         if x.shape != self.input_shape or x.dtype != self.input_dtype:
             raise ValueError(
                 f"input must be {self.input_dtype.name}{list(self.input_shape)}, "
                 f"got {x.dtype.name}{list(x.shape)}"
             )
-        with self.lock:
-            self.interpreter.set_tensor(self.input_index, x)
-            self.interpreter.invoke()
-            out: np.ndarray = self.interpreter.get_tensor(self.output_index).copy()
+        interp = self._free.get()  # waits while every interpreter of the pool is busy
+        try:
+            interp.set_tensor(self.input_index, x)
+            interp.invoke()
+            out: np.ndarray = interp.get_tensor(self.output_index).copy()
+        finally:
+            self._free.put(interp)
         return out
 
     def sample_input(self, rng: np.random.Generator) -> np.ndarray:

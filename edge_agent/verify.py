@@ -37,12 +37,16 @@ def verify_manifest(
 
 def verify_artifact(manifest: Manifest, data: bytes) -> None:
     """The bytes are exactly the file the manifest describes (size, then sha256)."""
-    if len(data) != manifest.size:
+    verify_size(manifest, len(data))
+    verify_digest(manifest, hashlib.sha256(data).hexdigest())
+
+
+def verify_size(manifest: Manifest, size: int) -> None:
+    if size != manifest.size:
         raise IntegrityError(
-            f"{manifest.ref}: size {len(data)} != manifest size {manifest.size}",
+            f"{manifest.ref}: size {size} != manifest size {manifest.size}",
             reason="size_mismatch",
         )
-    verify_digest(manifest, hashlib.sha256(data).hexdigest())
 
 
 def verify_digest(manifest: Manifest, sha256: str) -> None:
