@@ -361,10 +361,13 @@ class Controller:
                         reason=exc.reason,
                         error=str(exc),
                     )
-            for rollout in self.store.recently_finished(
-                self.clock() - self.config.status_refresh_s
-            ):
+            finished = self.store.recently_finished(self.clock() - self.config.status_refresh_s)
+            for rollout in finished:
                 await self._publish_status(rollout)
+            # Fingerprints only matter while a status may still change: keep memory flat.
+            live = {r.rollout_id for r in open_rollouts} | {r.rollout_id for r in finished}
+            for rollout_id in self._published.keys() - live:
+                del self._published[rollout_id]
 
     async def _step(self, rollout: RolloutRow) -> None:
         now = self.clock()

@@ -1,0 +1,97 @@
+"""The controller service over a real broker and moto's S3, with a scripted device.
+
+The device here is a plain MQTT client that plays a device's part of the
+protocol (a test double for the device side only); the controller, broker and
+S3 API are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from broker.launcher import Mosquitto
+from controller.artifacts import ArtifactStore
+from controller.operator import OperatorClient, push_model
+from controller.service import Controller, ControllerConfig
+from shared import topics
+from shared.messages import (
+    COMMAND,
+    DeployCommand,
+    DeviceEvent,
+    DeviceState,
+    ListDevices,
+    StartRollout,
+)
+from shared.mqtt import make_client
+from shared.settings import parse_mqtt_url
+from tests.conftest import S3, KeyPair
+
+
+@pytest.fixture
+async def controller(mosquitto: Mosquitto, s3: S3, tmp_path: Path) -> AsyncIterator[Controller]:
+    c = Controller(
+        ControllerConfig(
+            mqtt=parse_mqtt_url(mosquitto.url),
+            db_url=f"sqlite:///{tmp_path / 'c.db'}",
+            s3_endpoint=s3.endpoint,
+            s3_bucket=s3.bucket,
+            tick_s=0.1,
+        )
+    )
+    task = asyncio.create_task(c.run())
+    await asyncio.wait_for(c.connected.wait(), 10)
+    try:
+        yield c
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_expired_url_gets_the_same_command_with_a_fresh_url(
+    controller: Controller, mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, model_v1: bytes
+) -> None:
+    """A device's `downloading`/`url_expired` event is answered with the same command id, new URL."""
+    endpoint = parse_mqtt_url(mosquitto.url)
+    async with make_client(endpoint, identifier="dev-1") as device:
+        await device.subscribe(topics.device_cmd("dev-1"), qos=1)
+        state = DeviceState(device_id="dev-1", region="r1", device_type="t", online=True)
+        await device.publish(topics.device_state("dev-1"), state.to_wire(), qos=1, retain=True)
+        artifacts = ArtifactStore(s3.endpoint, s3.bucket)
+        await push_model(
+            model_v1, name="clf", version="1", signing_key=signing_keys.private_path,
+            endpoint=endpoint, artifacts=artifacts,
+        )  # fmt: skip
+        async with OperatorClient(endpoint) as op:
+            for _ in range(50):  # the retained state reaches the registry asynchronously
+                if any(d["deviceId"] == "dev-1" for d in await op.request(ListDevices())):
+                    break
+                await asyncio.sleep(0.1)
+            started = await op.request(StartRollout(model="clf", version="1", devices=("dev-1",)))
+        commands = device.messages.__aiter__()
+
+        async def next_deploy() -> DeployCommand:
+            async with asyncio.timeout(10):
+                while True:
+                    message = await commands.__anext__()
+                    assert isinstance(message.payload, bytes)
+                    command = COMMAND.validate_json(message.payload)
+                    if isinstance(command, DeployCommand):
+                        return command
+
+        first = await next_deploy()
+        assert first.rollout_id == started["rolloutId"]
+        await asyncio.sleep(1.1)  # presigned URLs carry a per-second timestamp
+        expired = DeviceEvent(
+            device_id="dev-1", command_id=first.command_id, rollout_id=first.rollout_id,
+            phase="downloading", reason="url_expired",
+        )  # fmt: skip
+        await device.publish(topics.device_events("dev-1"), expired.to_wire(), qos=1)
+        second = await next_deploy()
+        assert second.command_id == first.command_id
+        assert second.url != first.url
+        assert json.loads(second.manifest.signed) == json.loads(first.manifest.signed)
