@@ -7,6 +7,7 @@ service or the operator client, print a table or `--json`. Does terminal I/O.
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,10 +19,21 @@ from controller.service import Controller, ControllerConfig
 from shared.console import cli_errors, emit_json, fail, print_table, progress, run_until_signalled
 from shared.errors import HotswapError
 from shared.logs import configure_logging
-from shared.messages import ListDevices, ListModels, ListRollouts, RolloutStatus, StartRollout
-from shared.settings import Settings, parse_mqtt_url
+from shared.messages import (
+    ControlRollout,
+    GateSpec,
+    ListDevices,
+    ListModels,
+    ListRollouts,
+    RolloutAction,
+    RolloutStatus,
+    StageSpec,
+    StartRollout,
+)
+from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
 
 T = TypeVar("T")
+STRATEGY_NAMES = ("direct", "canary", "progressive", "regional", "rolling")
 _DEFAULTS = Settings()
 
 MqttUrl = Annotated[
@@ -180,11 +192,52 @@ def device_list(mqtt_url: MqttUrl = _DEFAULTS.mqtt_url, as_json: Json = False) -
     )
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `30s`, `5m`, `1h` → seconds; ValueError on anything else."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:]) if t else None
+    number = t[:-1] if unit else t
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"invalid duration {text!r}: use 90, 30s, 5m or 1h") from None
+    if value < 0:
+        raise ValueError(f"invalid duration {text!r}: negative")
+    return value
+
+
+def parse_stages(text: str) -> tuple[StageSpec, ...]:
+    """`10:5m,25:5m,100:0` → cumulative percent and bake time per stage."""
+    stages = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        percent, sep, duration = part.partition(":")
+        if not sep:
+            raise ValueError(f"invalid stage {part!r}: use PERCENT:DURATION, e.g. 10:5m")
+        try:
+            share = float(percent.rstrip("%"))
+        except ValueError:
+            raise ValueError(f"invalid stage {part!r}: {percent!r} is not a percentage") from None
+        stages.append(StageSpec(percent=share, duration_s=parse_duration(duration)))
+    return tuple(stages)
+
+
+def _ids(text: str | None) -> tuple[str, ...]:
+    return tuple(d.strip() for d in (text or "").split(",") if d.strip())
+
+
+Duration = Annotated[str, typer.Option(help="90, 30s, 5m or 1h")]
+
+
 @rollout_app.command("start")
 def rollout_start(
     model: Annotated[str, typer.Option("--model", help="model name")],
     version: Annotated[str, typer.Option("--version", help="model version")],
-    strategy: Annotated[str, typer.Option("--strategy", help="direct")] = "direct",
+    strategy: Annotated[
+        str, typer.Option("--strategy", help="direct, canary, progressive, regional, rolling")
+    ] = "direct",
     devices: Annotated[
         str | None, typer.Option("--devices", help="comma-separated device ids")
     ] = None,
@@ -195,32 +248,124 @@ def rollout_start(
     device_timeout: Annotated[
         float, typer.Option("--device-timeout", help="seconds a device may take")
     ] = 600.0,
+    canary_percent: Annotated[
+        float, typer.Option("--canary-percent", help="canary: share of the targets")
+    ] = 10.0,
+    canary_duration: Annotated[
+        str, typer.Option("--canary-duration", help="canary: bake time (30s, 5m)")
+    ] = "5m",
+    stages: Annotated[
+        str | None, typer.Option("--stages", help="progressive: 10:5m,25:5m,50:10m,100:0")
+    ] = None,
+    regions: Annotated[
+        str | None, typer.Option("--regions", help="regional: a,b,c in this order")
+    ] = None,
+    region_delay: Annotated[
+        str, typer.Option("--region-delay", help="regional: bake time per region")
+    ] = "0",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="rolling: batch")] = 1,
+    batch_delay: Annotated[
+        str, typer.Option("--batch-delay", help="rolling: pause between batches")
+    ] = "0",
+    max_latency_ms: Annotated[
+        float | None, typer.Option("--max-latency-ms", help="gate: candidate p95, ms")
+    ] = None,
+    max_error_rate: Annotated[
+        float | None, typer.Option("--max-error-rate", help="gate: errors per inference")
+    ] = None,
+    max_latency_increase: Annotated[
+        float | None,
+        typer.Option("--max-latency-increase", help="gate: candidate p95 / baseline p95 - 1"),
+    ] = None,
+    max_confidence_drop: Annotated[
+        float | None, typer.Option("--max-confidence-drop", help="gate: mean confidence drop")
+    ] = None,
+    min_samples: Annotated[
+        int, typer.Option("--min-samples", min=1, help="gate: inferences per cohort")
+    ] = 20,
+    manual_approval: Annotated[
+        bool, typer.Option("--manual-approval", help="wait for approve at every stage")
+    ] = False,
+    max_failure_percent: Annotated[
+        float, typer.Option("--max-failure-percent", help="abort: failed devices, percent")
+    ] = 0.0,
+    min_executed: Annotated[
+        int, typer.Option("--min-executed", min=1, help="abort: after this many devices")
+    ] = 1,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
     as_json: Json = False,
 ) -> None:
     """Start a rollout; prints its id."""
-    if strategy != "direct":
-        fail(f"unknown strategy {strategy!r} (available: direct)", 2)
-    ids = tuple(d.strip() for d in (devices or "").split(",") if d.strip())
+    if strategy not in STRATEGY_NAMES:
+        fail(f"unknown strategy {strategy!r} (available: {', '.join(STRATEGY_NAMES)})", 2)
+    ids = _ids(devices)
     if devices is not None and not ids:
         fail("--devices names no device", 2)
     if ids and (region or device_type):
         fail("--devices cannot be combined with --region or --device-type", 2)
     with cli_errors():
-        request = StartRollout(
-            model=model,
-            version=version,
-            strategy="direct",
-            devices=ids,
-            region=region,
-            device_type=device_type,
-            device_timeout_s=device_timeout,
+        request = StartRollout.model_validate(
+            {
+                "model": model,
+                "version": version,
+                "strategy": strategy,
+                "devices": ids,
+                "region": region,
+                "device_type": device_type,
+                "device_timeout_s": device_timeout,
+                "canary_percent": canary_percent,
+                "canary_duration_s": parse_duration(canary_duration),
+                "stages": parse_stages(stages or ""),
+                "regions": _ids(regions),
+                "region_delay_s": parse_duration(region_delay),
+                "batch_size": batch_size,
+                "batch_delay_s": parse_duration(batch_delay),
+                "gates": GateSpec(
+                    max_latency_ms=max_latency_ms,
+                    max_error_rate=max_error_rate,
+                    max_latency_increase=max_latency_increase,
+                    max_confidence_drop=max_confidence_drop,
+                    min_samples=min_samples,
+                ),
+                "manual_approval": manual_approval,
+                "max_failure_percent": max_failure_percent,
+                "min_executed": min_executed,
+            }
         )
         result = asyncio.run(_request(mqtt_url, request))
     if as_json:
         emit_json(result)
     else:
         print(result["rolloutId"])
+
+
+def _control(action: RolloutAction) -> Any:
+    def command(
+        rollout_id: Annotated[str, typer.Argument(help="the rollout id")],
+        mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+        as_json: Json = False,
+    ) -> None:
+        with cli_errors():
+            result = asyncio.run(
+                _request(mqtt_url, ControlRollout(rollout_id=rollout_id, action=action))
+            )
+        if as_json:
+            emit_json(result)
+        else:
+            print(f"{result['rolloutId']} {result['status']}")
+
+    command.__doc__ = {
+        "approve": "Approve the next stage (or continue past inconclusive gates).",
+        "pause": "Pause a rollout: nothing more is sent until resume or approve.",
+        "resume": "Resume a paused rollout (its gates are read again).",
+        "abort": "Stop a rollout where it is; devices keep what they run.",
+        "rollback": "Roll every device that took the candidate back to its previous model.",
+    }[action]
+    return command
+
+
+for _action in ("approve", "pause", "resume", "abort", "rollback"):
+    rollout_app.command(_action)(_control(_action))
 
 
 def _print_status(status: RolloutStatus) -> None:
@@ -238,6 +383,20 @@ def _print_status(status: RolloutStatus) -> None:
         f"(success {status.success_rate:g}%)"
     )
     print(f"latency   {latency}")
+    if status.stage:
+        print(f"stage     {status.stage}")
+    for label, cohort in (("candidate", status.candidate), ("baseline", status.baseline)):
+        if cohort is not None and cohort.inferences:
+            print(
+                f"{label:<9} {cohort.devices} devices, {cohort.inferences} inferences, "
+                f"errors {cohort.error_rate or 0:.2%}, p95 {cohort.latency_p95_ms} ms, "
+                f"confidence {cohort.mean_confidence or 0:.3f}"
+            )
+    for gate in status.gates:
+        observed = "-" if gate.observed is None else f"{gate.observed:.4g}"
+        print(
+            f"gate      {gate.gate}: {gate.verdict} ({observed} vs {gate.threshold}) {gate.detail}"
+        )
     print_table(
         [d.model_dump() for d in status.devices],
         [("DEVICE", "device_id"), ("STATE", "state"), ("REASON", "reason")],
@@ -250,10 +409,17 @@ def rollout_status(
     wait: Annotated[
         float | None, typer.Option("--wait", help="block up to SECONDS for a final status")
     ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="redraw the status every second until it ends")
+    ] = False,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
     as_json: Json = False,
 ) -> None:
     """Show a rollout's retained status (no controller needed)."""
+    if watch:
+        with cli_errors():
+            final = asyncio.run(_watch(parse_mqtt_url(mqtt_url), rollout_id, as_json))
+        raise typer.Exit(0 if final.status == "Succeeded" else 1)
     with cli_errors():
         status = asyncio.run(read_rollout_status(parse_mqtt_url(mqtt_url), rollout_id, wait_s=wait))
     if as_json:
@@ -262,6 +428,25 @@ def rollout_status(
         _print_status(status)
     if wait is not None and status.status != "Succeeded":
         raise typer.Exit(1)
+
+
+async def _watch(endpoint: MqttEndpoint, rollout_id: str, as_json: bool) -> RolloutStatus:
+    """Print the status whenever it changes (a JSON line each with --json) until final."""
+    last = ""
+    while True:
+        status = await read_rollout_status(endpoint, rollout_id)
+        shown = status.model_dump_json(exclude={"updated_at"})
+        if shown != last:
+            last = shown
+            if as_json:
+                print(status.model_dump_json(by_alias=True), flush=True)
+            else:
+                print("\x1b[2J\x1b[H" if sys.stdout.isatty() else "", end="")
+                _print_status(status)
+                print(flush=True)
+        if status.final:
+            return status
+        await asyncio.sleep(1.0)
 
 
 @rollout_app.command("list")

@@ -62,6 +62,12 @@ class RolloutRow(SQLModel, table=True):
     created_at: float
     updated_at: float
     finished_at: float | None = None
+    # Where the planner is (every decision is re-derived from these on each tick).
+    stage_index: int = 0
+    stage_started_at: float | None = None
+    stage_settled_at: float | None = None  # when every device of the stage was final
+    approved_stage: int = 0  # the operator approved starting stages up to this index
+    rolling_back: bool = False
 
 
 class AssignmentRow(SQLModel, table=True):
@@ -71,8 +77,12 @@ class AssignmentRow(SQLModel, table=True):
 
     rollout_id: str = Field(primary_key=True, foreign_key="rollouts.rollout_id")
     device_id: str = Field(primary_key=True)
+    region: str = ""
     state: str = "pending"
     command_id: str | None = None
+    rollback_command_id: str | None = None
+    rollback_state: str | None = None  # None, sent, rolled_back, failed, timed_out
+    rollback_sent_at: float | None = None
     reason: str | None = None
     detail: str | None = None
     attempts: int = 0
@@ -94,6 +104,7 @@ class TelemetryWindowRow(SQLModel, table=True):
     latency_total_ms: float
     latency_counts: str  # JSON list, LATENCY_BUCKETS_MS
     confidence_counts: str  # JSON list, CONFIDENCE_BUCKETS
+    confidence_total: float = 0.0
     input_mean: float | None = None
     input_std: float | None = None
 

@@ -32,3 +32,8 @@ OPEN_ROLLOUTS = Gauge("hotswap_rollouts_open", "Rollouts pending or in progress"
 
 def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - scraped by Prometheus
     start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+ROLLBACKS = Counter(
+    "hotswap_rollbacks", "Rollouts that started rolling back (gate or failures)", registry=REGISTRY
+)

@@ -1,8 +1,18 @@
 """The rollout planner: a pure function from what the database says to actions.
 
-`plan_next_actions(rollout, assignments, now)` has no I/O and no clock of its
-own; the executor (controller.service) loads the inputs, persists the intent of
-each action and only then publishes. Tested with plain data.
+`plan_next_actions(rollout, stages, assignments, gates, now)` has no I/O and no
+clock of its own; the executor (controller.service) loads the inputs, persists
+the intent of each action and only then publishes. Every decision is re-derived
+from the rows on every tick, so a controller killed at any moment resumes where
+it was. Tested with plain data.
+
+A stage runs like this: deploy to its pending devices (or one region-wide
+command), time out the ones that take too long, *settle* once every device of
+the stage is final, *bake* for the stage's duration while the gates watch, then
+advance (or wait for the operator's approval, or pause when the gates stay
+inconclusive). A failing gate or too many failed devices starts a rollback:
+every device that activated the candidate gets a rollback command, and the
+rollout ends `RolledBack` once they answered.
 """
 
 from __future__ import annotations
@@ -10,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from controller.strategies import STRATEGIES
+from controller.gates import Verdict
+from controller.strategies import Stage
 
 # Device progress within a rollout, in the order it normally advances.
 DEVICE_STATES = (
@@ -25,6 +36,7 @@ DEVICE_STATES = (
     "timed_out",
 )
 FINAL_DEVICE_STATES = frozenset({"activated", "failed", "rolled_back", "timed_out"})
+FINAL_ROLLBACK_STATES = frozenset({"rolled_back", "failed", "timed_out"})
 _RANK = {s: i for i, s in enumerate(DEVICE_STATES)}
 
 
@@ -45,6 +57,14 @@ class RolloutView:
     strategy: str
     status: str
     device_timeout_s: float
+    stage_index: int = 0
+    stage_settled_at: float | None = None
+    approved_stage: int = 0  # the operator approved starting stages up to this index
+    rolling_back: bool = False
+    manual_approval: bool = False
+    has_gates: bool = False
+    max_failure_percent: float = 0.0
+    min_executed: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +73,14 @@ class AssignmentView:
     state: str
     sent_at: float | None
     reason: str | None = None
+    rollback_state: str | None = None
+    rollback_sent_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GateReading:
+    verdict: Verdict
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +94,43 @@ class SendDeploy:
 
 
 @dataclass(frozen=True, slots=True)
+class SendRegionDeploy:
+    region: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TimeOutDevice:
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleStage:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceStage:
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class PauseRollout:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BeginRollback:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendRollback:
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimeOutRollback:
     device_id: str
 
 
@@ -76,41 +140,142 @@ class FinishRollout:
     reason: str | None
 
 
-Action = StartRollout | SendDeploy | TimeOutDevice | FinishRollout
+Action = (
+    StartRollout
+    | SendDeploy
+    | SendRegionDeploy
+    | TimeOutDevice
+    | SettleStage
+    | AdvanceStage
+    | PauseRollout
+    | BeginRollback
+    | SendRollback
+    | TimeOutRollback
+    | FinishRollout
+)
 
 
 def plan_next_actions(
-    rollout: RolloutView, assignments: Sequence[AssignmentView], now: float
+    rollout: RolloutView,
+    stages: Sequence[Stage],
+    assignments: Sequence[AssignmentView],
+    gates: GateReading | None,
+    now: float,
 ) -> list[Action]:
+    """What to do next; `gates` is None when the rollout has no gates."""
     if rollout.status not in ("Pending", "InProgress"):
         return []
     actions: list[Action] = []
     if rollout.status == "Pending":
         actions.append(StartRollout())
+    if rollout.rolling_back:
+        return actions + _plan_rollback(rollout, assignments, now)
+    if not stages:
+        return [*actions, FinishRollout("Failed", "the rollout has no target devices")]
+
+    gated = rollout.strategy != "direct"
+    if gated:
+        finished = [a for a in assignments if a.state in FINAL_DEVICE_STATES]
+        failed = [a for a in finished if a.state != "activated"]
+        if (
+            failed
+            and len(finished) >= rollout.min_executed
+            and 100.0 * len(failed) / len(finished) > rollout.max_failure_percent
+        ):
+            return [
+                *actions,
+                BeginRollback(
+                    f"{len(failed)} of {len(finished)} devices failed, over the "
+                    f"{rollout.max_failure_percent:g}% abort threshold: {_failures(failed)}"
+                ),
+            ]
+    if gates is not None and gates.verdict == "fail":
+        return [*actions, BeginRollback(f"gate failed: {gates.detail}")]
+
     by_device = {a.device_id: a for a in assignments}
-    stages = STRATEGIES[rollout.strategy](list(by_device))
-    for stage in stages:
-        members = [by_device[d] for d in stage.devices]
-        actions += [SendDeploy(a.device_id) for a in members if a.state == "pending"]
-        actions += [
-            TimeOutDevice(a.device_id)
-            for a in members
-            if a.state not in FINAL_DEVICE_STATES
-            and a.sent_at is not None
-            and now - a.sent_at >= rollout.device_timeout_s
+    index = min(rollout.stage_index, len(stages) - 1)
+    stage = stages[index]
+    members = [by_device[d] for d in stage.devices if d in by_device]
+    pending = tuple(a.device_id for a in members if a.state == "pending")
+    if pending and stage.region is not None:
+        actions.append(SendRegionDeploy(stage.region, pending))
+    else:
+        actions += [SendDeploy(d) for d in pending]
+    actions += _timeouts(members, rollout.device_timeout_s, now)
+    if not all(a.state in FINAL_DEVICE_STATES for a in members):
+        return actions
+    if rollout.stage_settled_at is None:
+        return [*actions, SettleStage(index)]
+    if now < rollout.stage_settled_at + stage.bake_s:
+        return actions  # baking: the gates keep watching
+    last = index == len(stages) - 1
+    if last:
+        return [*actions, _finish(assignments, gated)]
+    following = stages[index + 1].name
+    if gates is not None and gates.verdict == "inconclusive" and rollout.approved_stage <= index:
+        return [
+            *actions,
+            PauseRollout(
+                f"stage {stage.name}: gates inconclusive ({gates.detail}); "
+                f"approve to start stage {following}"
+            ),
         ]
-        if not all(a.state in FINAL_DEVICE_STATES for a in members):
-            return actions  # later stages wait for this one
-    actions.append(_finish(assignments))
+    if rollout.manual_approval and rollout.approved_stage <= index:
+        return [
+            *actions,
+            PauseRollout(f"stage {stage.name} done; waiting for approval to start {following}"),
+        ]
+    return [*actions, AdvanceStage(index + 1)]
+
+
+def _timeouts(
+    members: Sequence[AssignmentView], timeout_s: float, now: float
+) -> list[TimeOutDevice]:
+    return [
+        TimeOutDevice(a.device_id)
+        for a in members
+        if a.state not in FINAL_DEVICE_STATES
+        and a.sent_at is not None
+        and now - a.sent_at >= timeout_s
+    ]
+
+
+def _plan_rollback(
+    rollout: RolloutView, assignments: Sequence[AssignmentView], now: float
+) -> list[Action]:
+    actions: list[Action] = []
+    for a in assignments:
+        if a.state == "activated" and a.rollback_state is None:
+            actions.append(SendRollback(a.device_id))
+        elif (
+            a.rollback_state == "sent"
+            and a.rollback_sent_at is not None
+            and now - a.rollback_sent_at >= rollout.device_timeout_s
+        ):
+            actions.append(TimeOutRollback(a.device_id))
+    in_flight = [
+        a for a in assignments if a.state not in FINAL_DEVICE_STATES and a.state != "pending"
+    ]
+    actions += _timeouts(in_flight, rollout.device_timeout_s, now)
+    waiting = in_flight + [
+        a
+        for a in assignments
+        if a.state == "activated" and a.rollback_state not in FINAL_ROLLBACK_STATES
+    ]
+    if not waiting and not any(isinstance(x, SendRollback) for x in actions):
+        actions.append(FinishRollout("RolledBack", None))
     return actions
 
 
-def _finish(assignments: Sequence[AssignmentView]) -> FinishRollout:
+def _failures(failed: Sequence[AssignmentView]) -> str:
+    shown = ", ".join(f"{a.device_id}: {a.reason or a.state}" for a in failed[:5])
+    return shown + (f" (+{len(failed) - 5} more)" if len(failed) > 5 else "")
+
+
+def _finish(assignments: Sequence[AssignmentView], gated: bool) -> FinishRollout:
     failed = [a for a in assignments if a.state != "activated"]
     if not failed:
         return FinishRollout("Succeeded", None)
-    shown = ", ".join(f"{a.device_id}: {a.reason or a.state}" for a in failed[:5])
-    more = f" (+{len(failed) - 5} more)" if len(failed) > 5 else ""
-    return FinishRollout(
-        "Failed", f"{len(failed)} of {len(assignments)} devices failed: {shown}{more}"
-    )
+    summary = f"{len(failed)} of {len(assignments)} devices failed: {_failures(failed)}"
+    # A gated rollout got here within its abort threshold: the fleet is on the candidate.
+    return FinishRollout("Succeeded" if gated else "Failed", summary)

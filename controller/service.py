@@ -27,18 +27,28 @@ from pydantic.alias_generators import to_camel
 from controller import metrics
 from controller.artifacts import ArtifactStore
 from controller.db import AssignmentRow, ModelVersionRow, RolloutRow
+from controller.gates import CohortStats, describe_failures, evaluate_gates, overall
 from controller.planner import (
     FINAL_DEVICE_STATES,
+    AdvanceStage,
     AssignmentView,
+    BeginRollback,
     FinishRollout,
+    GateReading,
+    PauseRollout,
     RolloutView,
     SendDeploy,
+    SendRegionDeploy,
+    SendRollback,
+    SettleStage,
     StartRollout,
     TimeOutDevice,
+    TimeOutRollback,
     plan_next_actions,
 )
 from controller.status import build_status
 from controller.store import Store
+from controller.strategies import STRATEGIES, Stage, Target
 from shared import __version__, topics
 from shared.errors import HotswapError, RequestError
 from shared.manifest import SignedManifest
@@ -46,6 +56,7 @@ from shared.messages import (
     MAX_MESSAGE_BYTES,
     REQUEST,
     ControllerState,
+    ControlRollout,
     DeployCommand,
     DeviceEvent,
     DeviceState,
@@ -56,7 +67,9 @@ from shared.messages import (
     RegisterModel,
     Request,
     Response,
+    RollbackCommand,
     RolloutStatus,
+    Selector,
     TelemetryWindow,
 )
 from shared.messages import StartRollout as StartRolloutRequest
@@ -169,6 +182,8 @@ class Controller:
             for a in self.store.assignments(rollout.rollout_id):
                 if a.command_id and a.state not in FINAL_DEVICE_STATES:
                     await self._publish_deploy(rollout, a.device_id, a.command_id)
+                if a.rollback_command_id and a.rollback_state == "sent":
+                    await self._publish_rollback(rollout, a.device_id, a.rollback_command_id)
         self._published.clear()
         self.connected.set()
         self._wake.set()
@@ -315,6 +330,8 @@ class Controller:
             await self._publish_status(rollout)
             self._wake.set()
             return {"rolloutId": rollout.rollout_id, "devicesTargeted": len(targets)}
+        if isinstance(request, ControlRollout):
+            return await self._control(request, now)
         if isinstance(request, GetRollout):
             rollout = self.store.get_rollout(request.rollout_id)
             return self._status(rollout).model_dump(mode="json", by_alias=True)
@@ -369,37 +386,193 @@ class Controller:
             for rollout_id in self._published.keys() - live:
                 del self._published[rollout_id]
 
+    def _spec(self, rollout: RolloutRow) -> StartRolloutRequest:
+        return StartRolloutRequest.model_validate_json(rollout.spec)
+
+    def _stages(
+        self, rollout: RolloutRow, assignments: list[AssignmentRow]
+    ) -> tuple[StartRolloutRequest, list[Stage]]:
+        spec = self._spec(rollout)
+        targets = [Target(a.device_id, a.region) for a in assignments]
+        return spec, STRATEGIES[rollout.strategy](targets, spec, rollout.rollout_id)
+
+    def _cohorts(
+        self, rollout: RolloutRow, assignments: list[AssignmentRow]
+    ) -> tuple[CohortStats, CohortStats]:
+        """Candidate (activated the new version) vs baseline (untouched), this stage."""
+        since = rollout.stage_started_at or rollout.created_at
+        candidate = self.store.cohort_stats(
+            rollout.model,
+            [a.device_id for a in assignments if a.state == "activated"],
+            since,
+            version=rollout.version,
+        )
+        baseline = self.store.cohort_stats(
+            rollout.model,
+            [a.device_id for a in assignments if a.state == "pending"],
+            since,
+            not_version=rollout.version,
+        )
+        return candidate, baseline
+
     async def _step(self, rollout: RolloutRow) -> None:
         now = self.clock()
         assignments = self.store.assignments(rollout.rollout_id)
+        spec, stages = self._stages(rollout, assignments)
+        reading = None
+        if spec.gates.any:
+            verdicts = evaluate_gates(spec.gates, *self._cohorts(rollout, assignments))
+            verdict = overall(verdicts)
+            detail = (
+                describe_failures(verdicts)
+                if verdict == "fail"
+                else ", ".join(
+                    f"{v.gate} {v.verdict} ({v.detail})" for v in verdicts if v.verdict != "pass"
+                )
+            )
+            reading = GateReading(verdict, detail)
         actions = plan_next_actions(
             RolloutView(
-                rollout.rollout_id, rollout.strategy, rollout.status, rollout.device_timeout_s
+                rollout.rollout_id,
+                rollout.strategy,
+                rollout.status,
+                rollout.device_timeout_s,
+                stage_index=rollout.stage_index,
+                stage_settled_at=rollout.stage_settled_at,
+                approved_stage=rollout.approved_stage,
+                rolling_back=rollout.rolling_back,
+                manual_approval=spec.manual_approval,
+                has_gates=spec.gates.any,
+                max_failure_percent=spec.max_failure_percent,
+                min_executed=spec.min_executed,
             ),
-            [AssignmentView(a.device_id, a.state, a.sent_at, a.reason) for a in assignments],
+            stages,
+            [
+                AssignmentView(
+                    a.device_id, a.state, a.sent_at, a.reason, a.rollback_state, a.rollback_sent_at
+                )
+                for a in assignments
+            ],
+            reading,
             now,
         )
         bound = log.bind(rollout_id=rollout.rollout_id)
+        rid = rollout.rollout_id
         for action in actions:
             if isinstance(action, StartRollout):
-                self.store.set_rollout_status(
-                    rollout.rollout_id, "InProgress", None, now, final=False
-                )
-                bound.info("rollout_started")
+                self.store.update_rollout(rid, now, status="InProgress", stage_started_at=now)
+                bound.info("rollout_started", strategy=rollout.strategy, stages=len(stages))
             elif isinstance(action, SendDeploy):
                 command_id = f"c-{uuid.uuid4().hex}"
-                self.store.mark_sent(rollout.rollout_id, action.device_id, command_id, now)
+                self.store.mark_sent(rid, action.device_id, command_id, now)
                 await self._publish_deploy(rollout, action.device_id, command_id)
+            elif isinstance(action, SendRegionDeploy):
+                command_id = f"c-{uuid.uuid4().hex}"
+                for device_id in action.devices:
+                    self.store.mark_sent(rid, device_id, command_id, now)
+                await self._publish_deploy(
+                    rollout, None, command_id, region=action.region, cohort=action.devices
+                )
             elif isinstance(action, TimeOutDevice):
-                if self.store.mark_timed_out(rollout.rollout_id, action.device_id, now):
+                if self.store.mark_timed_out(rid, action.device_id, now):
                     bound.warning("device_timed_out", device_id=action.device_id)
+            elif isinstance(action, SettleStage):
+                self.store.update_rollout(rid, now, stage_settled_at=now)
+                bound.info("stage_settled", stage=stages[action.index].name)
+            elif isinstance(action, AdvanceStage):
+                self.store.update_rollout(
+                    rid, now, stage_index=action.index, stage_started_at=now, stage_settled_at=None
+                )
+                bound.info("stage_started", stage=stages[action.index].name, index=action.index)
+            elif isinstance(action, PauseRollout):
+                self.store.update_rollout(rid, now, status="Paused", reason=action.reason)
+                bound.info("rollout_paused", reason=action.reason)
+            elif isinstance(action, BeginRollback):
+                self.store.update_rollout(rid, now, rolling_back=True, reason=action.reason)
+                metrics.ROLLBACKS.inc()
+                bound.warning("rollout_rolling_back", reason=action.reason)
+            elif isinstance(action, SendRollback):
+                command_id = f"c-{uuid.uuid4().hex}"
+                if self.store.mark_rollback_sent(rid, action.device_id, command_id, now):
+                    await self._publish_rollback(rollout, action.device_id, command_id)
+            elif isinstance(action, TimeOutRollback):
+                self.store.mark_rollback_timed_out(rid, action.device_id, now)
+                bound.warning("rollback_timed_out", device_id=action.device_id)
             elif isinstance(action, FinishRollout):
+                current = self.store.get_rollout(rid)
                 self.store.set_rollout_status(
-                    rollout.rollout_id, action.status, action.reason, now, final=True
+                    rid, action.status, action.reason or current.reason, now, final=True
                 )
                 metrics.ROLLOUTS.labels(action.status).inc()
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
-        await self._publish_status(self.store.get_rollout(rollout.rollout_id))
+        await self._publish_status(self.store.get_rollout(rid))
+
+    async def _publish_rollback(self, rollout: RolloutRow, device_id: str, command_id: str) -> None:
+        issued = datetime.now(UTC)
+        expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
+        command = RollbackCommand(
+            command_id=command_id,
+            rollout_id=rollout.rollout_id,
+            issued_at=issued,
+            expires_at=expires,
+        )
+        await self._publish(
+            topics.device_cmd(device_id),
+            command.to_wire(),
+            expiry_s=expiry_seconds(expires, issued),
+        )
+        metrics.COMMANDS.labels("rollback").inc()
+        log.info("rollback_sent", rollout_id=rollout.rollout_id, device_id=device_id)
+
+    async def _control(self, request: ControlRollout, now: float) -> dict[str, Any]:
+        rollout = self.store.get_rollout(request.rollout_id)
+        status, action = rollout.status, request.action
+        final = status in ("Succeeded", "Failed", "RolledBack", "Aborted")
+        refused = RequestError(
+            f"cannot {action} rollout {rollout.rollout_id}: it is {status}", reason="bad_request"
+        )
+        if action == "approve":
+            if final:
+                raise refused
+            self.store.update_rollout(
+                rollout.rollout_id,
+                now,
+                status="InProgress" if status == "Paused" else status,
+                approved_stage=max(rollout.approved_stage, rollout.stage_index + 1),
+                reason=None,
+            )
+        elif action == "pause":
+            if status not in ("Pending", "InProgress"):
+                raise refused
+            self.store.update_rollout(
+                rollout.rollout_id, now, status="Paused", reason="paused by the operator"
+            )
+        elif action == "resume":
+            if status != "Paused":
+                raise refused
+            self.store.update_rollout(rollout.rollout_id, now, status="InProgress", reason=None)
+        elif action == "abort":
+            if final:
+                raise refused
+            self.store.set_rollout_status(
+                rollout.rollout_id, "Aborted", "aborted by the operator", now, final=True
+            )
+        else:  # rollback
+            if status in ("RolledBack",) or rollout.rolling_back:
+                raise refused
+            self.store.update_rollout(
+                rollout.rollout_id,
+                now,
+                status="InProgress",
+                rolling_back=True,
+                finished_at=None,
+                reason="rolled back by the operator",
+            )
+        log.info("rollout_control", rollout_id=rollout.rollout_id, action=action)
+        self._wake.set()
+        updated = self.store.get_rollout(rollout.rollout_id)
+        await self._publish_status(updated)
+        return {"rolloutId": updated.rollout_id, "status": updated.status}
 
     async def _represign(self, event: DeviceEvent) -> None:
         """A device's presigned URL expired mid-download: send the same command, new URL."""
@@ -420,7 +593,16 @@ class Controller:
                 )
                 await self._publish_deploy(rollout, a.device_id, a.command_id)
 
-    async def _publish_deploy(self, rollout: RolloutRow, device_id: str, command_id: str) -> None:
+    async def _publish_deploy(
+        self,
+        rollout: RolloutRow,
+        device_id: str | None,
+        command_id: str,
+        *,
+        region: str | None = None,
+        cohort: tuple[str, ...] = (),
+    ) -> None:
+        """One device's command, or one publish on a region's topic for a cohort of it."""
         model = self.store.get_model(rollout.model, rollout.version)
         url = await asyncio.to_thread(
             self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
@@ -434,17 +616,19 @@ class Controller:
             url=url,
             issued_at=issued,
             expires_at=expires,
+            selector=Selector(cohort=cohort) if region is not None else None,
         )
-        await self._publish(
-            topics.device_cmd(device_id),
-            command.to_wire(),
-            expiry_s=expiry_seconds(expires, issued),
+        topic = (
+            topics.region_cmd(region) if region is not None else topics.device_cmd(str(device_id))
         )
+        await self._publish(topic, command.to_wire(), expiry_s=expiry_seconds(expires, issued))
         metrics.COMMANDS.labels("deploy").inc()
         log.info(
             "deploy_sent",
             rollout_id=rollout.rollout_id,
             device_id=device_id,
+            region=region,
+            devices=len(cohort) if region is not None else 1,
             command_id=command_id,
             model=f"{model.name}@{model.version}",
         )
@@ -457,7 +641,24 @@ class Controller:
             [a.device_id for a in assignments if a.state == "activated"],
             rollout.created_at,
         )
-        return build_status(rollout, assignments, latency, self.clock())
+        spec, stages = self._stages(rollout, assignments)
+        candidate, baseline = self._cohorts(rollout, assignments)
+        gates = evaluate_gates(spec.gates, candidate, baseline) if spec.gates.any else ()
+        status = build_status(rollout, assignments, latency, self.clock())
+        stage = ""
+        if stages and rollout.status != "Pending":
+            i = min(rollout.stage_index, len(stages) - 1)
+            stage = f"{stages[i].name} ({i + 1}/{len(stages)})"
+        if rollout.rolling_back:
+            stage = f"rollback ({stage})" if stage else "rollback"
+        return status.model_copy(
+            update={
+                "stage": stage,
+                "gates": gates,
+                "candidate": candidate.summary(),
+                "baseline": baseline.summary(),
+            }
+        )
 
     async def _publish_status(self, rollout: RolloutRow) -> None:
         status = self._status(rollout)

@@ -22,10 +22,17 @@ from controller.db import (
     TelemetryWindowRow,
     make_engine,
 )
+from controller.gates import CohortStats
 from controller.planner import advances
 from shared.errors import RequestError
 from shared.manifest import SignedManifest
-from shared.messages import DeviceEvent, DeviceState, StartRollout, TelemetryWindow
+from shared.messages import (
+    DeviceEvent,
+    DeviceState,
+    Histogram,
+    StartRollout,
+    TelemetryWindow,
+)
 
 
 class Store:
@@ -178,10 +185,19 @@ class Store:
         with self.session() as s:
             s.add(rollout)
             s.flush()  # the parent row exists before its assignments reference it
+            regions = {
+                d.device_id: d.region
+                for d in s.exec(
+                    select(DeviceRow).where(col(DeviceRow.device_id).in_(list(targets)))
+                ).all()
+            }
             for device_id in targets:
                 s.add(
                     AssignmentRow(
-                        rollout_id=rollout.rollout_id, device_id=device_id, updated_at=now
+                        rollout_id=rollout.rollout_id,
+                        device_id=device_id,
+                        region=regions.get(device_id, ""),
+                        updated_at=now,
                     )
                 )
             s.commit()
@@ -235,6 +251,42 @@ class Store:
             s.add(row)
             s.commit()
 
+    def update_rollout(self, rollout_id: str, now: float, **changes: object) -> RolloutRow:
+        """Set planner fields of a rollout (stage, approval, rollback flag, status)."""
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                raise RequestError(f"unknown rollout {rollout_id!r}", reason="unknown_rollout")
+            for key, value in changes.items():
+                setattr(row, key, value)
+            row.updated_at = now
+            s.add(row)
+            s.commit()
+            s.refresh(row)
+            return row
+
+    def mark_rollback_sent(
+        self, rollout_id: str, device_id: str, command_id: str, now: float
+    ) -> bool:
+        with self.session() as s:
+            row = s.get(AssignmentRow, (rollout_id, device_id))
+            if row is None or row.rollback_state is not None:
+                return False
+            row.rollback_command_id, row.rollback_state = command_id, "sent"
+            row.rollback_sent_at = row.updated_at = now
+            s.add(row)
+            s.commit()
+            return True
+
+    def mark_rollback_timed_out(self, rollout_id: str, device_id: str, now: float) -> None:
+        with self.session() as s:
+            row = s.get(AssignmentRow, (rollout_id, device_id))
+            if row is None or row.rollback_state != "sent":
+                return
+            row.rollback_state, row.updated_at = "timed_out", now
+            s.add(row)
+            s.commit()
+
     def mark_sent(self, rollout_id: str, device_id: str, command_id: str, now: float) -> None:
         """Persist the intent to send before the command is published."""
         with self.session() as s:
@@ -263,7 +315,17 @@ class Store:
             return None
         with self.session() as s:
             row = s.get(AssignmentRow, (event.rollout_id, event.device_id))
-            if row is None or row.command_id != event.command_id:
+            if row is None:
+                return None
+            if row.rollback_command_id is not None and row.rollback_command_id == event.command_id:
+                # The answer to our rollback command: only its final phase matters.
+                if row.rollback_state != "sent" or event.phase not in ("rolled_back", "failed"):
+                    return None
+                row.rollback_state, row.updated_at = event.phase, now
+                s.add(row)
+                s.commit()
+                return row
+            if row.command_id != event.command_id:
                 return None  # not ours, or a stale command's echo
             if not advances(row.state, event.phase):
                 return None
@@ -290,11 +352,52 @@ class Store:
                     latency_total_ms=window.latency_ms.total,
                     latency_counts=json.dumps(list(window.latency_ms.counts)),
                     confidence_counts=json.dumps(list(window.confidence.counts)),
+                    confidence_total=window.confidence.total,
                     input_mean=window.input_mean,
                     input_std=window.input_std,
                 )
             )
             s.commit()
+
+    def cohort_stats(
+        self,
+        model: str,
+        devices: Sequence[str],
+        since: float,
+        *,
+        version: str | None = None,
+        not_version: str | None = None,
+    ) -> CohortStats:
+        """Merged telemetry of some devices since a time, for one version or all but one."""
+        if not devices:
+            return CohortStats()
+        query = select(TelemetryWindowRow).where(
+            TelemetryWindowRow.model == model,
+            TelemetryWindowRow.window_end >= since,
+            col(TelemetryWindowRow.device_id).in_(list(devices)),
+        )
+        if version is not None:
+            query = query.where(TelemetryWindowRow.version == version)
+        if not_version is not None:
+            query = query.where(TelemetryWindowRow.version != not_version)
+        with self.session() as s:
+            rows = s.exec(query).all()
+        stats = CohortStats()
+        seen: set[str] = set()
+        for r in rows:
+            seen.add(r.device_id)
+            stats = stats.merged(
+                CohortStats(
+                    0,
+                    r.count,
+                    r.errors,
+                    Histogram(counts=tuple(json.loads(r.latency_counts)), total=r.latency_total_ms),
+                    Histogram(
+                        counts=tuple(json.loads(r.confidence_counts)), total=r.confidence_total
+                    ),
+                )
+            )
+        return CohortStats(len(seen), stats.count, stats.errors, stats.latency, stats.confidence)
 
     def avg_latency_ms(
         self, model: str, version: str, devices: Sequence[str], since: float

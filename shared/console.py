@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -38,6 +39,11 @@ def cli_errors() -> Iterator[None]:
         yield
     except HotswapError as exc:
         fail(str(exc), EXIT_BAD_INPUT if exc.reason in BAD_INPUT_REASONS else EXIT_FAILURE)
+    except ValidationError as exc:  # a request model refused a flag's value
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        fail(f"{where}: {message}" if where else message, EXIT_BAD_INPUT)
     except ValueError as exc:  # invalid URLs, ids and values from our own validators
         fail(str(exc).splitlines()[-1].strip() or repr(exc), EXIT_BAD_INPUT)
     except KeyboardInterrupt:

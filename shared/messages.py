@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from shared.manifest import SignedManifest
@@ -230,6 +230,18 @@ class DeviceProgress(WireModel):
     reason: str | None = None
 
 
+class CohortSummary(WireModel):
+    """What one cohort's telemetry says over the current stage's window."""
+
+    devices: int
+    inferences: int
+    error_rate: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    mean_confidence: float | None = None
+
+
 class RolloutStatus(WireModel):
     """Retained on `hotswap/v1/rollouts/{id}/status`."""
 
@@ -247,6 +259,8 @@ class RolloutStatus(WireModel):
     avg_inference_latency: float | None = None  # ms, candidate version on targeted devices
     stage: str = ""
     gates: tuple[GateVerdict, ...] = ()
+    candidate: CohortSummary | None = None
+    baseline: CohortSummary | None = None
     devices: tuple[DeviceProgress, ...] = ()
     reason: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -281,15 +295,86 @@ class ListDevices(WireModel):
     kind: Literal["list_devices"] = "list_devices"
 
 
+class GateSpec(WireModel):
+    """Thresholds a candidate cohort must meet; None leaves a gate out."""
+
+    max_latency_ms: float | None = Field(default=None, gt=0)  # candidate p95
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)
+    max_latency_increase: float | None = Field(default=None, ge=0)  # cand p95 / base p95 - 1
+    max_confidence_drop: float | None = Field(default=None, ge=0, le=1)
+    min_samples: int = Field(default=20, ge=1)  # inferences per cohort before a verdict
+
+    @property
+    def any(self) -> bool:
+        return any(
+            g is not None
+            for g in (
+                self.max_latency_ms,
+                self.max_error_rate,
+                self.max_latency_increase,
+                self.max_confidence_drop,
+            )
+        )
+
+
+StrategyName = Literal["direct", "canary", "progressive", "regional", "rolling"]
+
+
+class StageSpec(WireModel):
+    percent: float = Field(gt=0, le=100)  # cumulative share of the targets
+    duration_s: float = Field(ge=0)  # bake time once the stage's devices are done
+
+
 class StartRollout(WireModel):
     kind: Literal["start_rollout"] = "start_rollout"
     model: str
     version: str
-    strategy: Literal["direct"] = "direct"
+    strategy: StrategyName = "direct"
     devices: tuple[str, ...] = ()
     region: str | None = None
     device_type: str | None = None
     device_timeout_s: float = Field(default=600.0, gt=0)
+    # canary
+    canary_percent: float = Field(default=10.0, gt=0, lt=100)
+    canary_duration_s: float = Field(default=300.0, ge=0)
+    # progressive
+    stages: tuple[StageSpec, ...] = ()
+    # regional
+    regions: tuple[str, ...] = ()
+    region_delay_s: float = Field(default=0.0, ge=0)
+    # rolling
+    batch_size: int = Field(default=1, ge=1)
+    batch_delay_s: float = Field(default=0.0, ge=0)
+    # safety
+    gates: GateSpec = GateSpec()
+    manual_approval: bool = False
+    max_failure_percent: float = Field(default=0.0, ge=0, le=100)  # abort threshold
+    min_executed: int = Field(default=1, ge=1)  # ...counted after this many devices finished
+
+    @model_validator(mode="after")
+    def _strategy_fields(self) -> StartRollout:
+        if self.strategy == "progressive":
+            if not self.stages:
+                raise ValueError("a progressive rollout needs stages, e.g. 10:5m,50:10m,100:0")
+            shares = [s.percent for s in self.stages]
+            if shares != sorted(shares) or len(set(shares)) != len(shares) or shares[-1] != 100:
+                raise ValueError("progressive stages must grow and end at 100%")
+        if self.strategy == "regional" and not self.regions:
+            raise ValueError("a regional rollout needs --regions a,b,c")
+        for r in self.regions:
+            check_ident(r, "region")
+        return self
+
+
+RolloutAction = Literal["approve", "pause", "resume", "abort", "rollback"]
+
+
+class ControlRollout(WireModel):
+    """Operator control of a running rollout."""
+
+    kind: Literal["control_rollout"] = "control_rollout"
+    rollout_id: str
+    action: RolloutAction
 
 
 class GetRollout(WireModel):
@@ -302,7 +387,13 @@ class ListRollouts(WireModel):
 
 
 Request = Annotated[
-    RegisterModel | ListModels | ListDevices | StartRollout | GetRollout | ListRollouts,
+    RegisterModel
+    | ListModels
+    | ListDevices
+    | StartRollout
+    | GetRollout
+    | ListRollouts
+    | ControlRollout,
     Field(discriminator="kind"),
 ]
 REQUEST = TypeAdapter[Request](Request)

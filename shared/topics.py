@@ -60,6 +60,8 @@ CONTROLLER_STATE = f"{ROOT}/controller/state"
 RESPONSES_PREFIX = f"{ROOT}/controller/responses"
 
 ALL_DEVICE_STATES = f"{ROOT}/devices/+/state"
+ALL_DEVICE_CMDS = f"{ROOT}/devices/+/cmd"
+ALL_REGION_CMDS = f"{ROOT}/regions/+/cmd"
 ALL_DEVICE_EVENTS = f"{ROOT}/devices/+/events"
 ALL_DEVICE_TELEMETRY = f"{ROOT}/devices/+/telemetry"
 ALL_ROLLOUT_STATUS = f"{ROOT}/rollouts/+/status"

@@ -1,0 +1,140 @@
+"""Telemetry gates: candidate cohort vs baseline cohort, over the same window. Pure.
+
+Cohort statistics merge the devices' telemetry windows by adding counts (the
+histograms share fixed buckets). A gate's verdict is `pass`, `fail` or
+`inconclusive` (fewer than `min_samples` inferences in a cohort it needs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.messages import (
+    CONFIDENCE_BUCKETS,
+    LATENCY_BUCKETS_MS,
+    CohortSummary,
+    GateSpec,
+    GateVerdict,
+    Histogram,
+)
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+
+
+@dataclass(frozen=True, slots=True)
+class CohortStats:
+    devices: int = 0
+    count: int = 0
+    errors: int = 0
+    latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS_MS))
+    confidence: Histogram = field(default_factory=lambda: Histogram.empty(CONFIDENCE_BUCKETS))
+
+    def merged(self, other: CohortStats) -> CohortStats:
+        return CohortStats(
+            self.devices + other.devices,
+            self.count + other.count,
+            self.errors + other.errors,
+            self.latency.merged(other.latency),
+            self.confidence.merged(other.confidence),
+        )
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.count if self.count else None
+
+    def p(self, q: float) -> float | None:
+        return self.latency.quantile(q, LATENCY_BUCKETS_MS)
+
+    def summary(self) -> CohortSummary:
+        return CohortSummary(
+            devices=self.devices,
+            inferences=self.count,
+            error_rate=self.error_rate,
+            latency_p50_ms=self.p(0.5),
+            latency_p95_ms=self.p(0.95),
+            latency_p99_ms=self.p(0.99),
+            mean_confidence=self.confidence.mean(),
+        )
+
+
+def evaluate_gates(
+    spec: GateSpec, candidate: CohortStats, baseline: CohortStats
+) -> tuple[GateVerdict, ...]:
+    """One verdict per configured gate."""
+    out: list[GateVerdict] = []
+    enough = candidate.count >= spec.min_samples
+    enough_base = baseline.count >= spec.min_samples
+    few = f"{candidate.count} of {spec.min_samples} samples"
+
+    def add(
+        gate: str, ok: bool | None, observed: float | None, threshold: float, detail: str
+    ) -> None:
+        verdict: Verdict = "inconclusive" if ok is None else ("pass" if ok else "fail")
+        out.append(
+            GateVerdict(
+                gate=gate, verdict=verdict, observed=observed, threshold=threshold, detail=detail
+            )
+        )
+
+    if spec.max_latency_ms is not None:
+        p95 = candidate.p(0.95)
+        ok = None if not enough or p95 is None else p95 <= spec.max_latency_ms
+        add("max_latency_ms", ok, p95, spec.max_latency_ms, "candidate p95" if enough else few)
+    if spec.max_error_rate is not None:
+        rate = candidate.error_rate
+        ok = None if not enough or rate is None else rate <= spec.max_error_rate
+        add(
+            "max_error_rate",
+            ok,
+            rate,
+            spec.max_error_rate,
+            "candidate errors/inferences" if enough else few,
+        )
+    if spec.max_latency_increase is not None:
+        c95, b95 = candidate.p(0.95), baseline.p(0.95)
+        increase = c95 / b95 - 1 if c95 is not None and b95 else None
+        ok = (
+            None
+            if not (enough and enough_base) or increase is None
+            else increase <= spec.max_latency_increase
+        )
+        detail = (
+            "candidate p95 / baseline p95 - 1"
+            if enough and enough_base
+            else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
+        )
+        add("max_latency_increase", ok, increase, spec.max_latency_increase, detail)
+    if spec.max_confidence_drop is not None:
+        cm, bm = candidate.confidence.mean(), baseline.confidence.mean()
+        drop = bm - cm if cm is not None and bm is not None else None
+        ok = (
+            None
+            if not (enough and enough_base) or drop is None
+            else drop <= spec.max_confidence_drop
+        )
+        detail = (
+            "baseline mean confidence - candidate's"
+            if enough and enough_base
+            else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
+        )
+        add("max_confidence_drop", ok, drop, spec.max_confidence_drop, detail)
+    return tuple(out)
+
+
+def overall(verdicts: Sequence[GateVerdict]) -> Verdict:
+    if any(v.verdict == "fail" for v in verdicts):
+        return "fail"
+    if any(v.verdict == "inconclusive" for v in verdicts):
+        return "inconclusive"
+    return "pass"
+
+
+def describe_failures(verdicts: Sequence[GateVerdict]) -> str:
+    parts = []
+    for v in verdicts:
+        if v.verdict == "fail":
+            observed = "-" if v.observed is None else f"{v.observed:.4g}"
+            parts.append(f"{v.gate}: {observed} > {v.threshold:g} ({v.detail})")
+    return "; ".join(parts)
