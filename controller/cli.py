@@ -33,7 +33,7 @@ from shared.messages import (
 from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
 
 T = TypeVar("T")
-STRATEGY_NAMES = ("direct", "canary", "progressive", "regional", "rolling")
+STRATEGY_NAMES = ("direct", "canary", "progressive", "regional", "rolling", "ab")
 _DEFAULTS = Settings()
 
 MqttUrl = Annotated[
@@ -236,7 +236,7 @@ def rollout_start(
     model: Annotated[str, typer.Option("--model", help="model name")],
     version: Annotated[str, typer.Option("--version", help="model version")],
     strategy: Annotated[
-        str, typer.Option("--strategy", help="direct, canary, progressive, regional, rolling")
+        str, typer.Option("--strategy", help="direct, canary, progressive, regional, rolling, ab")
     ] = "direct",
     devices: Annotated[
         str | None, typer.Option("--devices", help="comma-separated device ids")
@@ -267,6 +267,18 @@ def rollout_start(
     batch_delay: Annotated[
         str, typer.Option("--batch-delay", help="rolling: pause between batches")
     ] = "0",
+    version_b: Annotated[
+        str | None, typer.Option("--version-b", help="ab: the version tested against --version")
+    ] = None,
+    test_duration: Annotated[
+        str, typer.Option("--test-duration", help="ab: how long both versions run")
+    ] = "5m",
+    winner_metric: Annotated[
+        str, typer.Option("--winner-metric", help="ab: latency, errors or confidence")
+    ] = "latency",
+    min_improvement: Annotated[
+        float, typer.Option("--min-improvement", help="ab: share by which B must beat A")
+    ] = 0.05,
     max_latency_ms: Annotated[
         float | None, typer.Option("--max-latency-ms", help="gate: candidate p95, ms")
     ] = None,
@@ -320,6 +332,10 @@ def rollout_start(
                 "region_delay_s": parse_duration(region_delay),
                 "batch_size": batch_size,
                 "batch_delay_s": parse_duration(batch_delay),
+                "version_b": version_b,
+                "test_duration_s": parse_duration(test_duration),
+                "winner_metric": winner_metric,
+                "min_improvement": min_improvement,
                 "gates": GateSpec(
                     max_latency_ms=max_latency_ms,
                     max_error_rate=max_error_rate,
@@ -392,6 +408,12 @@ def _print_status(status: RolloutStatus) -> None:
                 f"errors {cohort.error_rate or 0:.2%}, p95 {cohort.latency_p95_ms} ms, "
                 f"confidence {cohort.mean_confidence or 0:.3f}"
             )
+    if status.ab is not None:
+        ab = status.ab
+        print(
+            f"a/b       {ab.metric}: A {ab.version_a} {ab.value_a}, B {ab.version_b} {ab.value_b}"
+            f" -> winner {ab.winner or '-'} ({ab.detail})"
+        )
     for gate in status.gates:
         observed = "-" if gate.observed is None else f"{gate.observed:.4g}"
         print(

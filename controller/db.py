@@ -68,6 +68,9 @@ class RolloutRow(SQLModel, table=True):
     stage_settled_at: float | None = None  # when every device of the stage was final
     approved_stage: int = 0  # the operator approved starting stages up to this index
     rolling_back: bool = False
+    version_b: str | None = None  # A/B tests: the other version
+    winner: str | None = None  # A/B tests: the version rolled out to all once decided
+    ab_result: str | None = None  # A/B tests: the comparison (JSON) the decision was made on
 
 
 class AssignmentRow(SQLModel, table=True):
@@ -78,6 +81,7 @@ class AssignmentRow(SQLModel, table=True):
     rollout_id: str = Field(primary_key=True, foreign_key="rollouts.rollout_id")
     device_id: str = Field(primary_key=True)
     region: str = ""
+    version: str = ""  # the version this device is to run (A/B); "" means the rollout's
     state: str = "pending"
     command_id: str | None = None
     rollback_command_id: str | None = None

@@ -138,3 +138,43 @@ def describe_failures(verdicts: Sequence[GateVerdict]) -> str:
             observed = "-" if v.observed is None else f"{v.observed:.4g}"
             parts.append(f"{v.gate}: {observed} > {v.threshold:g} ({v.detail})")
     return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ABReading:
+    """Which side of an A/B test wins on its metric, or None while inconclusive."""
+
+    winner: Literal["a", "b"] | None
+    value_a: float | None
+    value_b: float | None
+    improvement: float | None
+    detail: str
+
+
+def compare_ab(
+    metric: str, min_improvement: float, a: CohortStats, b: CohortStats, min_samples: int
+) -> ABReading:
+    """B wins when it beats A by at least `min_improvement` (a share); otherwise A stays.
+
+    latency: p95, lower is better; errors: error rate, lower is better;
+    confidence: mean top-class probability, higher is better.
+    """
+    if metric == "latency":
+        va, vb = a.p(0.95), b.p(0.95)
+        better = (va - vb) / va if va and vb is not None else None
+    elif metric == "errors":
+        va, vb = a.error_rate, b.error_rate
+        better = va - vb if va is not None and vb is not None else None
+    else:
+        va, vb = a.confidence.mean(), b.confidence.mean()
+        better = (vb - va) / va if va and vb is not None else None
+    if a.count < min_samples or b.count < min_samples or better is None:
+        return ABReading(
+            None, va, vb, better,
+            f"A {a.count}, B {b.count} of {min_samples} samples",
+        )  # fmt: skip
+    winner: Literal["a", "b"] = "b" if better >= min_improvement else "a"
+    return ABReading(
+        winner, va, vb, better,
+        f"{metric}: B is {better:+.1%} vs A (needs {min_improvement:+.1%})",
+    )  # fmt: skip

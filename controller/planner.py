@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from controller.gates import Verdict
 from controller.strategies import Stage
@@ -65,6 +66,9 @@ class RolloutView:
     has_gates: bool = False
     max_failure_percent: float = 0.0
     min_executed: int = 1
+    version: str = ""  # A of an A/B test
+    version_b: str | None = None
+    winner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +88,22 @@ class GateReading:
 
 
 @dataclass(frozen=True, slots=True)
+class ABChoice:
+    """The A/B reading the planner acts on: the winning side, or None (inconclusive)."""
+
+    winner: Literal["a", "b"] | None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class StartRollout:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class DecideWinner:
+    version: str
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +160,7 @@ class FinishRollout:
 
 Action = (
     StartRollout
+    | DecideWinner
     | SendDeploy
     | SendRegionDeploy
     | TimeOutDevice
@@ -161,8 +180,9 @@ def plan_next_actions(
     assignments: Sequence[AssignmentView],
     gates: GateReading | None,
     now: float,
+    ab: ABChoice | None = None,
 ) -> list[Action]:
-    """What to do next; `gates` is None when the rollout has no gates."""
+    """What to do next; `gates` is None when the rollout has no gates, `ab` unless A/B."""
     if rollout.status not in ("Pending", "InProgress"):
         return []
     actions: list[Action] = []
@@ -212,6 +232,16 @@ def plan_next_actions(
     if last:
         return [*actions, _finish(assignments, gated)]
     following = stages[index + 1].name
+    if rollout.strategy == "ab" and rollout.winner is None:
+        choice = ab.winner if ab is not None else None
+        if choice is None and rollout.approved_stage <= index:
+            detail = ab.detail if ab is not None else "no reading"
+            return [
+                *actions,
+                PauseRollout(f"a/b test inconclusive ({detail}); approve to keep A"),
+            ]
+        version = rollout.version_b if choice == "b" and rollout.version_b else rollout.version
+        return [*actions, DecideWinner(version, ab.detail if ab is not None else "approved")]
     if gates is not None and gates.verdict == "inconclusive" and rollout.approved_stage <= index:
         return [
             *actions,

@@ -27,12 +27,21 @@ from pydantic.alias_generators import to_camel
 from controller import metrics
 from controller.artifacts import ArtifactStore
 from controller.db import AssignmentRow, ModelVersionRow, RolloutRow
-from controller.gates import CohortStats, describe_failures, evaluate_gates, overall
+from controller.gates import (
+    ABReading,
+    CohortStats,
+    compare_ab,
+    describe_failures,
+    evaluate_gates,
+    overall,
+)
 from controller.planner import (
     FINAL_DEVICE_STATES,
+    ABChoice,
     AdvanceStage,
     AssignmentView,
     BeginRollback,
+    DecideWinner,
     FinishRollout,
     GateReading,
     PauseRollout,
@@ -55,6 +64,7 @@ from shared.manifest import SignedManifest
 from shared.messages import (
     MAX_MESSAGE_BYTES,
     REQUEST,
+    ABComparison,
     ControllerState,
     ControlRollout,
     DeployCommand,
@@ -318,6 +328,14 @@ class Controller:
             return [row_to_wire(r) for r in self.store.list_devices()]
         if isinstance(request, StartRolloutRequest):
             model = self.store.get_model(request.model, request.version)
+            if request.strategy == "ab" and request.version_b:
+                other = self.store.get_model(request.model, request.version_b)
+                if other.signature != model.signature:
+                    raise RequestError(
+                        f"A/B versions must share a tensor signature: {model.version} is "
+                        f"{model.signature}, {other.version} is {other.signature}",
+                        reason="bad_request",
+                    )
             targets = self.store.resolve_targets(request, model)
             rollout = self.store.create_rollout(request, model, targets, now)
             log.info(
@@ -415,12 +433,32 @@ class Controller:
         )
         return candidate, baseline
 
+    def _ab_reading(
+        self, rollout: RolloutRow, spec: StartRolloutRequest, assignments: list[AssignmentRow]
+    ) -> ABReading:
+        since = rollout.stage_started_at or rollout.created_at
+        sides = []
+        for version in (rollout.version, rollout.version_b or ""):
+            devices = [
+                a.device_id
+                for a in assignments
+                if a.state == "activated" and (a.version or rollout.version) == version
+            ]
+            sides.append(self.store.cohort_stats(rollout.model, devices, since, version=version))
+        return compare_ab(
+            spec.winner_metric, spec.min_improvement, sides[0], sides[1], spec.gates.min_samples
+        )
+
     async def _step(self, rollout: RolloutRow) -> None:
         now = self.clock()
         assignments = self.store.assignments(rollout.rollout_id)
         spec, stages = self._stages(rollout, assignments)
         reading = None
-        if spec.gates.any:
+        ab_choice = None
+        if rollout.strategy == "ab":
+            ab = self._ab_reading(rollout, spec, assignments)
+            ab_choice = ABChoice(ab.winner, ab.detail)
+        elif spec.gates.any:
             verdicts = evaluate_gates(spec.gates, *self._cohorts(rollout, assignments))
             verdict = overall(verdicts)
             detail = (
@@ -445,6 +483,9 @@ class Controller:
                 has_gates=spec.gates.any,
                 max_failure_percent=spec.max_failure_percent,
                 min_executed=spec.min_executed,
+                version=rollout.version,
+                version_b=rollout.version_b,
+                winner=rollout.winner,
             ),
             stages,
             [
@@ -455,6 +496,7 @@ class Controller:
             ],
             reading,
             now,
+            ab_choice,
         )
         bound = log.bind(rollout_id=rollout.rollout_id)
         rid = rollout.rollout_id
@@ -476,6 +518,12 @@ class Controller:
             elif isinstance(action, TimeOutDevice):
                 if self.store.mark_timed_out(rid, action.device_id, now):
                     bound.warning("device_timed_out", device_id=action.device_id)
+            elif isinstance(action, DecideWinner):
+                moved = self.store.decide_winner(rid, action.version, now)
+                decided = self._comparison(self.store.get_rollout(rid), spec, assignments)
+                if decided is not None:
+                    self.store.update_rollout(rid, now, ab_result=decided.model_dump_json())
+                bound.info("ab_winner", version=action.version, detail=action.detail, moved=moved)
             elif isinstance(action, SettleStage):
                 self.store.update_rollout(rid, now, stage_settled_at=now)
                 bound.info("stage_settled", stage=stages[action.index].name)
@@ -603,7 +651,12 @@ class Controller:
         cohort: tuple[str, ...] = (),
     ) -> None:
         """One device's command, or one publish on a region's topic for a cohort of it."""
-        model = self.store.get_model(rollout.model, rollout.version)
+        version = rollout.version
+        if rollout.version_b is not None:  # A/B: each device has its side (or the winner)
+            wanted = {a.version for a in self.store.assignments(rollout.rollout_id)
+                      if a.device_id == device_id or a.device_id in cohort}  # fmt: skip
+            version = next(iter(wanted - {""}), rollout.version)
+        model = self.store.get_model(rollout.model, version)
         url = await asyncio.to_thread(
             self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
         )
@@ -633,6 +686,26 @@ class Controller:
             model=f"{model.name}@{model.version}",
         )
 
+    def _comparison(
+        self, rollout: RolloutRow, spec: StartRolloutRequest, assignments: list[AssignmentRow]
+    ) -> ABComparison | None:
+        """An A/B test's comparison: as decided once there is a winner, else live."""
+        if rollout.strategy != "ab" or not rollout.version_b:
+            return None
+        if rollout.ab_result is not None:
+            return ABComparison.model_validate_json(rollout.ab_result)
+        r = self._ab_reading(rollout, spec, assignments)
+        return ABComparison(
+            metric=spec.winner_metric,
+            version_a=rollout.version,
+            version_b=rollout.version_b,
+            value_a=r.value_a,
+            value_b=r.value_b,
+            improvement=r.improvement,
+            winner=rollout.winner,
+            detail=r.detail,
+        )
+
     def _status(self, rollout: RolloutRow) -> RolloutStatus:
         assignments: list[AssignmentRow] = self.store.assignments(rollout.rollout_id)
         latency = self.store.avg_latency_ms(
@@ -651,12 +724,14 @@ class Controller:
             stage = f"{stages[i].name} ({i + 1}/{len(stages)})"
         if rollout.rolling_back:
             stage = f"rollback ({stage})" if stage else "rollback"
+        comparison = self._comparison(rollout, spec, assignments)
         return status.model_copy(
             update={
                 "stage": stage,
                 "gates": gates,
                 "candidate": candidate.summary(),
                 "baseline": baseline.summary(),
+                "ab": comparison,
             }
         )
 

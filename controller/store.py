@@ -24,6 +24,7 @@ from controller.db import (
 )
 from controller.gates import CohortStats
 from controller.planner import advances
+from controller.strategies import ab_split
 from shared.errors import RequestError
 from shared.manifest import SignedManifest
 from shared.messages import (
@@ -179,6 +180,7 @@ class Store:
             spec=req.model_dump_json(by_alias=True),
             status="Pending",
             device_timeout_s=req.device_timeout_s,
+            version_b=req.version_b if req.strategy == "ab" else None,
             created_at=now,
             updated_at=now,
         )
@@ -191,12 +193,16 @@ class Store:
                     select(DeviceRow).where(col(DeviceRow.device_id).in_(list(targets)))
                 ).all()
             }
+            side_b: set[str] = set()
+            if req.strategy == "ab" and req.version_b:
+                side_b = set(ab_split(list(targets), rollout.rollout_id)[1])
             for device_id in targets:
                 s.add(
                     AssignmentRow(
                         rollout_id=rollout.rollout_id,
                         device_id=device_id,
                         region=regions.get(device_id, ""),
+                        version=req.version_b if device_id in side_b and req.version_b else "",
                         updated_at=now,
                     )
                 )
@@ -264,6 +270,25 @@ class Store:
             s.commit()
             s.refresh(row)
             return row
+
+    def decide_winner(self, rollout_id: str, version: str, now: float) -> list[str]:
+        """Record an A/B winner; devices on the other side go back to pending for it."""
+        with self.session() as s:
+            rollout = s.get(RolloutRow, rollout_id)
+            if rollout is None or rollout.winner is not None:
+                return []
+            rollout.winner, rollout.updated_at = version, now
+            s.add(rollout)
+            moved = []
+            for a in s.exec(select(AssignmentRow).where(AssignmentRow.rollout_id == rollout_id)):
+                if (a.version or rollout.version) != version:
+                    a.version, a.state, a.command_id, a.sent_at = version, "pending", None, None
+                    a.reason = a.detail = None
+                    a.updated_at = now
+                    s.add(a)
+                    moved.append(a.device_id)
+            s.commit()
+            return moved
 
     def mark_rollback_sent(
         self, rollout_id: str, device_id: str, command_id: str, now: float

@@ -111,10 +111,24 @@ def rolling(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> l
     ]
 
 
+def ab_split(targets: Sequence[str], rollout_id: str) -> tuple[list[str], list[str]]:
+    """A/B cohorts: the stable order's first half runs A, the rest B."""
+    ordered = [t.device_id for t in stable_order([Target(d, "") for d in targets], rollout_id)]
+    half = (len(ordered) + 1) // 2
+    return sorted(ordered[:half]), sorted(ordered[half:])
+
+
+def ab(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[Stage]:
+    """Both versions side by side for `test_duration`, then the winner everywhere."""
+    everyone = _ids(targets)
+    return [Stage("a/b test", everyone, spec.test_duration_s), Stage("winner", everyone)]
+
+
 STRATEGIES: dict[str, Strategy] = {
     "direct": direct,
     "canary": canary,
     "progressive": progressive,
     "regional": regional,
     "rolling": rolling,
+    "ab": ab,
 }

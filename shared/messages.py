@@ -242,6 +242,19 @@ class CohortSummary(WireModel):
     mean_confidence: float | None = None
 
 
+class ABComparison(WireModel):
+    """An A/B test's reading: each side's value of the winner metric, and the verdict."""
+
+    metric: str
+    version_a: str
+    version_b: str
+    value_a: float | None = None
+    value_b: float | None = None
+    improvement: float | None = None  # how much better B is than A (share; >0: B better)
+    winner: str | None = None  # the winning version once decided
+    detail: str = ""
+
+
 class RolloutStatus(WireModel):
     """Retained on `hotswap/v1/rollouts/{id}/status`."""
 
@@ -261,6 +274,7 @@ class RolloutStatus(WireModel):
     gates: tuple[GateVerdict, ...] = ()
     candidate: CohortSummary | None = None
     baseline: CohortSummary | None = None
+    ab: ABComparison | None = None
     devices: tuple[DeviceProgress, ...] = ()
     reason: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -317,7 +331,7 @@ class GateSpec(WireModel):
         )
 
 
-StrategyName = Literal["direct", "canary", "progressive", "regional", "rolling"]
+StrategyName = Literal["direct", "canary", "progressive", "regional", "rolling", "ab"]
 
 
 class StageSpec(WireModel):
@@ -345,6 +359,11 @@ class StartRollout(WireModel):
     # rolling
     batch_size: int = Field(default=1, ge=1)
     batch_delay_s: float = Field(default=0.0, ge=0)
+    # A/B: `version` is A, `version_b` is B; half the targets each, then the winner to all
+    version_b: str | None = None
+    test_duration_s: float = Field(default=300.0, ge=0)
+    winner_metric: Literal["latency", "errors", "confidence"] = "latency"
+    min_improvement: float = Field(default=0.05, ge=0)  # B must beat A by this share
     # safety
     gates: GateSpec = GateSpec()
     manual_approval: bool = False
@@ -359,6 +378,8 @@ class StartRollout(WireModel):
             shares = [s.percent for s in self.stages]
             if shares != sorted(shares) or len(set(shares)) != len(shares) or shares[-1] != 100:
                 raise ValueError("progressive stages must grow and end at 100%")
+        if self.strategy == "ab" and (not self.version_b or self.version_b == self.version):
+            raise ValueError("an A/B test needs --version-b, different from --version")
         if self.strategy == "regional" and not self.regions:
             raise ValueError("a regional rollout needs --regions a,b,c")
         for r in self.regions:

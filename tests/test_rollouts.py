@@ -318,3 +318,23 @@ async def test_controller_killed_mid_rollout_still_completes_it_correctly(
     assert set(fleet.deploys[rid]) == set(IDS)
     assert all(len(ids) == 1 for ids in fleet.deploys[rid].values()), fleet.deploys[rid]
     assert fleet.versions() == {"2.0.0"}
+
+
+async def test_ab_test_picks_the_faster_model_and_rolls_it_to_every_device(
+    fleet: Fleet, model_v2: bytes
+) -> None:
+    """A (slow) vs B (fast), winner metric latency: B wins and ends up on all four devices."""
+    slow = build_dense_model(hidden=(2048, 2048, 2048), seed=5)
+    await fleet.push(slow, "2.0.0-slow")
+    await fleet.push(model_v2, "2.0.0-fast")
+    rid = await fleet.start(
+        version="2.0.0-slow", version_b="2.0.0-fast", strategy="ab", test_duration_s=2,
+        winner_metric="latency", min_improvement=0.2, gates=GateSpec(min_samples=20),
+    )  # fmt: skip
+    status = await fleet.final(rid)
+    assert status.status == "Succeeded", status
+    assert status.ab is not None and status.ab.winner == "2.0.0-fast", status.ab
+    assert status.ab.value_a is not None and status.ab.value_b is not None
+    assert status.ab.value_b < status.ab.value_a
+    assert fleet.versions() == {"2.0.0-fast"}
+    np.testing.assert_allclose(fleet.agents[1].infer(X), reference(model_v2), atol=1e-6)
