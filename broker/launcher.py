@@ -8,6 +8,7 @@ Does process and file I/O.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -50,9 +51,20 @@ def project_config() -> Path:
     raise BrokerError("mosquitto.conf not found next to the broker package")
 
 
-def render_config(template: str, *, port: int, data_dir: Path, bind: str = "127.0.0.1") -> str:
-    """The project's config with our listener, persistence dir and log file."""
-    out: list[str] = []
+def render_config(
+    template: str,
+    *,
+    port: int,
+    data_dir: Path,
+    bind: str = "127.0.0.1",
+    user: str | None = None,
+) -> str:
+    """The project's config with our listener, persistence dir and log file.
+
+    `user`: started as root, mosquitto switches to the `mosquitto` user unless
+    told otherwise, and could then not write the data directory we own.
+    """
+    out: list[str] = [f"user {user}"] if user else []
     for line in template.splitlines():
         key = line.split(maxsplit=1)[0] if line.strip() else ""
         if key == "listener" and not out_has_listener(out):
@@ -76,6 +88,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like mosquitto itself: connections in TIME_WAIT do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:
@@ -110,10 +133,19 @@ class Mosquitto:
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         binary = find_mosquitto()
+        if not port_is_free(self.host, self.port):
+            # Checked first: a broker already there would answer the readiness probe.
+            raise BrokerError(f"port {self.port} on {self.host} is already in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "mosquitto.conf"
         conf.write_text(
-            render_config(project_config().read_text(), port=self.port, data_dir=self.data_dir)
+            render_config(
+                project_config().read_text(),
+                port=self.port,
+                data_dir=self.data_dir,
+                bind=self.host,
+                user=getpass.getuser(),
+            )
         )
         self.process = subprocess.Popen(
             [str(binary), "-c", str(conf)],
@@ -126,6 +158,8 @@ class Mosquitto:
             if self.process.poll() is not None:
                 stderr = self.process.stderr
                 err = stderr.read().decode(errors="replace") if stderr else ""
+                if stderr:
+                    stderr.close()
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
                 raise BrokerError(
                     f"mosquitto exited with code {self.process.returncode} on port {self.port}: "
