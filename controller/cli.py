@@ -248,6 +248,9 @@ def rollout_start(
     device_timeout: Annotated[
         float, typer.Option("--device-timeout", help="seconds a device may take")
     ] = 600.0,
+    retries: Annotated[
+        int, typer.Option("--retries", min=0, max=10, help="re-sends to a failed device")
+    ] = 0,
     canary_percent: Annotated[
         float, typer.Option("--canary-percent", help="canary: share of the targets")
     ] = 10.0,
@@ -325,6 +328,7 @@ def rollout_start(
                 "region": region,
                 "device_type": device_type,
                 "device_timeout_s": device_timeout,
+                "retries": retries,
                 "canary_percent": canary_percent,
                 "canary_duration_s": parse_duration(canary_duration),
                 "stages": parse_stages(stages or ""),

@@ -66,6 +66,7 @@ class RolloutView:
     has_gates: bool = False
     max_failure_percent: float = 0.0
     min_executed: int = 1
+    retries: int = 0
     version: str = ""  # A of an A/B test
     version_b: str | None = None
     winner: str | None = None
@@ -79,6 +80,7 @@ class AssignmentView:
     reason: str | None = None
     rollback_state: str | None = None
     rollback_sent_at: float | None = None
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,13 @@ class SendRegionDeploy:
 
 @dataclass(frozen=True, slots=True)
 class TimeOutDevice:
+    device_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDevice:
+    """Send the same target again, under a new command id."""
+
     device_id: str
 
 
@@ -164,6 +173,7 @@ Action = (
     | SendDeploy
     | SendRegionDeploy
     | TimeOutDevice
+    | RetryDevice
     | SettleStage
     | AdvanceStage
     | PauseRollout
@@ -193,6 +203,21 @@ def plan_next_actions(
     if not stages:
         return [*actions, FinishRollout("Failed", "the rollout has no target devices")]
 
+    # Retries first: a device with attempts left is not counted as failed yet.
+    retry = [
+        a
+        for a in assignments
+        if rollout.retries
+        and a.state in ("failed", "timed_out")
+        and a.attempts <= rollout.retries  # attempts counts sends: 1 + retries in all
+    ]
+    if retry:
+        actions += [RetryDevice(a.device_id) for a in retry]
+        retrying = {a.device_id for a in retry}
+        assignments = [
+            AssignmentView(a.device_id, "pending", None) if a.device_id in retrying else a
+            for a in assignments
+        ]
     gated = rollout.strategy != "direct"
     if gated:
         finished = [a for a in assignments if a.state in FINAL_DEVICE_STATES]
@@ -221,6 +246,14 @@ def plan_next_actions(
         actions.append(SendRegionDeploy(stage.region, pending))
     else:
         actions += [SendDeploy(d) for d in pending]
+    # Retried devices of stages already passed go again on their own.
+    earlier = {d for s in stages[:index] for d in s.devices}
+    actions += [
+        SendDeploy(a.device_id)
+        for a in assignments
+        if a.device_id in earlier and a.state == "pending"
+    ]
+    members = members + [a for a in assignments if a.device_id in earlier and a.state == "pending"]
     actions += _timeouts(members, rollout.device_timeout_s, now)
     if not all(a.state in FINAL_DEVICE_STATES for a in members):
         return actions

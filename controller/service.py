@@ -45,6 +45,7 @@ from controller.planner import (
     FinishRollout,
     GateReading,
     PauseRollout,
+    RetryDevice,
     RolloutView,
     SendDeploy,
     SendRegionDeploy,
@@ -483,6 +484,7 @@ class Controller:
                 has_gates=spec.gates.any,
                 max_failure_percent=spec.max_failure_percent,
                 min_executed=spec.min_executed,
+                retries=spec.retries,
                 version=rollout.version,
                 version_b=rollout.version_b,
                 winner=rollout.winner,
@@ -490,7 +492,13 @@ class Controller:
             stages,
             [
                 AssignmentView(
-                    a.device_id, a.state, a.sent_at, a.reason, a.rollback_state, a.rollback_sent_at
+                    a.device_id,
+                    a.state,
+                    a.sent_at,
+                    a.reason,
+                    a.rollback_state,
+                    a.rollback_sent_at,
+                    a.attempts,
                 )
                 for a in assignments
             ],
@@ -515,6 +523,9 @@ class Controller:
                 await self._publish_deploy(
                     rollout, None, command_id, region=action.region, cohort=action.devices
                 )
+            elif isinstance(action, RetryDevice):
+                if self.store.reset_for_retry(rid, action.device_id, now):
+                    bound.info("device_retry", device_id=action.device_id)
             elif isinstance(action, TimeOutDevice):
                 if self.store.mark_timed_out(rid, action.device_id, now):
                     bound.warning("device_timed_out", device_id=action.device_id)

@@ -312,6 +312,19 @@ class Store:
             s.add(row)
             s.commit()
 
+    def reset_for_retry(self, rollout_id: str, device_id: str, now: float) -> bool:
+        """A failed or timed-out device goes back to pending (its attempts are kept)."""
+        with self.session() as s:
+            row = s.get(AssignmentRow, (rollout_id, device_id))
+            if row is None or row.state not in ("failed", "timed_out"):
+                return False
+            row.state, row.command_id, row.sent_at = "pending", None, None
+            row.reason = row.detail = None
+            row.updated_at = now
+            s.add(row)
+            s.commit()
+            return True
+
     def mark_sent(self, rollout_id: str, device_id: str, command_id: str, now: float) -> None:
         """Persist the intent to send before the command is published."""
         with self.session() as s:

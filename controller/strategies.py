@@ -48,12 +48,14 @@ def _ids(targets: Sequence[Target]) -> tuple[str, ...]:
 
 def direct(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[Stage]:
     """Every target at once, in one stage."""
-    return [Stage("all", _ids(targets))]
+    return [Stage("all", _ids(targets))] if targets else []
 
 
 def canary(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[Stage]:
     """`canary_percent` of the targets (at least one), bake, then all the others."""
     ordered = stable_order(targets, rollout_id)
+    if not ordered:
+        return []
     n = min(len(ordered), max(1, math.ceil(len(ordered) * spec.canary_percent / 100)))
     stages = [Stage("canary", _ids(ordered[:n]), spec.canary_duration_s)]
     if ordered[n:]:
@@ -83,7 +85,7 @@ def regional(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> 
     """Region by region in the order given; targets of unnamed regions go last."""
     stages = []
     named = set(spec.regions)
-    for region in spec.regions:
+    for region in dict.fromkeys(spec.regions):  # a region named twice still runs once
         members = [t for t in targets if t.region == region]
         if members:
             stages.append(Stage(region, _ids(members), spec.region_delay_s, region=region))
@@ -121,6 +123,8 @@ def ab_split(targets: Sequence[str], rollout_id: str) -> tuple[list[str], list[s
 def ab(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[Stage]:
     """Both versions side by side for `test_duration`, then the winner everywhere."""
     everyone = _ids(targets)
+    if not everyone:
+        return []
     return [Stage("a/b test", everyone, spec.test_duration_s), Stage("winner", everyone)]
 
 

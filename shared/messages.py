@@ -348,6 +348,7 @@ class StartRollout(WireModel):
     region: str | None = None
     device_type: str | None = None
     device_timeout_s: float = Field(default=600.0, gt=0)
+    retries: int = Field(default=0, ge=0, le=10)  # re-sends to a failed or timed-out device
     # canary
     canary_percent: float = Field(default=10.0, gt=0, lt=100)
     canary_duration_s: float = Field(default=300.0, ge=0)

@@ -102,7 +102,7 @@ def test_max_latency_increase_pass_and_fail() -> None:
     """p95 10 ms vs 1 ms is +900%: fails 1.0, passes 10.0; same speed passes 0."""
     spec_tight = GateSpec(max_latency_increase=1.0, min_samples=10)
     v = by_gate(spec_tight, cohort(100, 10.0), BASE)["max_latency_increase"]
-    assert (v.verdict, v.observed) == ("fail", pytest.approx(9.0))
+    assert v.verdict == "fail" and v.observed == pytest.approx(9.0)
     loose = GateSpec(max_latency_increase=10.0, min_samples=10)
     assert by_gate(loose, cohort(100, 10.0), BASE)["max_latency_increase"].verdict == "pass"
     zero = GateSpec(max_latency_increase=0, min_samples=10)
@@ -131,9 +131,9 @@ def test_max_confidence_drop_pass_and_fail() -> None:
     """Baseline mean 0.9: candidate 0.85 (drop 0.05) passes 0.1, 0.45 (drop 0.45) fails."""
     spec = GateSpec(max_confidence_drop=0.1, min_samples=10)
     ok = by_gate(spec, cohort(100, 1.0, confidence=0.85), BASE)["max_confidence_drop"]
-    assert (ok.verdict, ok.observed) == ("pass", pytest.approx(0.05))
+    assert ok.verdict == "pass" and ok.observed == pytest.approx(0.05)
     bad = by_gate(spec, cohort(100, 1.0, confidence=0.45), BASE)["max_confidence_drop"]
-    assert (bad.verdict, bad.observed) == ("fail", pytest.approx(0.45))
+    assert bad.verdict == "fail" and bad.observed == pytest.approx(0.45)
 
 
 def test_max_confidence_drop_inconclusive_with_a_small_baseline() -> None:
@@ -260,3 +260,11 @@ def test_ab_errors_and_confidence() -> None:
     low, high = cohort(100, 1.0, confidence=0.5), cohort(100, 1.0, confidence=0.95)
     assert compare_ab("confidence", 0.1, low, high, 20).winner == "b"
     assert compare_ab("confidence", 0.1, high, low, 20).winner == "a"
+
+
+def test_thresholds_are_inclusive() -> None:
+    """A value exactly at its threshold passes (p95 == max_latency_ms, rate == max_error_rate)."""
+    spec = GateSpec(max_latency_ms=5, max_error_rate=0.02, min_samples=10)
+    v = by_gate(spec, cohort(100, 5.0, errors=2), BASE)
+    assert v["max_latency_ms"].observed == 5.0 and v["max_latency_ms"].verdict == "pass"
+    assert v["max_error_rate"].observed == 0.02 and v["max_error_rate"].verdict == "pass"

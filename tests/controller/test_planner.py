@@ -17,6 +17,7 @@ from controller.planner import (
     FinishRollout,
     GateReading,
     PauseRollout,
+    RetryDevice,
     RolloutView,
     SendDeploy,
     SendRegionDeploy,
@@ -346,7 +347,7 @@ def test_gated_finish_within_threshold_is_succeeded_with_a_reason() -> None:
 
 
 def rb(**kw: object) -> RolloutView:
-    return view(rolling_back=True, **kw)
+    return view(rolling_back=True, **kw)  # type: ignore[arg-type]
 
 
 def test_rollback_sends_to_each_activated_device_without_rollback_state() -> None:
@@ -419,7 +420,7 @@ AB_STAGES = [Stage("a/b test", ("a", "b"), bake_s=10), Stage("winner", ("a", "b"
 
 
 def ab_view(**kw: object) -> RolloutView:
-    return view(strategy="ab", stage_settled_at=0.0, version="1", version_b="2", **kw)
+    return view(strategy="ab", stage_settled_at=0.0, version="1", version_b="2", **kw)  # type: ignore[arg-type]
 
 
 def test_ab_winner_b_picks_version_b_and_a_keeps_version() -> None:
@@ -496,3 +497,32 @@ def test_advances_examples() -> None:
     assert not advances("received", "received")
     assert not advances("timed_out", "activated")
     assert not advances("sent", "bogus")
+
+
+def test_retries_resend_a_failed_device_until_its_attempts_are_used() -> None:
+    """--retries 1: a device failed after one send goes again; after two it counts as failed."""
+    stages = [Stage("all", ("a", "b"))]
+    retrying = view(strategy="rolling", retries=1)
+    once = [
+        a("a", "activated", 1, attempts=1),
+        a("b", "failed", 1, reason="download_failed", attempts=1),
+    ]
+    assert plan_next_actions(retrying, stages, once, None, 5) == [RetryDevice("b"), SendDeploy("b")]
+    twice = [
+        a("a", "activated", 1, attempts=1),
+        a("b", "failed", 1, reason="download_failed", attempts=2),
+    ]
+    (action,) = plan_next_actions(retrying, stages, twice, None, 5)
+    assert isinstance(action, BeginRollback)
+
+
+def test_retry_of_a_device_from_a_passed_stage_is_sent_directly() -> None:
+    """A timed-out device of stage 0 is re-sent while stage 1 runs, and holds the stage."""
+    second = view(strategy="rolling", retries=2, stage_index=1, max_failure_percent=100)
+    members = [
+        a("a", "timed_out", 1, attempts=1),
+        a("b", "activated", 1, attempts=1),
+        a("c", "activated", 1, attempts=1),
+    ]
+    actions = plan_next_actions(second, TWO_STAGES, members, None, 5)
+    assert actions == [RetryDevice("a"), SendDeploy("a")]
