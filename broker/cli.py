@@ -18,7 +18,13 @@ from broker.launcher import Mosquitto
 from controller.cli import controller_app, device_app, model_app, rollout_app
 from edge_agent.cli import app as agent_app
 from shared.console import cli_errors, emit_json, fail, progress
-from shared.keys import init_keys
+from shared.keys import (
+    PRIVATE_NAME,
+    PUBLIC_NAME,
+    init_keys,
+    load_private_key,
+    load_public_key,
+)
 from shared.model_builder import build_dense_model
 
 app = typer.Typer(
@@ -66,11 +72,20 @@ def broker_run(
 def keys_init(
     directory: Annotated[Path, typer.Option("--dir", help="where to write the key pair")],
     force: Annotated[bool, typer.Option("--force", help="replace an existing key")] = False,
+    keep_existing: Annotated[
+        bool, typer.Option("--keep-existing", help="an existing valid pair is fine: exit 0")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create an Ed25519 signing key (signing.key, mode 0600) and its public key."""
     with cli_errors():
-        private, public = init_keys(directory, overwrite=force)
+        private, public = directory / PRIVATE_NAME, directory / PUBLIC_NAME
+        if keep_existing and private.exists():
+            # Idempotent set-up (compose re-runs it): check the pair instead of writing.
+            if load_private_key(private).public_key() != load_public_key(public):
+                fail(f"{public} is not the public half of {private}", 2)
+        else:
+            private, public = init_keys(directory, overwrite=force)
     if as_json:
         emit_json({"signingKey": str(private), "publicKey": str(public)})
     else:

@@ -32,7 +32,7 @@ def find_mosquitto() -> Path:
     explicit = os.environ.get("HOTSWAP_MOSQUITTO")
     if explicit:
         if not os.access(explicit, os.X_OK):
-            raise BrokerError(f"HOTSWAP_MOSQUITTO={explicit} is not an executable")
+            raise BrokerError(f"HOTSWAP_MOSQUITTO={explicit} is not an executable; {INSTALL_HINT}")
         return Path(explicit)
     found = shutil.which("mosquitto") or shutil.which(
         "mosquitto", path=os.pathsep.join(_SEARCH_PATH)
@@ -163,7 +163,7 @@ class Mosquitto:
                 log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
                 raise BrokerError(
                     f"mosquitto exited with code {self.process.returncode} on port {self.port}: "
-                    f"{(err or log).strip().splitlines()[-1:] or ''}"
+                    f"{''.join((err or log).strip().splitlines()[-1:])}"
                 )
             if wait_for_port(self.host, self.port, 0.2):
                 return self
@@ -172,7 +172,11 @@ class Mosquitto:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            if proc.stderr:
+                proc.stderr.close()
             return
         proc.send_signal(signal.SIGTERM)
         try:

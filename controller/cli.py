@@ -295,6 +295,9 @@ def rollout_start(
     max_confidence_drop: Annotated[
         float | None, typer.Option("--max-confidence-drop", help="gate: mean confidence drop")
     ] = None,
+    max_input_psi: Annotated[
+        float | None, typer.Option("--max-input-psi", help="gate: input drift (PSI) vs baseline")
+    ] = None,
     min_samples: Annotated[
         int, typer.Option("--min-samples", min=1, help="gate: inferences per cohort")
     ] = 20,
@@ -345,6 +348,7 @@ def rollout_start(
                     max_error_rate=max_error_rate,
                     max_latency_increase=max_latency_increase,
                     max_confidence_drop=max_confidence_drop,
+                    max_input_psi=max_input_psi,
                     min_samples=min_samples,
                 ),
                 "manual_approval": manual_approval,
@@ -411,6 +415,7 @@ def _print_status(status: RolloutStatus) -> None:
                 f"{label:<9} {cohort.devices} devices, {cohort.inferences} inferences, "
                 f"errors {cohort.error_rate or 0:.2%}, p95 {cohort.latency_p95_ms} ms, "
                 f"confidence {cohort.mean_confidence or 0:.3f}"
+                + (f", input PSI {cohort.input_psi:.3f}" if cohort.input_psi is not None else "")
             )
     if status.ab is not None:
         ab = status.ab

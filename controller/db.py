@@ -109,6 +109,7 @@ class TelemetryWindowRow(SQLModel, table=True):
     latency_counts: str  # JSON list, LATENCY_BUCKETS_MS
     confidence_counts: str  # JSON list, CONFIDENCE_BUCKETS
     confidence_total: float = 0.0
+    input_counts: str = ""  # JSON list, INPUT_BUCKETS (a sample of the inputs); "" if none
     input_mean: float | None = None
     input_std: float | None = None
 

@@ -7,12 +7,14 @@ histograms share fixed buckets). A gate's verdict is `pass`, `fail` or
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from shared.messages import (
     CONFIDENCE_BUCKETS,
+    INPUT_BUCKETS,
     LATENCY_BUCKETS_MS,
     CohortSummary,
     GateSpec,
@@ -30,6 +32,7 @@ class CohortStats:
     errors: int = 0
     latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS_MS))
     confidence: Histogram = field(default_factory=lambda: Histogram.empty(CONFIDENCE_BUCKETS))
+    inputs: Histogram = field(default_factory=lambda: Histogram.empty(INPUT_BUCKETS))
 
     def merged(self, other: CohortStats) -> CohortStats:
         return CohortStats(
@@ -38,6 +41,7 @@ class CohortStats:
             self.errors + other.errors,
             self.latency.merged(other.latency),
             self.confidence.merged(other.confidence),
+            self.inputs.merged(other.inputs),
         )
 
     @property
@@ -47,8 +51,9 @@ class CohortStats:
     def p(self, q: float) -> float | None:
         return self.latency.quantile(q, LATENCY_BUCKETS_MS)
 
-    def summary(self) -> CohortSummary:
+    def summary(self, baseline: CohortStats | None = None) -> CohortSummary:
         return CohortSummary(
+            input_psi=psi(self.inputs, baseline.inputs) if baseline is not None else None,
             devices=self.devices,
             inferences=self.count,
             error_rate=self.error_rate,
@@ -57,6 +62,25 @@ class CohortStats:
             latency_p99_ms=self.p(0.99),
             mean_confidence=self.confidence.mean(),
         )
+
+
+PSI_FLOOR = 1e-4  # empty buckets count as this share, so the index stays finite
+
+
+def psi(actual: Histogram, expected: Histogram) -> float | None:
+    """Population stability index of `actual` against `expected` (same buckets).
+
+    sum((a - e) * ln(a / e)) over bucket shares; about 0.1 is a moderate shift,
+    over 0.25 a large one. None when either side has no samples.
+    """
+    na, ne = actual.n, expected.n
+    if not na or not ne:
+        return None
+    total = 0.0
+    for ca, ce in zip(actual.counts, expected.counts, strict=True):
+        a, e = max(ca / na, PSI_FLOOR), max(ce / ne, PSI_FLOOR)
+        total += (a - e) * math.log(a / e)
+    return total
 
 
 def evaluate_gates(
@@ -120,6 +144,15 @@ def evaluate_gates(
             else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
         )
         add("max_confidence_drop", ok, drop, spec.max_confidence_drop, detail)
+    if spec.max_input_psi is not None:
+        index = psi(candidate.inputs, baseline.inputs)
+        ok = None if not (enough and enough_base) or index is None else index <= spec.max_input_psi
+        detail = (
+            "input PSI, candidate vs baseline"
+            if enough and enough_base
+            else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
+        )
+        add("max_input_psi", ok, index, spec.max_input_psi, detail)
     return tuple(out)
 
 

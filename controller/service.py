@@ -740,7 +740,7 @@ class Controller:
             update={
                 "stage": stage,
                 "gates": gates,
-                "candidate": candidate.summary(),
+                "candidate": candidate.summary(baseline),
                 "baseline": baseline.summary(),
                 "ab": comparison,
             }

@@ -28,6 +28,7 @@ from controller.strategies import ab_split
 from shared.errors import RequestError
 from shared.manifest import SignedManifest
 from shared.messages import (
+    INPUT_BUCKETS,
     DeviceEvent,
     DeviceState,
     Histogram,
@@ -391,6 +392,7 @@ class Store:
                     latency_counts=json.dumps(list(window.latency_ms.counts)),
                     confidence_counts=json.dumps(list(window.confidence.counts)),
                     confidence_total=window.confidence.total,
+                    input_counts=json.dumps(list(window.inputs.counts)) if window.inputs else "",
                     input_mean=window.input_mean,
                     input_std=window.input_std,
                 )
@@ -433,6 +435,9 @@ class Store:
                     Histogram(
                         counts=tuple(json.loads(r.confidence_counts)), total=r.confidence_total
                     ),
+                    Histogram(counts=tuple(json.loads(r.input_counts)))
+                    if r.input_counts
+                    else Histogram.empty(INPUT_BUCKETS),
                 )
             )
         return CohortStats(len(seen), stats.count, stats.errors, stats.latency, stats.confidence)

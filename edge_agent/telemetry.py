@@ -20,6 +20,7 @@ import numpy as np
 
 from shared.messages import (
     CONFIDENCE_BUCKETS,
+    INPUT_BUCKETS,
     LATENCY_BUCKETS_MS,
     Histogram,
     ModelRef,
@@ -45,6 +46,11 @@ def confidence_of(output: np.ndarray, distribution: bool) -> float:
     return float((1.0 / shifted.sum(axis=1)).mean())
 
 
+INPUT_SAMPLE_EVERY = 8
+# searchsorted over the finite upper bounds; the last bucket takes everything above.
+_INPUT_EDGES = np.array(INPUT_BUCKETS[:-1], dtype=np.float32)
+
+
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
     return min(bisect.bisect_left(bounds, value), len(bounds) - 1)
 
@@ -59,6 +65,7 @@ class _Window:
     latency_total: float = 0.0
     confidence: list[int] = field(default_factory=lambda: [0] * len(CONFIDENCE_BUCKETS))
     confidence_total: float = 0.0
+    inputs: list[int] = field(default_factory=lambda: [0] * len(INPUT_BUCKETS))
     input_n: int = 0
     input_sum: float = 0.0
     input_sumsq: float = 0.0
@@ -72,6 +79,7 @@ class TelemetryRecorder:
         self._windows: dict[str, _Window] = {}
         self._since = now
         self._distribution: dict[str, bool] = {}
+        self._tick = 0
 
     def observe(
         self, ref: ModelRef, latency_ms: float, output: np.ndarray | None, x: np.ndarray
@@ -89,6 +97,14 @@ class TelemetryRecorder:
             conf = confidence_of(output, dist)
         flat = x.reshape(-1)
         n = flat.size
+        self._tick += 1
+        # The input histogram reads one inference in INPUT_SAMPLE_EVERY: drift is a
+        # property of the population, and this keeps the per-call cost flat.
+        hist = (
+            np.bincount(np.searchsorted(_INPUT_EDGES, flat), minlength=len(INPUT_BUCKETS))
+            if self._tick % INPUT_SAMPLE_EVERY == 0
+            else None
+        )
         s = float(flat.sum())
         sq = (
             float(np.dot(flat, flat))
@@ -109,6 +125,9 @@ class TelemetryRecorder:
             if conf is not None:
                 w.confidence[_bucket(CONFIDENCE_BUCKETS, conf)] += 1
                 w.confidence_total += conf
+            if hist is not None:
+                for i, c in enumerate(hist.tolist()):
+                    w.inputs[i] += c
             if math.isfinite(s) and math.isfinite(sq):
                 w.input_n += n
                 w.input_sum += s
@@ -135,6 +154,7 @@ class TelemetryRecorder:
                     confidence=Histogram(counts=tuple(w.confidence), total=w.confidence_total),
                     input_mean=mean,
                     input_std=std,
+                    inputs=Histogram(counts=tuple(w.inputs)) if any(w.inputs) else None,
                 )
             )
         return out

@@ -151,6 +151,8 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, math.inf,
 )  # fmt: skip
 CONFIDENCE_BUCKETS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+# Input values (a sample of the inferences), for drift: population stability index.
+INPUT_BUCKETS: tuple[float, ...] = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, math.inf)
 
 
 class Histogram(WireModel):
@@ -206,6 +208,7 @@ class TelemetryWindow(WireModel):
     confidence: Histogram
     input_mean: float | None = None
     input_std: float | None = None
+    inputs: Histogram | None = None  # INPUT_BUCKETS, over a sample of the window's inputs
 
 
 # ---------------------------------------------------------------- controller → all
@@ -240,6 +243,7 @@ class CohortSummary(WireModel):
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
     mean_confidence: float | None = None
+    input_psi: float | None = None  # population stability index of inputs vs the baseline
 
 
 class ABComparison(WireModel):
@@ -316,6 +320,7 @@ class GateSpec(WireModel):
     max_error_rate: float | None = Field(default=None, ge=0, le=1)
     max_latency_increase: float | None = Field(default=None, ge=0)  # cand p95 / base p95 - 1
     max_confidence_drop: float | None = Field(default=None, ge=0, le=1)
+    max_input_psi: float | None = Field(default=None, gt=0)  # input drift vs the baseline
     min_samples: int = Field(default=20, ge=1)  # inferences per cohort before a verdict
 
     @property
@@ -327,6 +332,7 @@ class GateSpec(WireModel):
                 self.max_error_rate,
                 self.max_latency_increase,
                 self.max_confidence_drop,
+                self.max_input_psi,
             )
         )
 

@@ -268,3 +268,28 @@ def test_thresholds_are_inclusive() -> None:
     v = by_gate(spec, cohort(100, 5.0, errors=2), BASE)
     assert v["max_latency_ms"].observed == 5.0 and v["max_latency_ms"].verdict == "pass"
     assert v["max_error_rate"].observed == 0.02 and v["max_error_rate"].verdict == "pass"
+
+
+def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> None:
+    """Input drift: identical histograms give 0, a population moved two buckets gives > 0.25."""
+    from controller.gates import psi
+    from shared.messages import INPUT_BUCKETS
+
+    base = Histogram(counts=(0, 5, 15, 15, 15, 15, 15, 15, 5, 0))
+    shifted = Histogram(counts=(0, 0, 0, 5, 15, 15, 15, 15, 15, 20))
+    assert len(base.counts) == len(INPUT_BUCKETS)
+    assert psi(base, base) == 0.0
+    drift = psi(shifted, base)
+    assert drift is not None and drift > 0.25
+    assert psi(Histogram.empty(INPUT_BUCKETS), base) is None
+
+
+def test_input_psi_gate_fails_on_drift_and_passes_without() -> None:
+    """--max-input-psi: the candidate's inputs compared with the baseline's."""
+    spec = GateSpec(max_input_psi=0.2, min_samples=10)
+    base = CohortStats(1, 100, 0, inputs=Histogram(counts=(0, 5, 15, 15, 15, 15, 15, 15, 5, 0)))
+    same = CohortStats(1, 100, 0, inputs=Histogram(counts=(0, 5, 15, 15, 15, 15, 15, 15, 5, 0)))
+    moved = CohortStats(1, 100, 0, inputs=Histogram(counts=(0, 0, 0, 5, 15, 15, 15, 15, 15, 20)))
+    assert [v.verdict for v in evaluate_gates(spec, same, base)] == ["pass"]
+    assert [v.verdict for v in evaluate_gates(spec, moved, base)] == ["fail"]
+    assert moved.summary(base).input_psi == evaluate_gates(spec, moved, base)[0].observed

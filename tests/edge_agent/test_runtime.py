@@ -108,3 +108,27 @@ def test_model_built_with_other_weights_gives_other_outputs() -> None:
     x1 = slot(build_dense_model(seed=11), "a").run(X)
     x2 = slot(build_dense_model(seed=12), "b").run(X)
     assert not np.allclose(x1, x2)
+
+
+def test_telemetry_windows_carry_counts_latency_confidence_and_sampled_inputs(
+    model_v1: bytes,
+) -> None:
+    """A window per model version: count, errors, histograms on fixed buckets, input stats."""
+    from datetime import UTC, datetime
+
+    from edge_agent.telemetry import INPUT_SAMPLE_EVERY, TelemetryRecorder
+
+    rec = TelemetryRecorder("cam-1", datetime.now(UTC))
+    rt = DoubleBufferedRuntime(observer=rec.observe)
+    rt.activate(slot(model_v1, "1"))
+    for _ in range(8 * INPUT_SAMPLE_EVERY):
+        rt.infer(X)
+    with pytest.raises(ValueError):
+        rt.infer(np.zeros((1, 5), dtype=np.float32))
+    (window,) = rec.drain(datetime.now(UTC))
+    assert (window.count, window.errors) == (8 * INPUT_SAMPLE_EVERY + 1, 1)
+    assert window.latency_ms.n == window.confidence.n == 8 * INPUT_SAMPLE_EVERY
+    assert window.inputs is not None and window.inputs.n == 8 * X.size
+    assert window.input_mean == pytest.approx(float(X.mean()), rel=1e-5)
+    assert 0 < (window.confidence.mean() or 0) <= 1
+    assert rec.drain(datetime.now(UTC)) == []
