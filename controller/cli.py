@@ -33,7 +33,7 @@ from shared.messages import (
 from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
 
 T = TypeVar("T")
-STRATEGY_NAMES = ("direct", "canary", "progressive", "regional", "rolling", "ab")
+STRATEGY_NAMES = ("direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green")
 _DEFAULTS = Settings()
 
 MqttUrl = Annotated[
@@ -236,7 +236,10 @@ def rollout_start(
     model: Annotated[str, typer.Option("--model", help="model name")],
     version: Annotated[str, typer.Option("--version", help="model version")],
     strategy: Annotated[
-        str, typer.Option("--strategy", help="direct, canary, progressive, regional, rolling, ab")
+        str,
+        typer.Option(
+            "--strategy", help="direct, canary, progressive, regional, rolling, ab, blue-green"
+        ),
     ] = "direct",
     devices: Annotated[
         str | None, typer.Option("--devices", help="comma-separated device ids")

@@ -31,6 +31,8 @@ DEVICE_STATES = (
     "received",
     "downloading",
     "verified",
+    "staged",  # blue-green: loaded in standby, waiting for the switch
+    "switching",  # blue-green: the switch command is out
     "activated",
     "failed",
     "rolled_back",
@@ -111,11 +113,20 @@ class DecideWinner:
 @dataclass(frozen=True, slots=True)
 class SendDeploy:
     device_id: str
+    activate: bool = True  # False: stage only (blue-green)
 
 
 @dataclass(frozen=True, slots=True)
 class SendRegionDeploy:
     region: str
+    devices: tuple[str, ...]
+    activate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SendSwitch:
+    """Flip staged devices to the candidate (the executor sends one command per region)."""
+
     devices: tuple[str, ...]
 
 
@@ -172,6 +183,7 @@ Action = (
     | DecideWinner
     | SendDeploy
     | SendRegionDeploy
+    | SendSwitch
     | TimeOutDevice
     | RetryDevice
     | SettleStage
@@ -242,10 +254,16 @@ def plan_next_actions(
     stage = stages[index]
     members = [by_device[d] for d in stage.devices if d in by_device]
     pending = tuple(a.device_id for a in members if a.state == "pending")
-    if pending and stage.region is not None:
-        actions.append(SendRegionDeploy(stage.region, pending))
+    activate = stage.action != "stage"
+    if stage.action == "switch":
+        staged = tuple(a.device_id for a in members if a.state == "staged")
+        if staged:
+            actions.append(SendSwitch(staged))
+        actions += [SendDeploy(d, activate=False) for d in pending]  # retried ones: stage first
+    elif pending and stage.region is not None:
+        actions.append(SendRegionDeploy(stage.region, pending, activate))
     else:
-        actions += [SendDeploy(d) for d in pending]
+        actions += [SendDeploy(d, activate) for d in pending]
     # Retried devices of stages already passed go again on their own.
     earlier = {d for s in stages[:index] for d in s.devices}
     actions += [
@@ -254,8 +272,13 @@ def plan_next_actions(
         if a.device_id in earlier and a.state == "pending"
     ]
     members = members + [a for a in assignments if a.device_id in earlier and a.state == "pending"]
-    actions += _timeouts(members, rollout.device_timeout_s, now)
-    if not all(a.state in FINAL_DEVICE_STATES for a in members):
+    done_states = (
+        FINAL_DEVICE_STATES | {"staged"} if stage.action == "stage" else FINAL_DEVICE_STATES
+    )
+    actions += _timeouts(
+        [a for a in members if a.state not in done_states], rollout.device_timeout_s, now
+    )
+    if not all(a.state in done_states for a in members):
         return actions
     if rollout.stage_settled_at is None:
         return [*actions, SettleStage(index)]
@@ -316,8 +339,11 @@ def _plan_rollback(
             and now - a.rollback_sent_at >= rollout.device_timeout_s
         ):
             actions.append(TimeOutRollback(a.device_id))
+    # Staged devices still serve the old model: nothing to wait for or undo there.
     in_flight = [
-        a for a in assignments if a.state not in FINAL_DEVICE_STATES and a.state != "pending"
+        a
+        for a in assignments
+        if a.state not in FINAL_DEVICE_STATES and a.state not in ("pending", "staged")
     ]
     actions += _timeouts(in_flight, rollout.device_timeout_s, now)
     waiting = in_flight + [

@@ -50,6 +50,7 @@ from controller.planner import (
     SendDeploy,
     SendRegionDeploy,
     SendRollback,
+    SendSwitch,
     SettleStage,
     StartRollout,
     TimeOutDevice,
@@ -75,12 +76,14 @@ from shared.messages import (
     ListDevices,
     ListModels,
     ListRollouts,
+    ModelRef,
     RegisterModel,
     Request,
     Response,
     RollbackCommand,
     RolloutStatus,
     Selector,
+    SwitchCommand,
     TelemetryWindow,
 )
 from shared.messages import StartRollout as StartRolloutRequest
@@ -191,8 +194,17 @@ class Controller:
         # is unchanged, so a device that already has it answers without redoing work.
         for rollout in self.store.open_rollouts():
             for a in self.store.assignments(rollout.rollout_id):
-                if a.command_id and a.state not in FINAL_DEVICE_STATES:
-                    await self._publish_deploy(rollout, a.device_id, a.command_id)
+                if a.command_id and a.state == "switching":
+                    await self._publish_switch(
+                        rollout, a.command_id, region=None, devices=(a.device_id,)
+                    )
+                elif a.command_id and a.state not in FINAL_DEVICE_STATES | {"staged"}:
+                    await self._publish_deploy(
+                        rollout,
+                        a.device_id,
+                        a.command_id,
+                        activate=rollout.strategy != "blue-green",
+                    )
                 if a.rollback_command_id and a.rollback_state == "sent":
                     await self._publish_rollback(rollout, a.device_id, a.rollback_command_id)
         self._published.clear()
@@ -515,14 +527,32 @@ class Controller:
             elif isinstance(action, SendDeploy):
                 command_id = f"c-{uuid.uuid4().hex}"
                 self.store.mark_sent(rid, action.device_id, command_id, now)
-                await self._publish_deploy(rollout, action.device_id, command_id)
+                await self._publish_deploy(
+                    rollout, action.device_id, command_id, activate=action.activate
+                )
             elif isinstance(action, SendRegionDeploy):
                 command_id = f"c-{uuid.uuid4().hex}"
                 for device_id in action.devices:
                     self.store.mark_sent(rid, device_id, command_id, now)
                 await self._publish_deploy(
-                    rollout, None, command_id, region=action.region, cohort=action.devices
+                    rollout,
+                    None,
+                    command_id,
+                    region=action.region,
+                    cohort=action.devices,
+                    activate=action.activate,
                 )
+            elif isinstance(action, SendSwitch):
+                regions: dict[str, list[str]] = {}
+                for a in assignments:
+                    if a.device_id in action.devices:
+                        regions.setdefault(a.region, []).append(a.device_id)
+                for region, members in sorted(regions.items()):
+                    command_id = f"c-{uuid.uuid4().hex}"
+                    self.store.mark_switching(rid, members, command_id, now)
+                    await self._publish_switch(
+                        rollout, command_id, region=region or None, devices=tuple(members)
+                    )
             elif isinstance(action, RetryDevice):
                 if self.store.reset_for_retry(rid, action.device_id, now):
                     bound.info("device_retry", device_id=action.device_id)
@@ -565,6 +595,27 @@ class Controller:
                 metrics.ROLLOUTS.labels(action.status).inc()
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
         await self._publish_status(self.store.get_rollout(rid))
+
+    async def _publish_switch(
+        self, rollout: RolloutRow, command_id: str, *, region: str | None, devices: tuple[str, ...]
+    ) -> None:
+        """Blue-green flip: one command on the region's topic (or each device's, if none)."""
+        issued = datetime.now(UTC)
+        expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
+        command = SwitchCommand(
+            command_id=command_id,
+            rollout_id=rollout.rollout_id,
+            issued_at=issued,
+            expires_at=expires,
+            to=ModelRef(name=rollout.model, version=rollout.version, sha256=rollout.sha256),
+            selector=Selector(cohort=devices) if region is not None else None,
+        )
+        expiry = expiry_seconds(expires, issued)
+        targets = [topics.region_cmd(region)] if region else [topics.device_cmd(d) for d in devices]
+        for topic in targets:
+            await self._publish(topic, command.to_wire(), expiry_s=expiry)
+        metrics.COMMANDS.labels("switch").inc()
+        log.info("switch_sent", rollout_id=rollout.rollout_id, region=region, devices=len(devices))
 
     async def _publish_rollback(self, rollout: RolloutRow, device_id: str, command_id: str) -> None:
         issued = datetime.now(UTC)
@@ -660,6 +711,7 @@ class Controller:
         *,
         region: str | None = None,
         cohort: tuple[str, ...] = (),
+        activate: bool = True,
     ) -> None:
         """One device's command, or one publish on a region's topic for a cohort of it."""
         version = rollout.version
@@ -681,6 +733,7 @@ class Controller:
             issued_at=issued,
             expires_at=expires,
             selector=Selector(cohort=cohort) if region is not None else None,
+            activate=activate,
         )
         topic = (
             topics.region_cmd(region) if region is not None else topics.device_cmd(str(device_id))

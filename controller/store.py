@@ -326,6 +326,20 @@ class Store:
             s.commit()
             return True
 
+    def mark_switching(
+        self, rollout_id: str, devices: Sequence[str], command_id: str, now: float
+    ) -> None:
+        """Staged devices get the switch command (persisted before it is published)."""
+        with self.session() as s:
+            for device_id in devices:
+                row = s.get(AssignmentRow, (rollout_id, device_id))
+                if row is None or row.state != "staged":
+                    continue
+                row.state, row.command_id, row.sent_at = "switching", command_id, now
+                row.updated_at = now
+                s.add(row)
+            s.commit()
+
     def mark_sent(self, rollout_id: str, device_id: str, command_id: str, now: float) -> None:
         """Persist the intent to send before the command is published."""
         with self.session() as s:

@@ -28,6 +28,7 @@ class Stage:
     devices: tuple[str, ...]
     bake_s: float = 0.0  # after its devices are done, gates watch the stage this long
     region: str | None = None  # set: one publish on the region's topic reaches the stage
+    action: str = "deploy"  # deploy, stage (load into standby only) or switch (flip to it)
 
 
 Strategy = Callable[[Sequence[Target], StartRollout, str], list[Stage]]
@@ -128,6 +129,14 @@ def ab(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[S
     return [Stage("a/b test", everyone, spec.test_duration_s), Stage("winner", everyone)]
 
 
+def blue_green(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[Stage]:
+    """Every device stages the candidate in standby; then one switch per region flips them."""
+    everyone = _ids(targets)
+    if not everyone:
+        return []
+    return [Stage("stage", everyone, action="stage"), Stage("switch", everyone, action="switch")]
+
+
 STRATEGIES: dict[str, Strategy] = {
     "direct": direct,
     "canary": canary,
@@ -135,4 +144,5 @@ STRATEGIES: dict[str, Strategy] = {
     "regional": regional,
     "rolling": rolling,
     "ab": ab,
+    "blue-green": blue_green,
 }

@@ -57,6 +57,7 @@ from shared.messages import (
     EventPhase,
     ModelRef,
     RollbackCommand,
+    SwitchCommand,
 )
 from shared.mqtt import backoff_delays, make_client, raise_if_cancelled
 from shared.settings import MqttEndpoint
@@ -396,6 +397,8 @@ class Agent:
                 final = await self._deploy(command, bound)
             elif isinstance(command, RollbackCommand):
                 final = await self._rollback(command)
+            elif isinstance(command, SwitchCommand):
+                final = await self._switch(command)
             else:  # cancel is handled on receipt
                 return None
         except HotswapError as exc:
@@ -435,8 +438,23 @@ class Agent:
         else:
             slot = await self._obtain(command, manifest, active_sig, bound)
         self._check_not_cancelled(command)
+        if not command.activate:
+            # Blue-green: loaded, warm, resident in standby; a switch makes it active.
+            self.runtime.stage(slot)
+            return self._event(command, "staged", model=ref)
         await self._emit(self._event(command, "verified", model=ref))
         return await self._activate(command, slot, active, standby)
+
+    async def _switch(self, command: SwitchCommand) -> DeviceEvent:
+        """Blue-green flip: the staged standby becomes active by one reference swap."""
+        active, standby = self.runtime.active, self.runtime.standby
+        if active is not None and active.ref.sha256 == command.to.sha256:
+            return self._event(command, "activated", model=active.ref, detail="already active")
+        if standby is None or standby.ref.sha256 != command.to.sha256:
+            raise HotswapError(
+                f"{command.to.ref} is not staged on this device", reason="not_staged"
+            )
+        return await self._activate(command, standby, active, None)
 
     async def _obtain(
         self,

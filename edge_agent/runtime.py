@@ -238,6 +238,12 @@ class DoubleBufferedRuntime:
                 self._standby = None
             return previous
 
+    def stage(self, slot: ModelSlot) -> None:
+        """Keep `slot` resident as standby, ready for a switch; the active slot is untouched."""
+        with self._swap_lock:
+            if slot is not self._active:
+                self._standby = slot
+
     def swap_back(self) -> ModelSlot:
         """Exchange active and standby (rollback without loading anything)."""
         with self._swap_lock:

@@ -75,11 +75,23 @@ class _Command(WireModel):
 
 
 class DeployCommand(_Command):
-    """Download, verify, load and activate the model the signed manifest names."""
+    """Download, verify, load and activate the model the signed manifest names.
+
+    With `activate` false the model is only staged: loaded, warm and resident in
+    the standby slot, for a later `switch` (blue-green).
+    """
 
     kind: Literal["deploy"] = "deploy"
     manifest: SignedManifest
     url: str = Field(max_length=8192)
+    activate: bool = True
+
+
+class SwitchCommand(_Command):
+    """Make the staged model `to` active: one reference swap (blue-green)."""
+
+    kind: Literal["switch"] = "switch"
+    to: ModelRef
 
 
 class RollbackCommand(_Command):
@@ -95,7 +107,9 @@ class CancelCommand(_Command):
     kind: Literal["cancel"] = "cancel"
 
 
-Command = Annotated[DeployCommand | RollbackCommand | CancelCommand, Field(discriminator="kind")]
+Command = Annotated[
+    DeployCommand | SwitchCommand | RollbackCommand | CancelCommand, Field(discriminator="kind")
+]
 COMMAND = TypeAdapter[Command](Command)
 
 
@@ -128,8 +142,11 @@ class DeviceState(WireModel):
         return check_ident(v)
 
 
-EventPhase = Literal["received", "downloading", "verified", "activated", "failed", "rolled_back"]
-FINAL_PHASES: frozenset[str] = frozenset({"activated", "failed", "rolled_back"})
+EventPhase = Literal[
+    "received", "downloading", "verified", "staged", "activated", "failed", "rolled_back"
+]
+# `staged`: a deploy with activate=false is done (the model waits in standby).
+FINAL_PHASES: frozenset[str] = frozenset({"staged", "activated", "failed", "rolled_back"})
 
 
 class DeviceEvent(WireModel):
@@ -337,7 +354,7 @@ class GateSpec(WireModel):
         )
 
 
-StrategyName = Literal["direct", "canary", "progressive", "regional", "rolling", "ab"]
+StrategyName = Literal["direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green"]
 
 
 class StageSpec(WireModel):

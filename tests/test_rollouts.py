@@ -37,6 +37,7 @@ from shared.messages import (
     RolloutStatus,
     StageSpec,
     StartRollout,
+    SwitchCommand,
 )
 from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
@@ -98,6 +99,7 @@ class Fleet:
     agents: list[Agent]
     controller: ControllerProcess
     region_publishes: list[tuple[str, str]] = field(default_factory=list)  # (region, rollout)
+    switches: list[tuple[str, str]] = field(default_factory=list)  # (topic, rollout)
     deploys: dict[str, dict[str, set[str]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(set))
     )  # rollout -> device -> command ids
@@ -161,6 +163,8 @@ async def fleet(
             async for m in spy.messages:
                 assert isinstance(m.payload, bytes)
                 command = COMMAND.validate_json(m.payload)
+                if isinstance(command, SwitchCommand) and command.rollout_id:
+                    fleet.switches.append((m.topic.value, command.rollout_id))
                 if not isinstance(command, DeployCommand) or command.rollout_id is None:
                     continue
                 topic = m.topic.value
@@ -338,3 +342,22 @@ async def test_ab_test_picks_the_faster_model_and_rolls_it_to_every_device(
     assert status.ab.value_b < status.ab.value_a
     assert fleet.versions() == {"2.0.0-fast"}
     np.testing.assert_allclose(fleet.agents[1].infer(X), reference(model_v2), atol=1e-6)
+
+
+async def test_blue_green_stages_everywhere_then_one_switch_per_region_flips_the_fleet(
+    fleet: Fleet, model_v1: bytes, model_v2: bytes
+) -> None:
+    """Every device loads v2 into standby while serving v1; one switch per region flips all."""
+    await fleet.push(model_v2, "2.0.0")
+    rid = await fleet.start(version="2.0.0", strategy="blue-green")
+    status = await fleet.final(rid)
+    assert status.status == "Succeeded", status
+    assert fleet.versions() == {"2.0.0"}
+    assert all(a.standby and a.standby.version == "1.0.0" for a in fleet.agents)
+    switches = sorted(t for t, r in fleet.switches if r == rid)
+    assert switches == ["hotswap/v1/regions/eu-west/cmd", "hotswap/v1/regions/us-east/cmd"]
+    np.testing.assert_allclose(fleet.agents[3].infer(X), reference(model_v2), atol=1e-6)
+    await fleet.request(ControlRollout(rollout_id=rid, action="rollback"))
+    assert (await fleet.final(rid)).status == "RolledBack"
+    assert fleet.versions() == {"1.0.0"}
+    np.testing.assert_allclose(fleet.agents[3].infer(X), reference(model_v1), atol=1e-6)

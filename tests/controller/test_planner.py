@@ -22,6 +22,7 @@ from controller.planner import (
     SendDeploy,
     SendRegionDeploy,
     SendRollback,
+    SendSwitch,
     SettleStage,
     StartRollout,
     TimeOutDevice,
@@ -526,3 +527,33 @@ def test_retry_of_a_device_from_a_passed_stage_is_sent_directly() -> None:
     ]
     actions = plan_next_actions(second, TWO_STAGES, members, None, 5)
     assert actions == [RetryDevice("a"), SendDeploy("a")]
+
+
+def test_blue_green_stages_everywhere_then_switches_the_staged_devices() -> None:
+    """Stage 0 sends stage-only deploys and settles on `staged`; stage 1 sends one switch."""
+    stages = [
+        Stage("stage", ("a", "b"), action="stage"),
+        Stage("switch", ("a", "b"), action="switch"),
+    ]
+    bg = view(strategy="blue-green")
+    assert plan_next_actions(bg, stages, [a("a"), a("b")], None, 0) == [
+        SendDeploy("a", activate=False), SendDeploy("b", activate=False),
+    ]  # fmt: skip
+    staged = [a("a", "staged", 1), a("b", "staged", 1)]
+    assert plan_next_actions(bg, stages, staged, None, 2) == [SettleStage(0)]
+    switch = view(strategy="blue-green", stage_index=1)
+    assert plan_next_actions(switch, stages, staged, None, 3) == [SendSwitch(("a", "b"))]
+    flipping = [a("a", "switching", 3), a("b", "activated", 3)]
+    assert plan_next_actions(switch, stages, flipping, None, 4) == []
+    done = view(strategy="blue-green", stage_index=1, stage_settled_at=5.0)
+    finished = [a("a", "activated", 3), a("b", "activated", 3)]
+    assert plan_next_actions(done, stages, finished, None, 6) == [FinishRollout("Succeeded", None)]
+
+
+def test_rollback_of_blue_green_leaves_staged_devices_alone() -> None:
+    """Staged devices still serve the old model: rollback only reverts the switched ones."""
+    rb = view(strategy="blue-green", rolling_back=True)
+    members = [a("a", "activated", 1), a("b", "staged", 1)]
+    assert plan_next_actions(rb, [], members, None, 2) == [SendRollback("a")]
+    answered = [a("a", "activated", 1, rollback_state="rolled_back"), a("b", "staged", 1)]
+    assert plan_next_actions(rb, [], answered, None, 3) == [FinishRollout("RolledBack", None)]
