@@ -33,7 +33,9 @@ from shared.messages import (
 from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
 
 T = TypeVar("T")
-STRATEGY_NAMES = ("direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green")
+STRATEGY_NAMES = (
+    "direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green", "shadow"
+)  # fmt: skip
 _DEFAULTS = Settings()
 
 MqttUrl = Annotated[
@@ -237,9 +239,7 @@ def rollout_start(
     version: Annotated[str, typer.Option("--version", help="model version")],
     strategy: Annotated[
         str,
-        typer.Option(
-            "--strategy", help="direct, canary, progressive, regional, rolling, ab, blue-green"
-        ),
+        typer.Option("--strategy", help="one of: " + ", ".join(STRATEGY_NAMES)),
     ] = "direct",
     devices: Annotated[
         str | None, typer.Option("--devices", help="comma-separated device ids")
@@ -298,6 +298,12 @@ def rollout_start(
     max_confidence_drop: Annotated[
         float | None, typer.Option("--max-confidence-drop", help="gate: mean confidence drop")
     ] = None,
+    min_agreement: Annotated[
+        float | None, typer.Option("--min-agreement", help="gate (shadow): same top class share")
+    ] = None,
+    shadow_duration: Annotated[
+        str, typer.Option("--shadow-duration", help="shadow: how long inputs are mirrored")
+    ] = "5m",
     max_input_psi: Annotated[
         float | None, typer.Option("--max-input-psi", help="gate: input drift (PSI) vs baseline")
     ] = None,
@@ -346,12 +352,14 @@ def rollout_start(
                 "test_duration_s": parse_duration(test_duration),
                 "winner_metric": winner_metric,
                 "min_improvement": min_improvement,
+                "shadow_duration_s": parse_duration(shadow_duration),
                 "gates": GateSpec(
                     max_latency_ms=max_latency_ms,
                     max_error_rate=max_error_rate,
                     max_latency_increase=max_latency_increase,
                     max_confidence_drop=max_confidence_drop,
                     max_input_psi=max_input_psi,
+                    min_agreement=min_agreement,
                     min_samples=min_samples,
                 ),
                 "manual_approval": manual_approval,

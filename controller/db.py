@@ -110,6 +110,8 @@ class TelemetryWindowRow(SQLModel, table=True):
     confidence_counts: str  # JSON list, CONFIDENCE_BUCKETS
     confidence_total: float = 0.0
     input_counts: str = ""  # JSON list, INPUT_BUCKETS (a sample of the inputs); "" if none
+    shadow: bool = False  # mirrored, unserved inferences of a shadow model
+    agreements: int = 0  # shadow: inferences with the served model's top class
     input_mean: float | None = None
     input_std: float | None = None
 

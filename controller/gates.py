@@ -33,6 +33,7 @@ class CohortStats:
     latency: Histogram = field(default_factory=lambda: Histogram.empty(LATENCY_BUCKETS_MS))
     confidence: Histogram = field(default_factory=lambda: Histogram.empty(CONFIDENCE_BUCKETS))
     inputs: Histogram = field(default_factory=lambda: Histogram.empty(INPUT_BUCKETS))
+    agreements: int = 0  # shadow cohorts: inferences with the served model's top class
 
     def merged(self, other: CohortStats) -> CohortStats:
         return CohortStats(
@@ -42,7 +43,13 @@ class CohortStats:
             self.latency.merged(other.latency),
             self.confidence.merged(other.confidence),
             self.inputs.merged(other.inputs),
+            self.agreements + other.agreements,
         )
+
+    @property
+    def agreement(self) -> float | None:
+        ok = self.count - self.errors
+        return self.agreements / ok if ok > 0 else None
 
     @property
     def error_rate(self) -> float | None:
@@ -61,6 +68,7 @@ class CohortStats:
             latency_p95_ms=self.p(0.95),
             latency_p99_ms=self.p(0.99),
             mean_confidence=self.confidence.mean(),
+            agreement=self.agreement if self.agreements else None,
         )
 
 
@@ -144,6 +152,16 @@ def evaluate_gates(
             else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
         )
         add("max_confidence_drop", ok, drop, spec.max_confidence_drop, detail)
+    if spec.min_agreement is not None:
+        share = candidate.agreement
+        ok = None if not enough or share is None else share >= spec.min_agreement
+        add(
+            "min_agreement",
+            ok,
+            share,
+            spec.min_agreement,
+            "shadow top class = served" if enough else few,
+        )
     if spec.max_input_psi is not None:
         index = psi(candidate.inputs, baseline.inputs)
         ok = None if not (enough and enough_base) or index is None else index <= spec.max_input_psi
@@ -169,7 +187,8 @@ def describe_failures(verdicts: Sequence[GateVerdict]) -> str:
     for v in verdicts:
         if v.verdict == "fail":
             observed = "-" if v.observed is None else f"{v.observed:.4g}"
-            parts.append(f"{v.gate}: {observed} > {v.threshold:g} ({v.detail})")
+            relation = "<" if v.gate.startswith("min_") else ">"
+            parts.append(f"{v.gate}: {observed} {relation} {v.threshold:g} ({v.detail})")
     return "; ".join(parts)
 
 

@@ -114,6 +114,7 @@ class DecideWinner:
 class SendDeploy:
     device_id: str
     activate: bool = True  # False: stage only (blue-green)
+    shadow: bool = False  # stage and mirror live inputs to it (shadow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,8 +255,10 @@ def plan_next_actions(
     stage = stages[index]
     members = [by_device[d] for d in stage.devices if d in by_device]
     pending = tuple(a.device_id for a in members if a.state == "pending")
-    activate = stage.action != "stage"
-    if stage.action == "switch":
+    activate = stage.action not in ("stage", "shadow")
+    if stage.action == "shadow":
+        actions += [SendDeploy(d, activate=False, shadow=True) for d in pending]
+    elif stage.action == "switch":
         staged = tuple(a.device_id for a in members if a.state == "staged")
         if staged:
             actions.append(SendSwitch(staged))
@@ -272,9 +275,8 @@ def plan_next_actions(
         if a.device_id in earlier and a.state == "pending"
     ]
     members = members + [a for a in assignments if a.device_id in earlier and a.state == "pending"]
-    done_states = (
-        FINAL_DEVICE_STATES | {"staged"} if stage.action == "stage" else FINAL_DEVICE_STATES
-    )
+    staging = stage.action in ("stage", "shadow")
+    done_states = FINAL_DEVICE_STATES | {"staged"} if staging else FINAL_DEVICE_STATES
     actions += _timeouts(
         [a for a in members if a.state not in done_states], rollout.device_timeout_s, now
     )
@@ -285,6 +287,25 @@ def plan_next_actions(
     if now < rollout.stage_settled_at + stage.bake_s:
         return actions  # baking: the gates keep watching
     last = index == len(stages) - 1
+    if last and stage.action == "shadow":
+        # Nothing was served: the verdict of the gates is the result.
+        if (
+            gates is not None
+            and gates.verdict == "inconclusive"
+            and rollout.approved_stage <= index
+        ):
+            return [
+                *actions,
+                PauseRollout(f"shadow: gates inconclusive ({gates.detail}); approve to accept"),
+            ]
+        shadowing = sum(a.state == "staged" for a in assignments)
+        return [
+            *actions,
+            FinishRollout(
+                "Succeeded" if shadowing else "Failed",
+                f"shadow on {shadowing} of {len(assignments)} devices; nothing was served",
+            ),
+        ]
     if last:
         return [*actions, _finish(assignments, gated)]
     following = stages[index + 1].name

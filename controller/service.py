@@ -199,11 +199,16 @@ class Controller:
                         rollout, a.command_id, region=None, devices=(a.device_id,)
                     )
                 elif a.command_id and a.state not in FINAL_DEVICE_STATES | {"staged"}:
+                    shadow_s = (
+                        self._shadow_seconds(rollout) if rollout.strategy == "shadow" else None
+                    )
                     await self._publish_deploy(
                         rollout,
                         a.device_id,
                         a.command_id,
-                        activate=rollout.strategy != "blue-green",
+                        # Blue-green and shadow rollouts only ever stage their deploys.
+                        activate=rollout.strategy not in ("blue-green", "shadow"),
+                        shadow_s=shadow_s,
                     )
                 if a.rollback_command_id and a.rollback_state == "sent":
                     await self._publish_rollback(rollout, a.device_id, a.rollback_command_id)
@@ -427,11 +432,27 @@ class Controller:
         targets = [Target(a.device_id, a.region) for a in assignments]
         return spec, STRATEGIES[rollout.strategy](targets, spec, rollout.rollout_id)
 
+    def _shadow_seconds(self, rollout: RolloutRow) -> float:
+        # Mirror through the whole bake, with room for devices that start late.
+        return self._spec(rollout).shadow_duration_s + rollout.device_timeout_s
+
     def _cohorts(
         self, rollout: RolloutRow, assignments: list[AssignmentRow]
     ) -> tuple[CohortStats, CohortStats]:
-        """Candidate (activated the new version) vs baseline (untouched), this stage."""
+        """Candidate (activated the new version) vs baseline (untouched), this stage.
+
+        Shadow rollouts: the candidate's mirrored inferences vs what the same devices
+        served over the same window.
+        """
         since = rollout.stage_started_at or rollout.created_at
+        if rollout.strategy == "shadow":
+            staged = [a.device_id for a in assignments if a.state == "staged"]
+            return (
+                self.store.cohort_stats(
+                    rollout.model, staged, since, version=rollout.version, shadow=True
+                ),
+                self.store.cohort_stats(rollout.model, staged, since, not_version=rollout.version),
+            )
         candidate = self.store.cohort_stats(
             rollout.model,
             [a.device_id for a in assignments if a.state == "activated"],
@@ -528,7 +549,11 @@ class Controller:
                 command_id = f"c-{uuid.uuid4().hex}"
                 self.store.mark_sent(rid, action.device_id, command_id, now)
                 await self._publish_deploy(
-                    rollout, action.device_id, command_id, activate=action.activate
+                    rollout,
+                    action.device_id,
+                    command_id,
+                    activate=action.activate,
+                    shadow_s=self._shadow_seconds(rollout) if action.shadow else None,
                 )
             elif isinstance(action, SendRegionDeploy):
                 command_id = f"c-{uuid.uuid4().hex}"
@@ -712,6 +737,7 @@ class Controller:
         region: str | None = None,
         cohort: tuple[str, ...] = (),
         activate: bool = True,
+        shadow_s: float | None = None,
     ) -> None:
         """One device's command, or one publish on a region's topic for a cohort of it."""
         version = rollout.version
@@ -734,6 +760,7 @@ class Controller:
             expires_at=expires,
             selector=Selector(cohort=cohort) if region is not None else None,
             activate=activate,
+            shadow_s=shadow_s,
         )
         topic = (
             topics.region_cmd(region) if region is not None else topics.device_cmd(str(device_id))

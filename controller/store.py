@@ -407,6 +407,8 @@ class Store:
                     confidence_counts=json.dumps(list(window.confidence.counts)),
                     confidence_total=window.confidence.total,
                     input_counts=json.dumps(list(window.inputs.counts)) if window.inputs else "",
+                    shadow=window.shadow,
+                    agreements=window.agreements or 0,
                     input_mean=window.input_mean,
                     input_std=window.input_std,
                 )
@@ -421,14 +423,19 @@ class Store:
         *,
         version: str | None = None,
         not_version: str | None = None,
+        shadow: bool = False,
     ) -> CohortStats:
-        """Merged telemetry of some devices since a time, for one version or all but one."""
+        """Merged telemetry of some devices since a time, for one version or all but one.
+
+        Served inferences by default; `shadow=True`: the mirrored ones of shadow models.
+        """
         if not devices:
             return CohortStats()
         query = select(TelemetryWindowRow).where(
             TelemetryWindowRow.model == model,
             TelemetryWindowRow.window_end >= since,
             col(TelemetryWindowRow.device_id).in_(list(devices)),
+            TelemetryWindowRow.shadow == shadow,
         )
         if version is not None:
             query = query.where(TelemetryWindowRow.version == version)
@@ -438,8 +445,10 @@ class Store:
             rows = s.exec(query).all()
         stats = CohortStats()
         seen: set[str] = set()
+        agreements = 0
         for r in rows:
             seen.add(r.device_id)
+            agreements += r.agreements
             stats = stats.merged(
                 CohortStats(
                     0,
@@ -454,7 +463,15 @@ class Store:
                     else Histogram.empty(INPUT_BUCKETS),
                 )
             )
-        return CohortStats(len(seen), stats.count, stats.errors, stats.latency, stats.confidence)
+        return CohortStats(
+            len(seen),
+            stats.count,
+            stats.errors,
+            stats.latency,
+            stats.confidence,
+            stats.inputs,
+            agreements,
+        )
 
     def avg_latency_ms(
         self, model: str, version: str, devices: Sequence[str], since: float
@@ -469,6 +486,7 @@ class Store:
                     TelemetryWindowRow.version == version,
                     TelemetryWindowRow.window_end >= since,
                     col(TelemetryWindowRow.device_id).in_(list(devices)),
+                    TelemetryWindowRow.shadow == False,  # noqa: E712 - a SQL expression
                 )
             ).all()
         count = sum(r[0] for r in rows)

@@ -28,7 +28,8 @@ class Stage:
     devices: tuple[str, ...]
     bake_s: float = 0.0  # after its devices are done, gates watch the stage this long
     region: str | None = None  # set: one publish on the region's topic reaches the stage
-    action: str = "deploy"  # deploy, stage (load into standby only) or switch (flip to it)
+    # deploy; stage (load into standby only); switch (flip to it); shadow (stage + mirror)
+    action: str = "deploy"
 
 
 Strategy = Callable[[Sequence[Target], StartRollout, str], list[Stage]]
@@ -137,6 +138,14 @@ def blue_green(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -
     return [Stage("stage", everyone, action="stage"), Stage("switch", everyone, action="switch")]
 
 
+def shadow(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> list[Stage]:
+    """Every device mirrors live inputs to the candidate; the gates read what it would do."""
+    everyone = _ids(targets)
+    if not everyone:
+        return []
+    return [Stage("shadow", everyone, spec.shadow_duration_s, action="shadow")]
+
+
 STRATEGIES: dict[str, Strategy] = {
     "direct": direct,
     "canary": canary,
@@ -145,4 +154,5 @@ STRATEGIES: dict[str, Strategy] = {
     "rolling": rolling,
     "ab": ab,
     "blue-green": blue_green,
+    "shadow": shadow,
 }

@@ -38,6 +38,7 @@ from edge_agent.faults import crash_point
 from edge_agent.fetch import FetchLimits, UrlExpiredError, fetch_artifact
 from edge_agent.health import health_problem
 from edge_agent.runtime import DoubleBufferedRuntime, HealthSample, ModelSlot, NoModelError
+from edge_agent.shadow import ShadowMirror
 from edge_agent.store import ModelStore, StoreState
 from edge_agent.telemetry import TelemetryRecorder
 from edge_agent.verify import verify_manifest, verify_size, verify_tensor_signature
@@ -441,9 +442,30 @@ class Agent:
         if not command.activate:
             # Blue-green: loaded, warm, resident in standby; a switch makes it active.
             self.runtime.stage(slot)
+            if command.shadow_s is not None:
+                self._start_shadow(slot, command.shadow_s)
+                return self._event(
+                    command, "staged", model=ref, detail=f"shadowing for {command.shadow_s:g}s"
+                )
             return self._event(command, "staged", model=ref)
         await self._emit(self._event(command, "verified", model=ref))
         return await self._activate(command, slot, active, standby)
+
+    def _start_shadow(self, slot: ModelSlot, seconds: float) -> None:
+        """Mirror live inputs to `slot` for `seconds`; its outputs are never served."""
+        previous = self.runtime.shadow
+        if isinstance(previous, ShadowMirror):
+            previous.stop()
+
+        def ended(mirror: ShadowMirror) -> None:
+            if self.runtime.shadow is mirror:
+                self.runtime.shadow = None
+            self.log.info("shadow_ended", model=mirror.slot.ref.ref, skipped=mirror.skipped)
+
+        self.runtime.shadow = ShadowMirror(
+            slot, seconds=seconds, observer=self.telemetry.observe_shadow, on_end=ended
+        ).start()
+        self.log.info("shadow_started", model=slot.ref.ref, seconds=seconds)
 
     async def _switch(self, command: SwitchCommand) -> DeviceEvent:
         """Blue-green flip: the staged standby becomes active by one reference swap."""

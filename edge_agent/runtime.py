@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -183,6 +183,12 @@ class ModelSlot:
             self.run(self.sample_input(rng))
 
 
+class Mirror(Protocol):
+    """Takes a copy of each served call (shadow mode); must never block."""
+
+    def offer(self, x: np.ndarray, served: np.ndarray) -> None: ...
+
+
 # (model, latency ms, output or None when the call failed or gave NaN/inf, input)
 Observer = Callable[[ModelRef, float, np.ndarray | None, np.ndarray], None]
 
@@ -195,6 +201,7 @@ class DoubleBufferedRuntime:
         self._standby: ModelSlot | None = None
         self._swap_lock = threading.Lock()  # serialises swaps, never inferences
         self._observer = observer
+        self.shadow: Mirror | None = None  # a candidate fed copies of the inputs (shadow mode)
         self.swapped_at = 0.0  # perf_counter() of the last swap: from then on, the new model serves
 
     @property
@@ -224,6 +231,9 @@ class DoubleBufferedRuntime:
         if self._observer is not None:
             # A non-finite output reaches telemetry as an error.
             self._observer(slot.ref, ms, out if finite else None, x)
+        mirror = self.shadow
+        if mirror is not None and finite:
+            mirror.offer(x, out)
         return out
 
     def activate(self, slot: ModelSlot) -> ModelSlot | None:

@@ -59,6 +59,8 @@ def _bucket(bounds: tuple[float, ...], value: float) -> int:
 class _Window:
     ref: ModelRef
     start: datetime
+    shadow: bool = False
+    agreements: int = 0
     count: int = 0
     errors: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_MS))
@@ -82,7 +84,13 @@ class TelemetryRecorder:
         self._tick = 0
 
     def observe(
-        self, ref: ModelRef, latency_ms: float, output: np.ndarray | None, x: np.ndarray
+        self,
+        ref: ModelRef,
+        latency_ms: float,
+        output: np.ndarray | None,
+        x: np.ndarray,
+        *,
+        shadow: bool = False,
     ) -> None:
         """Account one inference; `output` is None when it failed or was not finite.
 
@@ -113,9 +121,10 @@ class TelemetryRecorder:
         )
         ok = output is not None
         with self._lock:
-            w = self._windows.get(ref.sha256)
+            key = "shadow:" + ref.sha256 if shadow else ref.sha256
+            w = self._windows.get(key)
             if w is None:
-                w = self._windows[ref.sha256] = _Window(ref=ref, start=self._since)
+                w = self._windows[key] = _Window(ref=ref, start=self._since, shadow=shadow)
             w.count += 1
             if not ok:
                 w.errors += 1
@@ -132,6 +141,20 @@ class TelemetryRecorder:
                 w.input_n += n
                 w.input_sum += s
                 w.input_sumsq += sq
+
+    def observe_shadow(
+        self,
+        ref: ModelRef,
+        latency_ms: float,
+        output: np.ndarray | None,
+        x: np.ndarray,
+        agreed: bool | None,
+    ) -> None:
+        """Account one mirrored inference of a shadow model (its own window)."""
+        self.observe(ref, latency_ms, output, x, shadow=True)
+        if agreed:
+            with self._lock:
+                self._windows["shadow:" + ref.sha256].agreements += 1
 
     def drain(self, now: datetime) -> list[TelemetryWindow]:
         with self._lock:
@@ -155,6 +178,8 @@ class TelemetryRecorder:
                     input_mean=mean,
                     input_std=std,
                     inputs=Histogram(counts=tuple(w.inputs)) if any(w.inputs) else None,
+                    shadow=w.shadow,
+                    agreements=w.agreements if w.shadow else None,
                 )
             )
         return out

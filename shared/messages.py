@@ -85,6 +85,8 @@ class DeployCommand(_Command):
     manifest: SignedManifest
     url: str = Field(max_length=8192)
     activate: bool = True
+    # With activate=false: mirror live inputs to the staged model for this long (shadow mode).
+    shadow_s: float | None = Field(default=None, gt=0)
 
 
 class SwitchCommand(_Command):
@@ -226,6 +228,10 @@ class TelemetryWindow(WireModel):
     input_mean: float | None = None
     input_std: float | None = None
     inputs: Histogram | None = None  # INPUT_BUCKETS, over a sample of the window's inputs
+    # Shadow mode: the model ran on mirrored inputs, unserved; `agreements` counts the
+    # inferences whose top class matched the served model's.
+    shadow: bool = False
+    agreements: int | None = Field(default=None, ge=0)
 
 
 # ---------------------------------------------------------------- controller → all
@@ -261,6 +267,7 @@ class CohortSummary(WireModel):
     latency_p99_ms: float | None = None
     mean_confidence: float | None = None
     input_psi: float | None = None  # population stability index of inputs vs the baseline
+    agreement: float | None = None  # shadow: share of inferences with the served top class
 
 
 class ABComparison(WireModel):
@@ -338,6 +345,7 @@ class GateSpec(WireModel):
     max_latency_increase: float | None = Field(default=None, ge=0)  # cand p95 / base p95 - 1
     max_confidence_drop: float | None = Field(default=None, ge=0, le=1)
     max_input_psi: float | None = Field(default=None, gt=0)  # input drift vs the baseline
+    min_agreement: float | None = Field(default=None, ge=0, le=1)  # shadow: same top class
     min_samples: int = Field(default=20, ge=1)  # inferences per cohort before a verdict
 
     @property
@@ -350,11 +358,14 @@ class GateSpec(WireModel):
                 self.max_latency_increase,
                 self.max_confidence_drop,
                 self.max_input_psi,
+                self.min_agreement,
             )
         )
 
 
-StrategyName = Literal["direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green"]
+StrategyName = Literal[
+    "direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green", "shadow"
+]  # fmt: skip
 
 
 class StageSpec(WireModel):
@@ -388,6 +399,8 @@ class StartRollout(WireModel):
     test_duration_s: float = Field(default=300.0, ge=0)
     winner_metric: Literal["latency", "errors", "confidence"] = "latency"
     min_improvement: float = Field(default=0.05, ge=0)  # B must beat A by this share
+    # shadow: mirror live inputs to the candidate this long; the gates read the result
+    shadow_duration_s: float = Field(default=300.0, gt=0)
     # safety
     gates: GateSpec = GateSpec()
     manual_approval: bool = False

@@ -361,3 +361,34 @@ async def test_blue_green_stages_everywhere_then_one_switch_per_region_flips_the
     assert (await fleet.final(rid)).status == "RolledBack"
     assert fleet.versions() == {"1.0.0"}
     np.testing.assert_allclose(fleet.agents[3].infer(X), reference(model_v1), atol=1e-6)
+
+
+async def test_shadow_rollout_reads_agreement_without_serving_the_candidate(
+    fleet: Fleet, model_v1: bytes
+) -> None:
+    """A same-function copy agrees and passes; a different model disagrees and is refused.
+
+    In both cases every device keeps serving v1: shadow outputs are never served.
+    """
+    twin = build_dense_model(seed=1, description="v1, re-exported")  # same weights, new file
+    await fleet.push(twin, "1.0.1")
+    rid = await fleet.start(
+        version="1.0.1", strategy="shadow", shadow_duration_s=2,
+        gates=GateSpec(min_agreement=0.99, min_samples=20),
+    )  # fmt: skip
+    status = await fleet.final(rid)
+    assert status.status == "Succeeded", (status.reason, status.candidate, status.gates)
+    assert status.candidate is not None and status.candidate.agreement == 1.0
+    assert fleet.versions() == {"1.0.0"}
+
+    other = build_dense_model(seed=11, hidden=(16, 16))
+    await fleet.push(other, "3.0.0")
+    rid = await fleet.start(
+        version="3.0.0", strategy="shadow", shadow_duration_s=30,
+        gates=GateSpec(min_agreement=0.99, min_samples=20),
+    )  # fmt: skip
+    status = await fleet.final(rid)
+    assert status.status == "RolledBack", status
+    assert status.reason and "min_agreement" in status.reason
+    assert fleet.versions() == {"1.0.0"}
+    np.testing.assert_allclose(fleet.agents[0].infer(X), reference(model_v1), atol=1e-6)

@@ -155,3 +155,44 @@ def test_average_latency_over_telemetry_windows(store: Store) -> None:
         )
     assert store.avg_latency_ms("m", "1", ["a", "b"], t.timestamp() - 1) == pytest.approx(1.25)
     assert store.avg_latency_ms("m", "2", ["a"], 0) is None
+
+
+def test_cohort_stats_merge_served_and_shadow_windows_apart(store: Store) -> None:
+    """Telemetry windows merge per cohort with every histogram; shadow windows stay separate."""
+    from shared.messages import (
+        CONFIDENCE_BUCKETS,
+        INPUT_BUCKETS,
+        LATENCY_BUCKETS_MS,
+        Histogram,
+        ModelRef,
+        TelemetryWindow,
+    )
+
+    now = datetime.now(UTC)
+    ref = ModelRef(name="clf", version="2", sha256="c" * 64)
+
+    def window(device: str, shadow: bool, agreements: int | None) -> TelemetryWindow:
+        lat = [0] * len(LATENCY_BUCKETS_MS)
+        lat[4] = 10
+        conf = [0] * len(CONFIDENCE_BUCKETS)
+        conf[8] = 10
+        return TelemetryWindow(
+            device_id=device, model=ref, window_start=now, window_end=now, count=10, errors=0,
+            latency_ms=Histogram(counts=tuple(lat), total=10.0),
+            confidence=Histogram(counts=tuple(conf), total=8.5),
+            inputs=Histogram(counts=(0, 0, 0, 0, 20, 20, 0, 0, 0, 0)),
+            shadow=shadow, agreements=agreements,
+        )  # fmt: skip
+
+    store.record_telemetry(window("d1", False, None))
+    store.record_telemetry(window("d2", False, None))
+    store.record_telemetry(window("d1", True, 7))
+    since = now.timestamp() - 1
+    served = store.cohort_stats("clf", ["d1", "d2"], since, version="2")
+    assert (served.devices, served.count, served.agreements) == (2, 20, 0)
+    assert served.inputs.n == 80 and len(served.inputs.counts) == len(INPUT_BUCKETS)
+    assert served.confidence.mean() == 0.85
+    mirrored = store.cohort_stats("clf", ["d1", "d2"], since, version="2", shadow=True)
+    assert (mirrored.devices, mirrored.count, mirrored.agreements) == (1, 10, 7)
+    assert mirrored.agreement == 0.7
+    assert store.avg_latency_ms("clf", "2", ["d1", "d2"], since) == 1.0
