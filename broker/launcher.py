@@ -125,7 +125,8 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"mqtt://{host}:{self.port}"
 
     @property
     def log_path(self) -> Path:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -211,7 +211,9 @@ class Controller:
                         shadow_s=shadow_s,
                     )
                 if a.rollback_command_id and a.rollback_state == "sent":
-                    await self._publish_rollback(rollout, a.device_id, a.rollback_command_id)
+                    await self._publish_rollback(
+                        rollout, a.rollback_command_id, region=None, devices=(a.device_id,)
+                    )
         self._published.clear()
         self.connected.set()
         self._wake.set()
@@ -606,9 +608,7 @@ class Controller:
                 metrics.ROLLBACKS.inc()
                 bound.warning("rollout_rolling_back", reason=action.reason)
             elif isinstance(action, SendRollback):
-                command_id = f"c-{uuid.uuid4().hex}"
-                if self.store.mark_rollback_sent(rid, action.device_id, command_id, now):
-                    await self._publish_rollback(rollout, action.device_id, command_id)
+                continue  # grouped per region below: one command flips a region back
             elif isinstance(action, TimeOutRollback):
                 self.store.mark_rollback_timed_out(rid, action.device_id, now)
                 bound.warning("rollback_timed_out", device_id=action.device_id)
@@ -619,6 +619,18 @@ class Controller:
                 )
                 metrics.ROLLOUTS.labels(action.status).inc()
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
+        reverting = {a.device_id for a in actions if isinstance(a, SendRollback)}
+        by_region: dict[str, list[str]] = {}
+        for a in assignments:
+            if a.device_id in reverting:
+                by_region.setdefault(a.region, []).append(a.device_id)
+        for region, members in sorted(by_region.items()):
+            command_id = f"c-{uuid.uuid4().hex}"
+            sent = [d for d in members if self.store.mark_rollback_sent(rid, d, command_id, now)]
+            if sent:
+                await self._publish_rollback(
+                    rollout, command_id, region=region or None, devices=sent
+                )
         await self._publish_status(self.store.get_rollout(rid))
 
     async def _publish_switch(
@@ -642,7 +654,15 @@ class Controller:
         metrics.COMMANDS.labels("switch").inc()
         log.info("switch_sent", rollout_id=rollout.rollout_id, region=region, devices=len(devices))
 
-    async def _publish_rollback(self, rollout: RolloutRow, device_id: str, command_id: str) -> None:
+    async def _publish_rollback(
+        self,
+        rollout: RolloutRow,
+        command_id: str,
+        *,
+        region: str | None,
+        devices: Sequence[str],
+    ) -> None:
+        """Swap back to the resident previous model: one command per region (or device)."""
         issued = datetime.now(UTC)
         expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
         command = RollbackCommand(
@@ -650,14 +670,16 @@ class Controller:
             rollout_id=rollout.rollout_id,
             issued_at=issued,
             expires_at=expires,
+            selector=Selector(cohort=tuple(devices)) if region is not None else None,
         )
-        await self._publish(
-            topics.device_cmd(device_id),
-            command.to_wire(),
-            expiry_s=expiry_seconds(expires, issued),
-        )
+        expiry = expiry_seconds(expires, issued)
+        targets = [topics.region_cmd(region)] if region else [topics.device_cmd(d) for d in devices]
+        for topic in targets:
+            await self._publish(topic, command.to_wire(), expiry_s=expiry)
         metrics.COMMANDS.labels("rollback").inc()
-        log.info("rollback_sent", rollout_id=rollout.rollout_id, device_id=device_id)
+        log.info(
+            "rollback_sent", rollout_id=rollout.rollout_id, region=region, devices=len(devices)
+        )
 
     async def _control(self, request: ControlRollout, now: float) -> dict[str, Any]:
         rollout = self.store.get_rollout(request.rollout_id)

@@ -72,6 +72,11 @@ async def fetch_artifact(
             raise
         except DownloadError as exc:
             last = exc
+        except httpx.ReadTimeout:
+            # Nothing at all for a whole rate window: the slow-retrieval case.
+            last = DownloadError(
+                f"no data for {limits.rate_window_s:g}s", reason="download_too_slow"
+            )
         except httpx.HTTPError as exc:
             last = DownloadError(f"download failed: {type(exc).__name__}: {exc}")
         if attempt == limits.attempts:

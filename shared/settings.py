@@ -43,7 +43,8 @@ class MqttEndpoint:
     tls: bool
 
     def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 def parse_mqtt_url(url: str) -> MqttEndpoint:
@@ -55,7 +56,9 @@ def parse_mqtt_url(url: str) -> MqttEndpoint:
         raise ValueError(f"invalid MQTT URL {url!r}: no host")
     tls = parts.scheme == "mqtts"
     try:
-        port = parts.port or (8883 if tls else 1883)
+        port = parts.port if parts.port is not None else (8883 if tls else 1883)
     except ValueError as exc:
         raise ValueError(f"invalid MQTT URL {url!r}: bad port") from exc
+    if port == 0:
+        raise ValueError(f"invalid MQTT URL {url!r}: bad port")
     return MqttEndpoint(parts.hostname, port, tls)

@@ -34,6 +34,7 @@ from shared.messages import (
     DeployCommand,
     GateSpec,
     ListDevices,
+    RollbackCommand,
     RolloutStatus,
     StageSpec,
     StartRollout,
@@ -100,6 +101,7 @@ class Fleet:
     controller: ControllerProcess
     region_publishes: list[tuple[str, str]] = field(default_factory=list)  # (region, rollout)
     switches: list[tuple[str, str]] = field(default_factory=list)  # (topic, rollout)
+    rollbacks: list[tuple[str, str]] = field(default_factory=list)  # (topic, rollout)
     deploys: dict[str, dict[str, set[str]]] = field(
         default_factory=lambda: defaultdict(lambda: defaultdict(set))
     )  # rollout -> device -> command ids
@@ -165,6 +167,8 @@ async def fleet(
                 command = COMMAND.validate_json(m.payload)
                 if isinstance(command, SwitchCommand) and command.rollout_id:
                     fleet.switches.append((m.topic.value, command.rollout_id))
+                if isinstance(command, RollbackCommand) and command.rollout_id:
+                    fleet.rollbacks.append((m.topic.value, command.rollout_id))
                 if not isinstance(command, DeployCommand) or command.rollout_id is None:
                     continue
                 topic = m.topic.value
@@ -361,6 +365,8 @@ async def test_blue_green_stages_everywhere_then_one_switch_per_region_flips_the
     assert (await fleet.final(rid)).status == "RolledBack"
     assert fleet.versions() == {"1.0.0"}
     np.testing.assert_allclose(fleet.agents[3].infer(X), reference(model_v1), atol=1e-6)
+    flips_back = sorted(t for t, r in fleet.rollbacks if r == rid)
+    assert flips_back == ["hotswap/v1/regions/eu-west/cmd", "hotswap/v1/regions/us-east/cmd"]
 
 
 async def test_shadow_rollout_reads_agreement_without_serving_the_candidate(

@@ -557,3 +557,22 @@ def test_rollback_of_blue_green_leaves_staged_devices_alone() -> None:
     assert plan_next_actions(rb, [], members, None, 2) == [SendRollback("a")]
     answered = [a("a", "activated", 1, rollback_state="rolled_back"), a("b", "staged", 1)]
     assert plan_next_actions(rb, [], answered, None, 3) == [FinishRollout("RolledBack", None)]
+
+
+def test_shadow_stages_with_mirroring_and_ends_on_the_gates() -> None:
+    """Shadow: stage-only deploys that mirror; after the bake the gates decide, nothing activates."""
+    stages = [Stage("shadow", ("a", "b"), bake_s=10, action="shadow")]
+    sh = view(strategy="shadow", has_gates=True)
+    assert plan_next_actions(sh, stages, [a("a"), a("b")], None, 0) == [
+        SendDeploy("a", activate=False, shadow=True), SendDeploy("b", activate=False, shadow=True),
+    ]  # fmt: skip
+    staged = [a("a", "staged", 1), a("b", "staged", 1)]
+    assert plan_next_actions(sh, stages, staged, GateReading("pass"), 2) == [SettleStage(0)]
+    baked = view(strategy="shadow", has_gates=True, stage_settled_at=2.0)
+    assert plan_next_actions(baked, stages, staged, GateReading("pass"), 5) == []
+    (finish,) = plan_next_actions(baked, stages, staged, GateReading("pass"), 12)
+    assert isinstance(finish, FinishRollout) and finish.status == "Succeeded"
+    (pause,) = plan_next_actions(baked, stages, staged, GateReading("inconclusive", "few"), 12)
+    assert isinstance(pause, PauseRollout)
+    (rollback,) = plan_next_actions(baked, stages, staged, GateReading("fail", "min_agreement"), 5)
+    assert isinstance(rollback, BeginRollback)

@@ -1,0 +1,165 @@
+"""Wire message edge cases: schema version, commands on the wire, histogram corners."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from shared.manifest import build_manifest, sign_manifest
+from shared.messages import (
+    COMMAND,
+    LATENCY_BUCKETS_MS,
+    REQUEST,
+    DeployCommand,
+    DeviceState,
+    GetRollout,
+    Histogram,
+    ModelRef,
+    Selector,
+    StartRollout,
+    SwitchCommand,
+)
+from shared.tflite import read_signature
+
+
+def test_command_fields_are_camel_case_on_the_wire() -> None:
+    """commandId, rolloutId, issuedAt and expiresAt are camelCase; no snake_case leaks."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    cmd = SwitchCommand(
+        command_id="c-1",
+        rollout_id="r-1",
+        issued_at=now,
+        expires_at=now + timedelta(hours=1),
+        to=ModelRef(name="clf", version="2", sha256="ab" * 32),
+    )
+    wire = json.loads(cmd.to_wire())
+    assert {"v", "kind", "commandId", "rolloutId", "issuedAt", "expiresAt", "to"} <= wire.keys()
+    assert wire["kind"] == "switch" and wire["v"] == 1
+    assert not any("_" in k for k in wire)
+
+
+def test_deploy_round_trips_through_the_command_adapter(model_v1: bytes) -> None:
+    """A deploy with a signed manifest parses back as DeployCommand with identical signed bytes."""
+    m = build_manifest(name="clf", version="1", data=model_v1, signature=read_signature(model_v1))
+    signed = sign_manifest(m, Ed25519PrivateKey.generate())
+    cmd = DeployCommand(command_id="c-9", manifest=signed, url="http://s3/x", activate=False)
+    back = COMMAND.validate_json(cmd.to_wire())
+    assert isinstance(back, DeployCommand)
+    assert back.manifest.signed == signed.signed and back.activate is False
+    assert back == cmd
+
+
+def test_other_schema_versions_are_refused() -> None:
+    """A message with v=2 does not validate: `v` is pinned to 1."""
+    with pytest.raises(ValidationError):
+        COMMAND.validate_json(b'{"v":2,"kind":"cancel","commandId":"c"}')
+
+
+def test_missing_kind_is_refused_by_both_adapters() -> None:
+    """Without a `kind` discriminator neither adapter guesses a model."""
+    with pytest.raises(ValidationError):
+        COMMAND.validate_json(b'{"commandId":"c"}')
+    with pytest.raises(ValidationError):
+        REQUEST.validate_json(b'{"rolloutId":"r"}')
+
+
+def test_request_adapter_ignores_unknown_keys() -> None:
+    """A newer operator's extra fields do not stop an older controller from parsing."""
+    req = REQUEST.validate_json(b'{"kind":"get_rollout","rolloutId":"r-1","newThing":[1]}')
+    assert req == GetRollout(rollout_id="r-1")
+
+
+def test_snake_case_keys_are_accepted_too() -> None:
+    """populate_by_name: Python-style keys validate as well as camelCase ones."""
+    req = REQUEST.validate_python({"kind": "get_rollout", "rollout_id": "r-2"})
+    assert isinstance(req, GetRollout) and req.rollout_id == "r-2"
+
+
+def test_messages_are_frozen() -> None:
+    """Parsed messages cannot be mutated after the fact."""
+    state = DeviceState(device_id="d", region="eu", device_type="cam", online=True)
+    with pytest.raises(ValidationError):
+        state.online = False  # type: ignore[misc]
+
+
+def test_empty_command_id_is_refused() -> None:
+    """commandId must be non-empty."""
+    with pytest.raises(ValidationError):
+        COMMAND.validate_json(b'{"kind":"cancel","commandId":""}')
+
+
+def test_expired_is_inclusive_at_the_deadline() -> None:
+    """At exactly expires_at the command counts as expired."""
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    assert SwitchCommand(
+        command_id="c", expires_at=t, to=ModelRef(name="m", version="1", sha256="0" * 64)
+    ).expired(t)
+
+
+@pytest.mark.parametrize("field", ["device_id", "region", "device_type"])
+@pytest.mark.parametrize("bad", ["a/b", "+", "#", ""])
+def test_device_state_refuses_unsafe_ids_in_every_id_field(field: str, bad: str) -> None:
+    """device_id, region and device_type all have to be topic-safe."""
+    fields = {"device_id": "d", "region": "eu", "device_type": "cam", field: bad}
+    with pytest.raises(ValidationError):
+        DeviceState(online=True, **fields)
+
+
+def test_histogram_mean_of_empty_is_none_and_merge_keeps_operands() -> None:
+    """An empty histogram has no mean; merging returns a new histogram."""
+    empty = Histogram.empty(LATENCY_BUCKETS_MS)
+    assert empty.n == 0 and empty.mean() is None
+    one = Histogram(counts=(1,) + (0,) * 14, total=0.04)
+    merged = empty.merged(one)
+    assert merged.n == 1 and empty.n == 0 and merged.mean() == pytest.approx(0.04)
+
+
+def test_quantile_in_the_overflow_bucket_reports_the_last_finite_bound() -> None:
+    """Samples above the last finite bound give that bound, never infinity."""
+    h = Histogram(counts=(0,) * 14 + (5,), total=10_000.0)
+    assert h.quantile(0.5, LATENCY_BUCKETS_MS) == 1000.0
+
+
+def test_quantile_extremes_pick_lowest_and_highest_populated_buckets() -> None:
+    """q=0 gives the first populated bucket and q=1 the last populated one."""
+    counts = [0] * 15
+    counts[2], counts[9] = 3, 1
+    h = Histogram(counts=tuple(counts))
+    assert h.quantile(0.0, LATENCY_BUCKETS_MS) == LATENCY_BUCKETS_MS[2]
+    assert h.quantile(1.0, LATENCY_BUCKETS_MS) == LATENCY_BUCKETS_MS[9]
+
+
+def test_selector_min_memory_excludes_devices_with_unknown_memory() -> None:
+    """A device that reports no memory does not meet a memory floor."""
+    s = Selector(min_memory_mb=1)
+    assert not s.matches(device_id="d", device_type="cam", memory_mb=None)
+    assert s.matches(device_id="d", device_type="cam", memory_mb=1)
+
+
+def test_selector_survives_the_wire() -> None:
+    """A selector serialises camelCase and parses back to an equal selector."""
+    s = Selector(device_types=("cam",), min_memory_mb=256, cohort=("d1",))
+    wire = json.loads(s.to_wire())
+    assert wire["deviceTypes"] == ["cam"] and wire["minMemoryMb"] == 256
+    assert Selector.model_validate_json(s.to_wire()) == s
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"strategy": "progressive"},
+        {"strategy": "progressive", "stages": [{"percent": 50, "durationS": 0}]},
+        {"strategy": "ab"},
+        {"strategy": "ab", "version_b": "1"},
+        {"strategy": "regional"},
+        {"strategy": "regional", "regions": ["eu/west"]},
+    ],
+)
+def test_start_rollout_refuses_incomplete_strategies(kwargs: dict[str, object]) -> None:
+    """Progressive needs stages ending at 100, A/B a different B, regional safe regions."""
+    with pytest.raises(ValidationError):
+        StartRollout(model="m", version="1", **kwargs)
