@@ -633,26 +633,52 @@ class Controller:
                 )
         await self._publish_status(self.store.get_rollout(rid))
 
+    def _envelope(
+        self, rollout: RolloutRow, command_id: str, region: str | None, devices: Sequence[str]
+    ) -> dict[str, Any]:
+        """What every command carries: ids, issue and expiry times, a region's selector."""
+        issued = datetime.now(UTC)
+        return {
+            "command_id": command_id,
+            "rollout_id": rollout.rollout_id,
+            "issued_at": issued,
+            "expires_at": datetime.fromtimestamp(
+                issued.timestamp() + self.config.command_ttl_s, UTC
+            ),
+            "selector": Selector(cohort=tuple(devices)) if region is not None else None,
+        }
+
+    async def _send(
+        self,
+        command: DeployCommand | SwitchCommand | RollbackCommand,
+        *,
+        region: str | None,
+        devices: Sequence[str],
+    ) -> None:
+        """One publish on the region's topic (its selector names the devices), or one each."""
+        expiry = expiry_seconds(command.expires_at, command.issued_at)
+        if region is not None:
+            targets = [topics.region_cmd(region)]
+        else:
+            targets = [topics.device_cmd(d) for d in devices]
+        for topic in targets:
+            await self._publish(topic, command.to_wire(), expiry_s=expiry)
+        metrics.COMMANDS.labels(command.kind).inc()
+        log.info(
+            f"{command.kind}_sent",
+            rollout_id=command.rollout_id,
+            command_id=command.command_id,
+            region=region,
+            devices=list(devices),
+        )
+
     async def _publish_switch(
         self, rollout: RolloutRow, command_id: str, *, region: str | None, devices: tuple[str, ...]
     ) -> None:
-        """Blue-green flip: one command on the region's topic (or each device's, if none)."""
-        issued = datetime.now(UTC)
-        expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
-        command = SwitchCommand(
-            command_id=command_id,
-            rollout_id=rollout.rollout_id,
-            issued_at=issued,
-            expires_at=expires,
-            to=ModelRef(name=rollout.model, version=rollout.version, sha256=rollout.sha256),
-            selector=Selector(cohort=devices) if region is not None else None,
-        )
-        expiry = expiry_seconds(expires, issued)
-        targets = [topics.region_cmd(region)] if region else [topics.device_cmd(d) for d in devices]
-        for topic in targets:
-            await self._publish(topic, command.to_wire(), expiry_s=expiry)
-        metrics.COMMANDS.labels("switch").inc()
-        log.info("switch_sent", rollout_id=rollout.rollout_id, region=region, devices=len(devices))
+        """Blue-green flip: make the staged candidate active."""
+        to = ModelRef(name=rollout.model, version=rollout.version, sha256=rollout.sha256)
+        command = SwitchCommand(**self._envelope(rollout, command_id, region, devices), to=to)
+        await self._send(command, region=region, devices=devices)
 
     async def _publish_rollback(
         self,
@@ -662,24 +688,9 @@ class Controller:
         region: str | None,
         devices: Sequence[str],
     ) -> None:
-        """Swap back to the resident previous model: one command per region (or device)."""
-        issued = datetime.now(UTC)
-        expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
-        command = RollbackCommand(
-            command_id=command_id,
-            rollout_id=rollout.rollout_id,
-            issued_at=issued,
-            expires_at=expires,
-            selector=Selector(cohort=tuple(devices)) if region is not None else None,
-        )
-        expiry = expiry_seconds(expires, issued)
-        targets = [topics.region_cmd(region)] if region else [topics.device_cmd(d) for d in devices]
-        for topic in targets:
-            await self._publish(topic, command.to_wire(), expiry_s=expiry)
-        metrics.COMMANDS.labels("rollback").inc()
-        log.info(
-            "rollback_sent", rollout_id=rollout.rollout_id, region=region, devices=len(devices)
-        )
+        """Swap back to the resident previous model."""
+        command = RollbackCommand(**self._envelope(rollout, command_id, region, devices))
+        await self._send(command, region=region, devices=devices)
 
     async def _control(self, request: ControlRollout, now: float) -> dict[str, Any]:
         rollout = self.store.get_rollout(request.rollout_id)
@@ -771,33 +782,15 @@ class Controller:
         url = await asyncio.to_thread(
             self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
         )
-        issued = datetime.now(UTC)
-        expires = datetime.fromtimestamp(issued.timestamp() + self.config.command_ttl_s, UTC)
+        devices = cohort if region is not None else (str(device_id),)
         command = DeployCommand(
-            command_id=command_id,
-            rollout_id=rollout.rollout_id,
+            **self._envelope(rollout, command_id, region, devices),
             manifest=SignedManifest.model_validate_json(model.signed_manifest),
             url=url,
-            issued_at=issued,
-            expires_at=expires,
-            selector=Selector(cohort=cohort) if region is not None else None,
             activate=activate,
             shadow_s=shadow_s,
         )
-        topic = (
-            topics.region_cmd(region) if region is not None else topics.device_cmd(str(device_id))
-        )
-        await self._publish(topic, command.to_wire(), expiry_s=expiry_seconds(expires, issued))
-        metrics.COMMANDS.labels("deploy").inc()
-        log.info(
-            "deploy_sent",
-            rollout_id=rollout.rollout_id,
-            device_id=device_id,
-            region=region,
-            devices=len(cohort) if region is not None else 1,
-            command_id=command_id,
-            model=f"{model.name}@{model.version}",
-        )
+        await self._send(command, region=region, devices=devices)
 
     def _comparison(
         self, rollout: RolloutRow, spec: StartRolloutRequest, assignments: list[AssignmentRow]
