@@ -75,17 +75,18 @@ def bare_invoke_latencies(data: bytes, x: np.ndarray, n: int) -> list[float]:
     return out
 
 
-def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[int, int]:
-    """`threads` threads calling `call(x)` for `seconds`: (completed, failed)."""
+def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[int, int, float]:
+    """`threads` threads calling `call(x)` for `seconds`: (completed, failed, max gap ms)."""
     stop = threading.Event()
-    done = [0] * threads
+    stamps: list[list[float]] = [[] for _ in range(threads)]
     failed = [0] * threads
 
     def worker(i: int) -> None:
+        mine = stamps[i]
         while not stop.is_set():
             try:
                 call(x)
-                done[i] += 1
+                mine.append(time.perf_counter())
             except Exception:
                 failed[i] += 1
 
@@ -96,7 +97,9 @@ def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[in
     stop.set()
     for t in ts:
         t.join()
-    return sum(done), sum(failed)
+    merged = sorted(s for per in stamps for s in per)
+    gap = float(np.diff(merged).max() * 1e3) if len(merged) > 1 else 0.0
+    return len(merged), sum(failed), gap
 
 
 def bare_caller(data: bytes, threads: int) -> Any:
@@ -193,11 +196,12 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     # ---- steady-state throughput: bare vs agent, interleaved rounds, same threads
     bare_n = agent_n = 0
+    bare_gap = agent_gap = 0.0
     for _ in range(args.rounds):
-        n, _ = await asyncio.to_thread(run_load, bare, x, args.threads, args.seconds)
-        bare_n += n
-        n, _ = await asyncio.to_thread(run_load, agent.infer, x, args.threads, args.seconds)
-        agent_n += n
+        n, _, gap = await asyncio.to_thread(run_load, bare, x, args.threads, args.seconds)
+        bare_n, bare_gap = bare_n + n, max(bare_gap, gap)
+        n, _, gap = await asyncio.to_thread(run_load, agent.infer, x, args.threads, args.seconds)
+        agent_n, agent_gap = agent_n + n, max(agent_gap, gap)
 
     # ---- swaps under load
     stop = threading.Event()
@@ -267,6 +271,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "max_gap_to_infer_p99_ratio": round(float(gaps.max()) / invoke_p99, 3)
         if invoke_p99
         else None,
+        # The same measure with no swap at all, same threads: the machine's own noise.
+        "bare_max_gap_ms": round(bare_gap, 3),
+        "agent_no_swap_max_gap_ms": round(agent_gap, 3),
         "bare_inferences_per_s": round(bare_rate, 1),
         "agent_inferences_per_s": round(agent_rate, 1),
         "infer_throughput_ratio": round(agent_rate / bare_rate, 3) if bare_rate else None,
