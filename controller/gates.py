@@ -95,82 +95,52 @@ def evaluate_gates(
     spec: GateSpec, candidate: CohortStats, baseline: CohortStats
 ) -> tuple[GateVerdict, ...]:
     """One verdict per configured gate."""
+    p95 = candidate.p(0.95)
+    base95 = baseline.p(0.95)
+    cand_conf, base_conf = candidate.confidence.mean(), baseline.confidence.mean()
+    # gate: (threshold, observed, lower is better, needs the baseline too, what it measures)
+    table: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
+        "max_latency_ms": (spec.max_latency_ms, p95, True, False, "candidate p95"),
+        "max_error_rate": (
+            spec.max_error_rate, candidate.error_rate, True, False, "candidate errors/inferences"
+        ),
+        "max_latency_increase": (
+            spec.max_latency_increase,
+            p95 / base95 - 1 if p95 is not None and base95 else None,
+            True, True, "candidate p95 / baseline p95 - 1",
+        ),
+        "max_confidence_drop": (
+            spec.max_confidence_drop,
+            base_conf - cand_conf if cand_conf is not None and base_conf is not None else None,
+            True, True, "baseline mean confidence - candidate's",
+        ),
+        "min_agreement": (
+            spec.min_agreement, candidate.agreement, False, False, "shadow top class = served"
+        ),
+        "max_input_psi": (
+            spec.max_input_psi, psi(candidate.inputs, baseline.inputs),
+            True, True, "input PSI, candidate vs baseline",
+        ),
+    }  # fmt: skip
     out: list[GateVerdict] = []
-    enough = candidate.count >= spec.min_samples
-    enough_base = baseline.count >= spec.min_samples
-    few = f"{candidate.count} of {spec.min_samples} samples"
-
-    def add(
-        gate: str, ok: bool | None, observed: float | None, threshold: float, detail: str
-    ) -> None:
-        verdict: Verdict = "inconclusive" if ok is None else ("pass" if ok else "fail")
+    for gate, (threshold, observed, lower_is_better, needs_base, measure) in table.items():
+        if threshold is None:
+            continue
+        if candidate.count < spec.min_samples:
+            detail = f"{candidate.count} of {spec.min_samples} samples"
+        elif needs_base and baseline.count < spec.min_samples:
+            detail = f"baseline {baseline.count} of {spec.min_samples} samples"
+        else:
+            detail = measure
+        verdict: Verdict = "inconclusive"
+        if detail == measure and observed is not None:
+            ok = observed <= threshold if lower_is_better else observed >= threshold
+            verdict = "pass" if ok else "fail"
         out.append(
             GateVerdict(
                 gate=gate, verdict=verdict, observed=observed, threshold=threshold, detail=detail
             )
         )
-
-    if spec.max_latency_ms is not None:
-        p95 = candidate.p(0.95)
-        ok = None if not enough or p95 is None else p95 <= spec.max_latency_ms
-        add("max_latency_ms", ok, p95, spec.max_latency_ms, "candidate p95" if enough else few)
-    if spec.max_error_rate is not None:
-        rate = candidate.error_rate
-        ok = None if not enough or rate is None else rate <= spec.max_error_rate
-        add(
-            "max_error_rate",
-            ok,
-            rate,
-            spec.max_error_rate,
-            "candidate errors/inferences" if enough else few,
-        )
-    if spec.max_latency_increase is not None:
-        c95, b95 = candidate.p(0.95), baseline.p(0.95)
-        increase = c95 / b95 - 1 if c95 is not None and b95 else None
-        ok = (
-            None
-            if not (enough and enough_base) or increase is None
-            else increase <= spec.max_latency_increase
-        )
-        detail = (
-            "candidate p95 / baseline p95 - 1"
-            if enough and enough_base
-            else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
-        )
-        add("max_latency_increase", ok, increase, spec.max_latency_increase, detail)
-    if spec.max_confidence_drop is not None:
-        cm, bm = candidate.confidence.mean(), baseline.confidence.mean()
-        drop = bm - cm if cm is not None and bm is not None else None
-        ok = (
-            None
-            if not (enough and enough_base) or drop is None
-            else drop <= spec.max_confidence_drop
-        )
-        detail = (
-            "baseline mean confidence - candidate's"
-            if enough and enough_base
-            else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
-        )
-        add("max_confidence_drop", ok, drop, spec.max_confidence_drop, detail)
-    if spec.min_agreement is not None:
-        share = candidate.agreement
-        ok = None if not enough or share is None else share >= spec.min_agreement
-        add(
-            "min_agreement",
-            ok,
-            share,
-            spec.min_agreement,
-            "shadow top class = served" if enough else few,
-        )
-    if spec.max_input_psi is not None:
-        index = psi(candidate.inputs, baseline.inputs)
-        ok = None if not (enough and enough_base) or index is None else index <= spec.max_input_psi
-        detail = (
-            "input PSI, candidate vs baseline"
-            if enough and enough_base
-            else (few if not enough else f"baseline {baseline.count} of {spec.min_samples} samples")
-        )
-        add("max_input_psi", ok, index, spec.max_input_psi, detail)
     return tuple(out)
 
 
