@@ -166,29 +166,39 @@ class Agent:
             self.connected.clear()
 
     def restore(self) -> None:
-        """Load the stored active (and previous) model into the runtime, offline."""
+        """Load the stored active model (and the standby: staged, else previous), offline."""
         state = self.store.open()
         self.store.clean_downloads()
-        slots: list[ModelSlot] = []
-        for sha in (state.active, state.previous):
+
+        def load(sha: str | None) -> ModelSlot | None:
             if sha is None:
-                continue
+                return None
             try:
                 data, signed = self.store.read(sha)
-                manifest = signed.unverified()
-                slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
+                slot = ModelSlot.load(
+                    _ref(signed.unverified()), data, num_threads=self.config.num_threads
+                )
                 slot.warm_up(self._rng)
-                slots.append(slot)
+                return slot
             except (HotswapError, ValueError, OSError) as exc:
                 self.log.error("stored_model_unusable", sha256=sha, error=str(exc))
-        if slots:
-            self.runtime.restore(slots[0], slots[1] if len(slots) > 1 else None)
-            slots[0].grow(self.config.interpreters, self._rng)
-            self.log.info("serving_stored_model", model=slots[0].ref.ref)
-        new_active = slots[0].ref.sha256 if slots else None
-        new_previous = slots[1].ref.sha256 if len(slots) > 1 else None
-        if (new_active, new_previous) != (state.active, state.previous):
-            state.active, state.previous = new_active, new_previous
+                return None
+
+        before = (state.active, state.previous, state.staged)
+        active = load(state.active)
+        previous = load(state.previous)
+        if active is None and previous is not None:  # the active file is gone or corrupt
+            active, previous = previous, None
+        staged = load(state.staged) if state.staged not in (None, state.active) else None
+        state.active = active.ref.sha256 if active else None
+        state.previous = previous.ref.sha256 if previous else None
+        state.staged = staged.ref.sha256 if staged else None
+        if active is not None:
+            # A staged candidate (blue-green) waits in standby for its switch.
+            self.runtime.restore(active, staged or previous)
+            active.grow(self.config.interpreters, self._rng)
+            self.log.info("serving_stored_model", model=active.ref.ref)
+        if (state.active, state.previous, state.staged) != before:
             self.store.write_state(state)
         self._state = state
 
@@ -442,6 +452,8 @@ class Agent:
         if not command.activate:
             # Blue-green: loaded, warm, resident in standby; a switch makes it active.
             self.runtime.stage(slot)
+            if command.shadow_s is None:
+                self._state.staged = slot.ref.sha256  # survives a restart, for the switch
             if command.shadow_s is not None:
                 self._start_shadow(slot, command.shadow_s)
                 return self._event(
@@ -590,6 +602,8 @@ class Agent:
         problem = await self._watch(slot, before, old_active, baseline)
         if problem is not None:
             self.runtime.restore(old_active, old_standby)
+            if self._state.staged == slot.ref.sha256:
+                self._state.staged = None  # an unhealthy candidate is not kept for later
             phase: EventPhase = "rolled_back" if old_active is not None else "failed"
             return self._event(
                 command,
@@ -609,6 +623,7 @@ class Agent:
         return self._event(command, "activated", model=slot.ref)
 
     def _set_pointers(self, active: ModelSlot, previous: ModelSlot | None) -> None:
+        self._state.staged = None  # whatever was staged is either active now or replaced
         self._state.active = active.ref.sha256
         self._state.previous = previous.ref.sha256 if previous and previous is not active else None
 

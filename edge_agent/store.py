@@ -38,6 +38,7 @@ RECENT_COMMANDS = 256
 class StoreState:
     active: str | None = None
     previous: str | None = None
+    staged: str | None = None  # blue-green: loaded into standby, waiting for a switch
     # command_id -> the final event (wire JSON) it produced, oldest first
     commands: dict[str, str | None] = field(default_factory=dict)
 
@@ -84,13 +85,19 @@ class ModelStore:
         return StoreState(
             active=raw.get("active"),
             previous=raw.get("previous"),
+            staged=raw.get("staged"),
             commands={str(k): v for k, v in commands.items()},
         )
 
     def write_state(self, state: StoreState) -> None:
         while len(state.commands) > RECENT_COMMANDS:
             state.commands.pop(next(iter(state.commands)))
-        body = {"active": state.active, "previous": state.previous, "commands": state.commands}
+        body = {
+            "active": state.active,
+            "previous": state.previous,
+            "staged": state.staged,
+            "commands": state.commands,
+        }
         write_atomic(self.state_path, json.dumps(body, indent=1).encode())
 
     # ------------------------------------------------------------ models

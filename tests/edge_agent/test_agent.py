@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import numpy as np
@@ -21,7 +22,14 @@ from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.keys import load_public_key
 from shared.manifest import SignedManifest, build_manifest, sign_manifest
-from shared.messages import DeployCommand, DeviceEvent, DeviceState, RollbackCommand, Selector
+from shared.messages import (
+    FINAL_PHASES,
+    DeployCommand,
+    DeviceEvent,
+    DeviceState,
+    RollbackCommand,
+    Selector,
+)
 from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
 from shared.settings import parse_mqtt_url
@@ -76,11 +84,7 @@ class Harness:
         async with asyncio.timeout(within_s):
             while True:
                 for e in self.events:
-                    if e.command_id == command_id and e.phase in (
-                        "activated",
-                        "failed",
-                        "rolled_back",
-                    ):
+                    if e.command_id == command_id and e.phase in FINAL_PHASES:
                         return e
                 await asyncio.sleep(0.05)
 
@@ -387,3 +391,67 @@ async def test_much_slower_model_is_swapped_back_by_the_agent(
             reader.cancel()
             task.cancel()
             await asyncio.gather(reader, task, return_exceptions=True)
+
+
+async def test_staged_model_survives_a_restart_and_switches_by_reference(
+    mosquitto: Mosquitto,
+    s3: S3,
+    signing_keys: KeyPair,
+    tmp_path: Path,
+    model_v1: bytes,
+    model_v2: bytes,
+) -> None:
+    """Blue-green on one device: v2 staged (v1 serves), agent restarted, switch → v2 serves."""
+    from shared.messages import SwitchCommand
+
+    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
+    endpoint = parse_mqtt_url(mosquitto.url)
+
+    async def with_agent(steps) -> Agent:
+        agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
+        task = asyncio.create_task(agent.run())
+        async with make_client(endpoint, identifier="test-controller") as client:
+            h = Harness(agent, client, artifacts, signing_keys)
+            await client.subscribe(topics.device_events("cam-1"), qos=1)
+
+            async def record() -> None:
+                async for m in client.messages:
+                    assert isinstance(m.payload, bytes)
+                    h.events.append(DeviceEvent.model_validate_json(m.payload))
+
+            reader = asyncio.create_task(record())
+            try:
+                await asyncio.wait_for(agent.connected.wait(), 10)
+                await steps(h)
+            finally:
+                reader.cancel()
+                task.cancel()
+                await asyncio.gather(reader, task, return_exceptions=True)
+        return agent
+
+    staged: list[Any] = []
+
+    async def stage(h: Harness) -> None:
+        signed, url = h.upload(model_v1, "1.0.0")
+        await h.send(first := deploy(signed, url))
+        assert (await h.final_event(first.command_id)).phase == "activated"
+        signed, url = h.upload(model_v2, "2.0.0")
+        await h.send(cmd := deploy(signed, url, activate=False))
+        final = await h.final_event(cmd.command_id)
+        assert final.phase == "staged" and final.model is not None
+        staged.append(final.model)
+        assert h.agent.active and h.agent.active.version == "1.0.0"
+        assert h.agent.standby and h.agent.standby.version == "2.0.0"
+        np.testing.assert_allclose(h.agent.infer(X), reference(model_v1), atol=1e-6)
+
+    async def switch(h: Harness) -> None:
+        assert h.agent.standby and h.agent.standby.version == "2.0.0"  # restored from disk
+        flip = SwitchCommand(command_id="c-switch-1", rollout_id="r-test", to=staged[0])
+        await h.send(flip)
+        final = await h.final_event(flip.command_id)
+        assert final.phase == "activated" and h.phases(flip.command_id) == ["received", "activated"]
+        np.testing.assert_allclose(h.agent.infer(X), reference(model_v2), atol=1e-6)
+        assert h.agent.standby and h.agent.standby.version == "1.0.0"
+
+    await with_agent(stage)
+    await with_agent(switch)
