@@ -111,15 +111,11 @@ def agent_config(tmp_path: Path, keys: KeyPair, url: str, **kw) -> AgentConfig:
     )
 
 
-@pytest.fixture
-async def harness(
-    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path
-) -> AsyncIterator[Harness]:
-    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
-    task = asyncio.create_task(agent.run())
-    async with make_client(parse_mqtt_url(mosquitto.url), identifier="test-controller") as client:
-        h = Harness(agent, client, artifacts, signing_keys)
+@contextlib.asynccontextmanager
+async def watching(agent: Agent, url: str, s3: S3, keys: KeyPair) -> AsyncIterator[Harness]:
+    """A controller's view of cam-1: a client recording its events and states."""
+    async with make_client(parse_mqtt_url(url), identifier="test-controller") as client:
+        h = Harness(agent, client, ArtifactStore(s3.endpoint, s3.bucket), keys)
         await client.subscribe(topics.device_events("cam-1"), qos=1)
         await client.subscribe(topics.device_state("cam-1"), qos=1)
 
@@ -132,13 +128,33 @@ async def harness(
                     h.states.append(DeviceState.model_validate_json(m.payload))
 
         reader = asyncio.create_task(record())
-        await asyncio.wait_for(agent.connected.wait(), 10)
         try:
             yield h
         finally:
             reader.cancel()
-            task.cancel()
-            await asyncio.gather(reader, task, return_exceptions=True)
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def running(agent: Agent, *, wait_connected: bool = True) -> AsyncIterator[Agent]:
+    """The agent's run() as a task, cancelled on exit."""
+    task = asyncio.create_task(agent.run())
+    try:
+        if wait_connected:
+            await asyncio.wait_for(agent.connected.wait(), 10)
+        yield agent
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def harness(
+    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
+    async with watching(agent, mosquitto.url, s3, signing_keys) as h, running(agent):
+        yield h
 
 
 async def test_deploy_goes_through_every_phase_and_serves_the_model(
@@ -298,39 +314,19 @@ async def test_restarted_agent_serves_the_stored_model_offline(
     mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, model_v1: bytes
 ) -> None:
     """With the broker down, a restarted agent serves its last model at once; it reconnects later."""
-    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
     first = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-    task = asyncio.create_task(first.run())
-    async with make_client(parse_mqtt_url(mosquitto.url), identifier="test-controller") as client:
-        h = Harness(first, client, artifacts, signing_keys)
-        await client.subscribe(topics.device_events("cam-1"), qos=1)
-
-        async def record() -> None:
-            async for m in client.messages:
-                assert isinstance(m.payload, bytes)
-                h.events.append(DeviceEvent.model_validate_json(m.payload))
-
-        reader = asyncio.create_task(record())
-        await asyncio.wait_for(first.connected.wait(), 10)
+    async with watching(first, mosquitto.url, s3, signing_keys) as h, running(first):
         signed, url = h.upload(model_v1, "1.0.0")
         await h.send(cmd := deploy(signed, url))
         await h.final_event(cmd.command_id)
-        reader.cancel()
-        task.cancel()
-        await asyncio.gather(reader, task, return_exceptions=True)
     mosquitto.stop()
     second = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-    task = asyncio.create_task(second.run())
-    try:
+    async with running(second, wait_connected=False):
         await asyncio.wait_for(second.serving.wait(), 10)
         assert not second.connected.is_set()
         np.testing.assert_allclose(second.infer(X), reference(model_v1), atol=1e-6)
         mosquitto.start()
         await asyncio.wait_for(second.connected.wait(), 30)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def flip_last_byte(data: bytes) -> bytes:
@@ -364,33 +360,17 @@ async def test_much_slower_model_is_swapped_back_by_the_agent(
         agent_config(tmp_path, signing_keys, mosquitto.url, workload_hz=200, max_latency_factor=3)
     )
     slow = build_dense_model(hidden=(2048, 2048, 2048), seed=3)  # same signature, ~1000x the work
-    task = asyncio.create_task(agent.run())
-    async with make_client(parse_mqtt_url(mosquitto.url), identifier="test-controller") as client:
-        h = Harness(agent, client, ArtifactStore(s3.endpoint, s3.bucket), signing_keys)
-        await client.subscribe(topics.device_events("cam-1"), qos=1)
-
-        async def record() -> None:
-            async for m in client.messages:
-                assert isinstance(m.payload, bytes)
-                h.events.append(DeviceEvent.model_validate_json(m.payload))
-
-        reader = asyncio.create_task(record())
-        try:
-            await asyncio.wait_for(agent.connected.wait(), 10)
-            signed, url = h.upload(model_v1, "1.0.0")
-            await h.send(first := deploy(signed, url))
-            assert (await h.final_event(first.command_id)).phase == "activated"
-            await asyncio.sleep(0.5)  # live traffic on v1 gives the baseline
-            signed, url = h.upload(slow, "2.0.0")
-            await h.send(bad := deploy(signed, url))
-            final = await h.final_event(bad.command_id, within_s=60)
-            assert (final.phase, final.reason) == ("rolled_back", "unhealthy"), final
-            assert agent.active and agent.active.version == "1.0.0"
-            np.testing.assert_allclose(agent.infer(X), reference(model_v1), atol=1e-6)
-        finally:
-            reader.cancel()
-            task.cancel()
-            await asyncio.gather(reader, task, return_exceptions=True)
+    async with watching(agent, mosquitto.url, s3, signing_keys) as h, running(agent):
+        signed, url = h.upload(model_v1, "1.0.0")
+        await h.send(first := deploy(signed, url))
+        assert (await h.final_event(first.command_id)).phase == "activated"
+        await asyncio.sleep(0.5)  # live traffic on v1 gives the baseline
+        signed, url = h.upload(slow, "2.0.0")
+        await h.send(bad := deploy(signed, url))
+        final = await h.final_event(bad.command_id, within_s=60)
+        assert (final.phase, final.reason) == ("rolled_back", "unhealthy"), final
+        assert agent.active and agent.active.version == "1.0.0"
+        np.testing.assert_allclose(agent.infer(X), reference(model_v1), atol=1e-6)
 
 
 async def test_staged_model_survives_a_restart_and_switches_by_reference(
@@ -404,30 +384,10 @@ async def test_staged_model_survives_a_restart_and_switches_by_reference(
     """Blue-green on one device: v2 staged (v1 serves), agent restarted, switch → v2 serves."""
     from shared.messages import SwitchCommand
 
-    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
-    endpoint = parse_mqtt_url(mosquitto.url)
-
-    async def with_agent(steps) -> Agent:
+    async def with_agent(steps: Any) -> None:
         agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-        task = asyncio.create_task(agent.run())
-        async with make_client(endpoint, identifier="test-controller") as client:
-            h = Harness(agent, client, artifacts, signing_keys)
-            await client.subscribe(topics.device_events("cam-1"), qos=1)
-
-            async def record() -> None:
-                async for m in client.messages:
-                    assert isinstance(m.payload, bytes)
-                    h.events.append(DeviceEvent.model_validate_json(m.payload))
-
-            reader = asyncio.create_task(record())
-            try:
-                await asyncio.wait_for(agent.connected.wait(), 10)
-                await steps(h)
-            finally:
-                reader.cancel()
-                task.cancel()
-                await asyncio.gather(reader, task, return_exceptions=True)
-        return agent
+        async with watching(agent, mosquitto.url, s3, signing_keys) as h, running(agent):
+            await steps(h)
 
     staged: list[Any] = []
 

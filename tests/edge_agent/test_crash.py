@@ -18,15 +18,19 @@ import numpy as np
 import pytest
 
 from broker.launcher import Mosquitto
-from controller.artifacts import ArtifactStore
 from edge_agent.agent import Agent
 from edge_agent.faults import CRASH_EXIT_CODE, CRASH_POINTS
-from shared import topics
 from shared.messages import DeviceEvent
-from shared.mqtt import make_client
-from shared.settings import parse_mqtt_url
 from tests.conftest import S3, KeyPair
-from tests.edge_agent.test_agent import Harness, X, agent_config, deploy, reference
+from tests.edge_agent.test_agent import (
+    Harness,
+    X,
+    agent_config,
+    deploy,
+    reference,
+    running,
+    watching,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,46 +51,30 @@ async def test_agent_killed_during_a_deploy_restarts_with_one_valid_model(
 ) -> None:
     """Killed at `point`, the agent comes back serving v1 (or v2 once committed), and completes."""
     url_broker = mosquitto.url
-    artifacts = ArtifactStore(s3.endpoint, s3.bucket)
-    endpoint = parse_mqtt_url(url_broker)
-    async with make_client(endpoint, identifier="test-controller") as client:
-        h = Harness(
-            Agent(agent_config(tmp_path, signing_keys, url_broker)), client, artifacts, signing_keys
-        )
-        await client.subscribe(topics.device_events("cam-1"), qos=1)
-
-        async def record() -> None:
-            async for m in client.messages:
-                assert isinstance(m.payload, bytes)
-                h.events.append(DeviceEvent.model_validate_json(m.payload))
-
-        reader = asyncio.create_task(record())
-        try:
-            # v1 installed by an in-process agent.
-            task = asyncio.create_task(h.agent.run())
-            await asyncio.wait_for(h.agent.connected.wait(), 10)
+    first = Agent(agent_config(tmp_path, signing_keys, url_broker))
+    async with watching(first, url_broker, s3, signing_keys) as h:
+        # v1 installed by an in-process agent.
+        async with running(first):
             signed1, url1 = h.upload(model_v1, "1.0.0")
-            await h.send(first := deploy(signed1, url1))
-            assert (await run_until_final(h, first.command_id)).phase == "activated"
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await h.send(deploy_v1 := deploy(signed1, url1))
+            assert (await run_until_final(h, deploy_v1.command_id)).phase == "activated"
 
-            # v2 sent to a real agent process that dies at `point`.
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker.cli", "agent", "run",
-                "--device-id", "cam-1", "--region", "eu-west", "--device-type", "camera",
-                "--data-dir", str(tmp_path / "agent"), "--trusted-key", str(signing_keys.public_path),
-                "--mqtt-url", url_broker, "--log-level", "warning",
-                env=os.environ | {"HOTSWAP_CRASH_AT": point},
-            )  # fmt: skip
-            signed2, url2 = h.upload(model_v2, "2.0.0")
-            second = deploy(signed2, url2)
-            await h.send(second)
-            assert await asyncio.wait_for(proc.wait(), 30) == CRASH_EXIT_CODE
+        # v2 sent to a real agent process that dies at `point`.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker.cli", "agent", "run",
+            "--device-id", "cam-1", "--region", "eu-west", "--device-type", "camera",
+            "--data-dir", str(tmp_path / "agent"), "--trusted-key", str(signing_keys.public_path),
+            "--mqtt-url", url_broker, "--log-level", "warning",
+            env=os.environ | {"HOTSWAP_CRASH_AT": point},
+        )  # fmt: skip
+        signed2, url2 = h.upload(model_v2, "2.0.0")
+        second = deploy(signed2, url2)
+        await h.send(second)
+        assert await asyncio.wait_for(proc.wait(), 30) == CRASH_EXIT_CODE
 
-            # Restarted: exactly one valid model, consistent state, no leftovers.
-            restarted = Agent(agent_config(tmp_path, signing_keys, url_broker))
-            task = asyncio.create_task(restarted.run())
+        # Restarted: exactly one valid model, consistent state, no leftovers.
+        restarted = Agent(agent_config(tmp_path, signing_keys, url_broker))
+        async with running(restarted, wait_connected=False):
             await asyncio.wait_for(restarted.serving.wait(), 10)
             expected = ("2.0.0", model_v2) if point == "committed" else ("1.0.0", model_v1)
             assert restarted.active is not None and restarted.active.version == expected[0]
@@ -106,8 +94,3 @@ async def test_agent_killed_during_a_deploy_restarts_with_one_valid_model(
             final = await run_until_final(h, second.command_id)
             assert final.phase == "activated"
             np.testing.assert_allclose(restarted.infer(X), reference(model_v2), atol=1e-6)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
