@@ -25,7 +25,6 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiomqtt
@@ -59,6 +58,7 @@ from shared.messages import (
     ModelRef,
     RollbackCommand,
     SwitchCommand,
+    utcnow,
 )
 from shared.mqtt import backoff_delays, make_client, raise_if_cancelled
 from shared.settings import MqttEndpoint
@@ -67,10 +67,6 @@ from shared.tflite import RUNTIME_NAME
 log = structlog.get_logger("hotswap.agent")
 
 OUTBOX_LIMIT = 1000
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
