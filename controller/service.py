@@ -160,6 +160,9 @@ class Controller:
                     self._client = client
                     delays = backoff_delays()
                     await self._on_connect(client)
+                    # Connecting and publishing go through aiomqtt's wait_for: a cancellation
+                    # it swallowed must stop us here, not after the TaskGroup never ends.
+                    raise_if_cancelled()
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive_loop(client), name="receive")
                         tg.create_task(self._tick_loop(), name="tick")
@@ -223,7 +226,6 @@ class Controller:
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            raise_if_cancelled()
             topic = str(message.topic)
             try:
                 await self._dispatch(client, topic, message)
@@ -232,6 +234,9 @@ class Controller:
             except Exception:
                 # One bad message must never stop the controller serving the fleet.
                 log.exception("message_handler_failed", topic=topic)
+            # Checked after the work: a cancellation a publish swallowed stops us now,
+            # not whenever the next message happens to arrive.
+            raise_if_cancelled()
 
     async def _dispatch(self, client: aiomqtt.Client, topic: str, message: aiomqtt.Message) -> None:
         payload = message.payload

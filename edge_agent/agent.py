@@ -230,6 +230,7 @@ class Agent:
                     cfg.mqtt, identifier=cfg.device_id, will=will, persistent_session=True
                 ) as client:
                     await self._on_connect(client)
+                    raise_if_cancelled()  # one aiomqtt swallowed while connecting (see shared.mqtt)
                     delays = backoff_delays()
                     telemetry = asyncio.create_task(self._telemetry_loop(client))
                     try:
