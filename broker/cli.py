@@ -1,23 +1,28 @@
 """The `hotswap` command: mounts every sub-command and runs the broker and the demo.
 
-`hotswap broker run`, `hotswap keys init` and `hotswap demo` live here; the
-controller's, operators' and agent's commands are mounted from their packages.
-Does process, file and terminal I/O.
+`hotswap broker run`, `hotswap device provision|revoke`, `hotswap keys init`
+and `hotswap demo` live here; the controller's, operators' and agent's commands
+are mounted from their packages (provision and revoke join the controller's
+`device` group here, so that `controller` never imports `broker`).
+Does process, network, file and terminal I/O.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from broker.launcher import Mosquitto
+from broker.provision import provision_device, revoke_device
+from broker.tls import DEFAULT_DAYS, DEFAULT_HOSTS, init_tls
 from controller.cli import controller_app, device_app, model_app, rollout_app
 from edge_agent.cli import app as agent_app
 from shared.console import cli_errors, emit_json, fail, progress
+from shared.credentials import DeviceIdentity, endpoint_for
 from shared.keys import (
     PRIVATE_NAME,
     PUBLIC_NAME,
@@ -26,6 +31,9 @@ from shared.keys import (
     load_public_key,
 )
 from shared.model_builder import build_dense_model
+from shared.settings import Settings, parse_mqtt_url
+
+_DEFAULTS = Settings()
 
 app = typer.Typer(
     name="hotswap",
@@ -52,20 +60,195 @@ def broker_run(
         Path, typer.Option("--data-dir", envvar="HOTSWAP_DATA_DIR", help="persistence and logs")
     ] = Path("hotswap-data/broker"),
     bind: Annotated[str, typer.Option("--bind", help="address to listen on")] = "127.0.0.1",
+    tls_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-dir",
+            help="ca.crt, server.crt, server.key (from `broker init-tls`); default: DATA_DIR/tls",
+        ),
+    ] = None,
+    tls_port: Annotated[int, typer.Option("--tls-port", help="TLS listener")] = 8883,
+    tls_cert_port: Annotated[
+        int, typer.Option("--tls-cert-port", help="TLS listener with client-certificate identity")
+    ] = 8884,
 ) -> None:
-    """Run mosquitto with the project's mosquitto.conf until SIGINT/SIGTERM."""
+    """Run mosquitto with the project's mosquitto.conf until SIGINT/SIGTERM.
+
+    On the first start of DATA_DIR it writes the broker's identities: credentials
+    for the admin, the controller and an operator under DATA_DIR/credentials.
+    """
+    if tls_dir is None and (data_dir / "tls" / "ca.crt").is_file():
+        tls_dir = data_dir / "tls"
     with cli_errors():
-        broker = Mosquitto(data_dir, port=port, host=bind).start()
+        broker = Mosquitto(
+            data_dir,
+            port=port,
+            host=bind,
+            tls_dir=tls_dir,
+            tls_port=tls_port if tls_dir else None,
+            tls_cert_port=tls_cert_port if tls_dir else None,
+        ).start()
     progress(f"mosquitto listening on {broker.url} (data and log in {broker.data_dir})")
+    if broker.tls_port is not None:
+        progress(f"TLS on {broker.tls_url}, client-certificate identity on {broker.tls_cert_url}")
+    progress(f"credentials for the controller, operators and the admin in {broker.credentials_dir}")
 
     def stop(_sig: int, _frame: object) -> None:
-        broker.stop()
-        sys.exit(0)
+        # Only leave the wait below: stopping from inside the handler would wait on
+        # the same process again while Popen.wait holds its lock (a deadlock).
+        raise _StopSignalError
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = broker.process.wait() if broker.process else 0
+    try:
+        code = broker.process.wait() if broker.process else 0
+    except _StopSignalError:
+        broker.stop()
+        return
     fail(f"mosquitto exited with code {code}; see {broker.log_path}")
+
+
+class _StopSignalError(Exception):
+    """SIGTERM or SIGINT arrived while `broker run` waited for mosquitto."""
+
+
+@broker_app.command("init-tls")
+def broker_init_tls(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="where to write them (the broker's DATA_DIR/tls)")
+    ],
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="name or address clients dial (repeat); default: localhost"),
+    ] = None,
+    client: Annotated[
+        list[str] | None,
+        typer.Option("--client", help="also issue a client certificate with this CN (repeat)"),
+    ] = None,
+    days: Annotated[int, typer.Option("--days", min=1, help="leaf certificate lifetime")] = (
+        DEFAULT_DAYS
+    ),
+    force: Annotated[
+        bool, typer.Option("--force", help="replace certificates that no longer fit")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Create a CA, the broker's server certificate and client certificates (safe to re-run)."""
+    with cli_errors():
+        files = init_tls(
+            directory,
+            hosts=tuple(host or DEFAULT_HOSTS),
+            clients=tuple(client or ()),
+            days=days,
+            force=force,
+        )
+    if as_json:
+        emit_json(
+            {
+                "ca": str(files.ca_cert),
+                "serverCert": str(files.server_cert),
+                "serverKey": str(files.server_key),
+                "clients": {
+                    c.name: {"cert": str(c.cert), "key": str(c.key)} for c in files.clients
+                },
+            }
+        )
+    else:
+        print(
+            f"wrote {files.ca_cert} (give it to clients), {files.server_cert} and "
+            f"{files.server_key}; `hotswap broker run --tls-dir {directory}` listens with TLS"
+        )
+
+
+MqttUrl = Annotated[
+    str, typer.Option("--mqtt-url", envvar="HOTSWAP_MQTT_URL", help="broker, mqtt://host:port")
+]
+AdminCredentials = Annotated[
+    Path,
+    typer.Option(
+        "--credentials",
+        envvar="HOTSWAP_CREDENTIALS",
+        help="the broker's admin credentials (DATA_DIR/credentials/admin)",
+    ),
+]
+
+
+@device_app.command("provision")
+def device_provision(
+    device_id: Annotated[str, typer.Option("--device-id", help="the device's id")],
+    region: Annotated[str, typer.Option("--region", help="its region")],
+    device_type: Annotated[str, typer.Option("--device-type", help="its device type")],
+    out: Annotated[Path, typer.Option("--out", help="credentials directory to write")],
+    credentials: AdminCredentials,
+    trusted_key: Annotated[
+        list[Path] | None,
+        typer.Option("--trusted-key", help="operator public key it accepts (repeat)"),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing device's credentials")
+    ] = False,
+    keep_existing: Annotated[
+        bool,
+        typer.Option(
+            "--keep-existing", help="the device exists and OUT holds its credentials: exit 0"
+        ),
+    ] = False,
+    tls_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-dir",
+            help="the broker's TLS dir: also issue a client certificate (CN = device id)",
+        ),
+    ] = None,
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Create a device's broker identity and ACLs (no restart) and write its credentials."""
+    with cli_errors():
+        device = DeviceIdentity(device_id, region, device_type)
+        admin = endpoint_for(parse_mqtt_url(mqtt_url), credentials)
+        done = asyncio.run(
+            provision_device(
+                admin,
+                credentials,
+                device,
+                out,
+                trusted_keys=trusted_key or (),
+                force=force,
+                keep_existing=keep_existing,
+                tls_dir=tls_dir,
+            )
+        )
+    if as_json:
+        emit_json(
+            {
+                "deviceId": device_id,
+                "region": region,
+                "deviceType": device_type,
+                "credentials": str(out),
+                "trustedKeys": [str(k) for k in done.credentials.trusted_keys],
+                "clientCert": str(cert) if (cert := done.credentials.cert_file) else None,
+                "outcome": done.outcome,
+            }
+        )
+    else:
+        print(f"{done.outcome} {device_id}: run `hotswap agent run --credentials {out}`")
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: Annotated[str, typer.Argument(help="the device's id")],
+    credentials: AdminCredentials,
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Delete a device's broker identity: it is disconnected at once and cannot log in."""
+    with cli_errors():
+        asyncio.run(revoke_device(endpoint_for(parse_mqtt_url(mqtt_url), credentials), device_id))
+    if as_json:
+        emit_json({"deviceId": device_id, "revoked": True})
+    else:
+        print(f"revoked {device_id}")
 
 
 @keys_app.command("init")

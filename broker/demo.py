@@ -1,10 +1,13 @@
 """`hotswap demo`: the whole system on this machine, end to end, in one process.
 
-Starts mosquitto and moto's S3 server on free ports, the controller and N edge
-agents (real interpreters, synthetic load), pushes two signed versions of a
-generated model, rolls each out Direct, and checks what every device serves:
-from the retained state topics and from real inference outputs. Does process,
-network and file I/O; progress goes to stderr.
+Starts the secure mosquitto and moto's S3 server on free ports, provisions N
+devices through the broker's dynamic-security API (each its own login and
+ACLs), runs the controller (its own login; it signs every command with its
+command key) and the N edge agents (real interpreters, synthetic load; they
+check the controller's signature), pushes two signed versions of a generated
+model as the operator, rolls each out Direct, and checks what every device
+serves: from the retained state topics and from real inference outputs. Does
+process, network and file I/O; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from broker.launcher import Mosquitto
+from broker.provision import provision_device
 from broker.s3server import S3Server
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
@@ -27,8 +31,9 @@ from controller.service import Controller, ControllerConfig
 from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.console import progress
+from shared.credentials import COMMAND_KEY_FILE, DeviceIdentity, apply_credentials
 from shared.errors import HotswapError
-from shared.keys import init_keys, load_public_key
+from shared.keys import init_keys, load_private_key, load_public_key
 from shared.logs import configure_logging
 from shared.messages import DeviceState, ListDevices, StartRollout
 from shared.model_builder import build_dense_model
@@ -77,36 +82,54 @@ async def _wait_for(predicate: Callable[[], Awaitable[bool]], what: str, within_
 async def _demo(workdir: Path, devices: int, rollout_timeout_s: float) -> dict[str, Any]:
     report: list[str] = []
     with Mosquitto(workdir / "broker") as broker, S3Server() as s3:
-        endpoint = parse_mqtt_url(broker.url)
+        endpoint = broker.endpoint("operator")
         bucket = "hotswap-demo"
         artifacts = ArtifactStore(s3.endpoint, bucket)
         await asyncio.to_thread(artifacts.ensure_bucket)
         progress(f"demo: mosquitto at {broker.url}, S3 at {s3.endpoint}, work dir {workdir}")
         private_key, public_key = init_keys(workdir / "keys")
+        controller_dir = broker.credentials("controller")
         controller = Controller(
             ControllerConfig(
-                mqtt=endpoint,
+                mqtt=broker.endpoint("controller"),
                 db_url=f"sqlite:///{workdir / 'controller.db'}",
                 s3_endpoint=s3.endpoint,
                 s3_bucket=bucket,
                 tick_s=0.2,
+                command_key=load_private_key(controller_dir / COMMAND_KEY_FILE),
             )
         )
-        agents = [
-            Agent(
-                AgentConfig(
-                    device_id=f"demo-{i + 1}",
-                    region=REGIONS[i % len(REGIONS)],
-                    device_type="camera",
-                    data_dir=workdir / "agents" / f"demo-{i + 1}",
-                    trusted_keys=(load_public_key(public_key),),
-                    mqtt=endpoint,
-                    workload_hz=20.0,
-                    telemetry_interval_s=1.0,
+        agents = []
+        for i in range(devices):
+            # What `hotswap device provision` does: a login, ACLs, a credentials directory.
+            device = DeviceIdentity(f"demo-{i + 1}", REGIONS[i % len(REGIONS)], "camera")
+            creds = (
+                await provision_device(
+                    broker.endpoint("admin"),
+                    broker.credentials("admin"),
+                    device,
+                    workdir / "devices" / device.device_id,
+                    trusted_keys=(public_key,),
+                )
+            ).credentials
+            if creds.controller_key is None:  # provisioning writes it; never absent
+                raise HotswapError(f"{creds.directory} has no controller.pub")
+            agents.append(
+                Agent(
+                    AgentConfig(
+                        device_id=device.device_id,
+                        region=device.region,
+                        device_type=device.device_type,
+                        data_dir=workdir / "agents" / device.device_id,
+                        trusted_keys=tuple(load_public_key(k) for k in creds.trusted_keys),
+                        controller_keys=(load_public_key(creds.controller_key),),
+                        mqtt=apply_credentials(parse_mqtt_url(broker.url), creds),
+                        workload_hz=20.0,
+                        telemetry_interval_s=1.0,
+                    )
                 )
             )
-            for i in range(devices)
-        ]
+        progress(f"demo: provisioned {devices} devices (credentials in {workdir / 'devices'})")
         tasks = [asyncio.create_task(controller.run(), name="controller")] + [
             asyncio.create_task(a.run(), name=a.config.device_id) for a in agents
         ]

@@ -17,7 +17,9 @@ from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller, ControllerConfig
 from shared.console import cli_errors, emit_json, fail, print_table, progress, run_until_signalled
+from shared.credentials import apply_credentials, endpoint_for, load_credentials
 from shared.errors import HotswapError
+from shared.keys import load_private_key
 from shared.logs import configure_logging
 from shared.messages import (
     ControlRollout,
@@ -48,19 +50,30 @@ S3Endpoint = Annotated[
 S3Bucket = Annotated[
     str, typer.Option("--s3-bucket", envvar="HOTSWAP_S3_BUCKET", help="artifact bucket")
 ]
+CredentialsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--credentials",
+        envvar="HOTSWAP_CREDENTIALS",
+        help="credentials directory for the broker (mqtt.json, ca.crt, …)",
+    ),
+]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
 LogLevel = Annotated[str, typer.Option("--log-level", envvar="HOTSWAP_LOG_LEVEL")]
 LogJson = Annotated[bool, typer.Option("--log-json", envvar="HOTSWAP_LOG_JSON")]
 
 controller_app = typer.Typer(help="Run the fleet controller.", no_args_is_help=True)
 model_app = typer.Typer(help="Push and list signed models.", no_args_is_help=True)
-device_app = typer.Typer(help="List the devices the controller knows.", no_args_is_help=True)
+device_app = typer.Typer(
+    help="List the devices the controller knows; provision and revoke them.", no_args_is_help=True
+)
 rollout_app = typer.Typer(help="Start and watch rollouts.", no_args_is_help=True)
 
 
 @controller_app.command("run")
 def controller_run(
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
     db_url: Annotated[
         str, typer.Option("--db-url", envvar="HOTSWAP_DB_URL", help="sqlite:///… or postgresql…")
     ] = _DEFAULTS.db_url,
@@ -76,16 +89,25 @@ def controller_run(
     log_level: LogLevel = _DEFAULTS.log_level,
     log_json: LogJson = _DEFAULTS.log_json,
 ) -> None:
-    """Run the controller until SIGINT/SIGTERM."""
+    """Run the controller until SIGINT/SIGTERM.
+
+    With --credentials (the broker's `credentials/controller`), it logs in as the
+    controller and signs every command with the directory's command.key.
+    """
     configure_logging(log_level, json=log_json)
     with cli_errors():
+        creds = load_credentials(credentials) if credentials is not None else None
+        endpoint = parse_mqtt_url(mqtt_url)
         config = ControllerConfig(
-            mqtt=parse_mqtt_url(mqtt_url),
+            mqtt=apply_credentials(endpoint, creds) if creds else endpoint,
             db_url=db_url,
             s3_endpoint=s3_endpoint,
             s3_bucket=s3_bucket,
             s3_region=s3_region,
             presign_ttl_s=presign_ttl,
+            command_key=(
+                load_private_key(creds.command_key) if creds and creds.command_key else None
+            ),
         )
         try:
             controller = Controller(config)
@@ -102,8 +124,12 @@ def controller_run(
         run_until_signalled(controller.run())
 
 
-async def _request(mqtt_url: str, request: Any) -> Any:
-    async with OperatorClient(parse_mqtt_url(mqtt_url), timeout=_DEFAULTS.request_timeout_s) as op:
+def _endpoint(mqtt_url: str, credentials: Path | None) -> MqttEndpoint:
+    return endpoint_for(parse_mqtt_url(mqtt_url), credentials)
+
+
+async def _request(endpoint: MqttEndpoint, request: Any) -> Any:
+    async with OperatorClient(endpoint, timeout=_DEFAULTS.request_timeout_s) as op:
         return await op.request(request)
 
 
@@ -120,6 +146,7 @@ def model_push(
         typer.Option("--device-type", help="compatible device type (repeat; default: any)"),
     ] = None,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
     s3_endpoint: S3Endpoint = _DEFAULTS.s3_endpoint,
     s3_bucket: S3Bucket = _DEFAULTS.s3_bucket,
     as_json: Json = False,
@@ -136,7 +163,7 @@ def model_push(
                 name=name,
                 version=version,
                 signing_key=signing_key,
-                endpoint=parse_mqtt_url(mqtt_url),
+                endpoint=_endpoint(mqtt_url, credentials),
                 artifacts=ArtifactStore(s3_endpoint, s3_bucket, _DEFAULTS.s3_region),
                 device_types=tuple(device_type or ()),
             )
@@ -148,10 +175,14 @@ def model_push(
 
 
 @model_app.command("list")
-def model_list(mqtt_url: MqttUrl = _DEFAULTS.mqtt_url, as_json: Json = False) -> None:
+def model_list(
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+    as_json: Json = False,
+) -> None:
     """List registered models."""
     with cli_errors():
-        rows = asyncio.run(_request(mqtt_url, ListModels()))
+        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListModels()))
     if as_json:
         emit_json(rows)
         return
@@ -171,10 +202,14 @@ def model_list(mqtt_url: MqttUrl = _DEFAULTS.mqtt_url, as_json: Json = False) ->
 
 
 @device_app.command("list")
-def device_list(mqtt_url: MqttUrl = _DEFAULTS.mqtt_url, as_json: Json = False) -> None:
+def device_list(
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+    as_json: Json = False,
+) -> None:
     """List devices with what they serve."""
     with cli_errors():
-        rows = asyncio.run(_request(mqtt_url, ListDevices()))
+        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListDevices()))
     if as_json:
         emit_json(rows)
         return
@@ -313,6 +348,12 @@ def rollout_start(
     manual_approval: Annotated[
         bool, typer.Option("--manual-approval", help="wait for approve at every stage")
     ] = False,
+    allow_downgrade: Annotated[
+        bool,
+        typer.Option(
+            "--allow-downgrade", help="devices may go below the version they have activated"
+        ),
+    ] = False,
     max_failure_percent: Annotated[
         float, typer.Option("--max-failure-percent", help="abort: failed devices, percent")
     ] = 0.0,
@@ -320,6 +361,7 @@ def rollout_start(
         int, typer.Option("--min-executed", min=1, help="abort: after this many devices")
     ] = 1,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
     as_json: Json = False,
 ) -> None:
     """Start a rollout; prints its id."""
@@ -363,11 +405,12 @@ def rollout_start(
                     min_samples=min_samples,
                 ),
                 "manual_approval": manual_approval,
+                "allow_downgrade": allow_downgrade,
                 "max_failure_percent": max_failure_percent,
                 "min_executed": min_executed,
             }
         )
-        result = asyncio.run(_request(mqtt_url, request))
+        result = asyncio.run(_request(_endpoint(mqtt_url, credentials), request))
     if as_json:
         emit_json(result)
     else:
@@ -378,11 +421,15 @@ def _control(action: RolloutAction) -> Any:
     def command(
         rollout_id: Annotated[str, typer.Argument(help="the rollout id")],
         mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+        credentials: CredentialsDir = None,
         as_json: Json = False,
     ) -> None:
         with cli_errors():
             result = asyncio.run(
-                _request(mqtt_url, ControlRollout(rollout_id=rollout_id, action=action))
+                _request(
+                    _endpoint(mqtt_url, credentials),
+                    ControlRollout(rollout_id=rollout_id, action=action),
+                )
             )
         if as_json:
             emit_json(result)
@@ -455,15 +502,17 @@ def rollout_status(
         bool, typer.Option("--watch", help="redraw the status every second until it ends")
     ] = False,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
     as_json: Json = False,
 ) -> None:
     """Show a rollout's retained status (no controller needed)."""
     if watch:
         with cli_errors():
-            final = asyncio.run(_watch(parse_mqtt_url(mqtt_url), rollout_id, as_json))
+            final = asyncio.run(_watch(_endpoint(mqtt_url, credentials), rollout_id, as_json))
         raise typer.Exit(0 if final.status == "Succeeded" else 1)
     with cli_errors():
-        status = asyncio.run(read_rollout_status(parse_mqtt_url(mqtt_url), rollout_id, wait_s=wait))
+        endpoint = _endpoint(mqtt_url, credentials)
+        status = asyncio.run(read_rollout_status(endpoint, rollout_id, wait_s=wait))
     if as_json:
         emit_json(status.model_dump(mode="json", by_alias=True))
     else:
@@ -492,10 +541,14 @@ async def _watch(endpoint: MqttEndpoint, rollout_id: str, as_json: bool) -> Roll
 
 
 @rollout_app.command("list")
-def rollout_list(mqtt_url: MqttUrl = _DEFAULTS.mqtt_url, as_json: Json = False) -> None:
+def rollout_list(
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+    as_json: Json = False,
+) -> None:
     """List rollouts, oldest first."""
     with cli_errors():
-        rows = asyncio.run(_request(mqtt_url, ListRollouts()))
+        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListRollouts()))
     if as_json:
         emit_json(rows)
         return

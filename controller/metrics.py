@@ -22,6 +22,12 @@ REQUESTS = Counter(
     "hotswap_requests_total", "Operator requests, by kind and result", ["kind", "ok"],
     registry=REGISTRY,
 )  # fmt: skip
+DROPPED = Counter(
+    "hotswap_device_messages_dropped_total",
+    "Device messages dropped before parsing, by reason (rate_limited, too_large)",
+    ["reason"],
+    registry=REGISTRY,
+)
 DEVICES_ONLINE = Gauge("hotswap_devices_online", "Devices online", registry=REGISTRY)
 ROLLOUTS = Counter(
     "hotswap_rollouts_finished_total", "Rollouts that ended, by status", ["status"],

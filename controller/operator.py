@@ -24,15 +24,15 @@ from shared.errors import BrokerError, RequestError
 from shared.keys import load_private_key
 from shared.manifest import build_manifest, sign_manifest
 from shared.messages import RegisterModel, Request, Response, RolloutStatus
-from shared.mqtt import make_client, publish_properties
+from shared.mqtt import connection_error, make_client, publish_properties, subscribe_checked
 from shared.settings import MqttEndpoint
 from shared.tflite import read_signature
 
 RETAINED_GRACE_S = 3.0
 
 
-def broker_error(endpoint: MqttEndpoint, exc: Exception) -> BrokerError:
-    return BrokerError(f"cannot reach the MQTT broker at {endpoint}: {exc}")
+def broker_error(endpoint: MqttEndpoint, exc: aiomqtt.MqttError) -> BrokerError:
+    return connection_error(endpoint, exc)
 
 
 class OperatorClient:
@@ -49,9 +49,18 @@ class OperatorClient:
     async def __aenter__(self) -> OperatorClient:
         try:
             await self._client.__aenter__()
-            await self._client.subscribe(topics.response_topic(self.client_id), qos=1)
         except aiomqtt.MqttError as exc:
             raise broker_error(self.endpoint, exc) from exc
+        try:
+            await subscribe_checked(
+                self._client, self.endpoint, topics.response_topic(self.client_id)
+            )
+        except (aiomqtt.MqttError, BrokerError) as exc:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+            if isinstance(exc, aiomqtt.MqttError):
+                raise broker_error(self.endpoint, exc) from exc
+            raise
         self._reader = asyncio.create_task(self._read(), name="responses")
         return self
 
@@ -130,7 +139,7 @@ async def read_rollout_status(
     final_by = loop.time() + (wait_s or 0.0)
     try:
         async with client:
-            await client.subscribe(topic, qos=1)
+            await subscribe_checked(client, endpoint, topic)
             messages = aiter(client.messages)
             while latest is None or (wait_s and not latest.final):
                 remaining = (first_by if latest is None else final_by) - loop.time()

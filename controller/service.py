@@ -3,8 +3,12 @@
 An async service that owns a TaskGroup of named loops (receive, tick) inside a
 reconnecting MQTT 5 session. Decisions come from `controller.planner` (pure);
 this module loads their inputs from the database, persists each intent before
-publishing it, and turns device messages into row updates. Does network and
-database I/O.
+publishing it, and turns device messages into row updates. Every command is
+signed with the controller's key (`shared.command_auth`) when it has one.
+Device messages pass a per-device rate limit (`controller.rate_limit`) on
+their topic before their payload is read, then a size limit, then validation
+and the identity check (the payload's device id is the topic's). Does network
+and database I/O.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import aiomqtt
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -57,10 +62,12 @@ from controller.planner import (
     TimeOutRollback,
     plan_next_actions,
 )
+from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status
 from controller.store import Store
 from controller.strategies import STRATEGIES, Stage, Target
 from shared import __version__, topics
+from shared.command_auth import SIGNATURE_PROPERTY, sign_command
 from shared.errors import HotswapError, RequestError
 from shared.manifest import SignedManifest
 from shared.messages import (
@@ -119,6 +126,12 @@ class ControllerConfig:
     # avgInferenceLatency reflects the telemetry of the new version once it arrives.
     status_refresh_s: float = 300.0
     client_id: str = "hotswap-controller"
+    # The controller's own Ed25519 key: every command it publishes carries its signature
+    # over topic + payload (freshness and origin; see shared.command_auth). None: unsigned.
+    command_key: Ed25519PrivateKey | None = None
+    # Per device (topic's device id): messages admitted per second, and the burst above it.
+    device_rate_per_s: float = 100.0
+    device_burst: int = 300
 
 
 def row_to_wire(row: BaseModel, *, exclude: set[str] | None = None) -> dict[str, Any]:
@@ -137,6 +150,7 @@ class Controller:
         self._wake = asyncio.Event()
         self._published: dict[str, str] = {}  # rollout id -> fingerprint of last status
         self._client: aiomqtt.Client | None = None
+        self._limiter = DeviceRateLimiter(config.device_rate_per_s, config.device_burst)
 
     # ------------------------------------------------------------ session
 
@@ -251,14 +265,29 @@ class Controller:
             metrics.MESSAGES.labels("unknown", "rejected").inc()
             return
         kind = where.leaf
+        if kind == "cmd":
+            return  # our own commands
+        # Before anything reads the payload: one device's flood must not starve the others.
+        admission = self._limiter.admit(where.device_id, time.monotonic())
+        if not admission.allowed:
+            metrics.DROPPED.labels("rate_limited").inc()
+            if admission.report:
+                log.warning(
+                    "device_rate_limited",
+                    device_id=where.device_id,
+                    dropped=admission.report,
+                    rate_per_s=self.config.device_rate_per_s,
+                )
+            return
         if len(payload) > MAX_MESSAGE_BYTES:
             metrics.MESSAGES.labels(kind, "rejected").inc()
+            metrics.DROPPED.labels("too_large").inc()
             log.warning(
                 "message_too_large", device_id=where.device_id, topic=topic, size=len(payload)
             )
             return
-        if kind == "cmd" or (kind == "state" and not payload):
-            return  # our own commands, or a cleared retained state
+        if kind == "state" and not payload:
+            return  # a cleared retained state
         model = _INBOUND[kind]
         try:
             msg = model.model_validate_json(payload)
@@ -666,8 +695,9 @@ class Controller:
             targets = [topics.region_cmd(region)]
         else:
             targets = [topics.device_cmd(d) for d in devices]
+        payload = command.to_wire()
         for topic in targets:
-            await self._publish(topic, command.to_wire(), expiry_s=expiry)
+            await self._publish(topic, payload, expiry_s=expiry, signed=True)
         metrics.COMMANDS.labels(command.kind).inc()
         log.info(
             f"{command.kind}_sent",
@@ -794,6 +824,9 @@ class Controller:
             url=url,
             activate=activate,
             shadow_s=shadow_s,
+            # Anti-rollback override: an A/B winner may be the lower version; otherwise
+            # only when the operator started the rollout with allow_downgrade.
+            allow_downgrade=rollout.strategy == "ab" or self._spec(rollout).allow_downgrade,
         )
         await self._send(command, region=region, devices=devices)
 
@@ -857,13 +890,22 @@ class Controller:
         self._published[rollout.rollout_id] = fingerprint
 
     async def _publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, expiry_s: int | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        signed: bool = False,
     ) -> None:
+        """Publish at QoS 1; with `signed`, over the exact bytes sent (topic + payload)."""
         if self._client is None:
             raise aiomqtt.MqttError("not connected")
-        await self._client.publish(
-            topic, payload, qos=1, retain=retain, properties=publish_properties(expiry_s=expiry_s)
-        )
+        properties = publish_properties(expiry_s=expiry_s)
+        if signed and self.config.command_key is not None:
+            signature = sign_command(topic, payload, self.config.command_key)
+            properties.UserProperty = [(SIGNATURE_PROPERTY, signature)]
+        await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
 
 
 def model_summary(row: ModelVersionRow) -> dict[str, Any]:

@@ -11,16 +11,23 @@ device's and its region's `cmd` topics are queued and handled one at a time:
               activated (or rolled_back / failed with a reason code)
     rollback: swap back to the resident previous model → rolled_back
 
-A duplicate `command_id` does the work once (the final event is sent again, so
-a restarted controller gets its answer); an expired command is ignored; a
-deploy of the active model answers `activated` at once. Network, disk and
-thread I/O around the pure checks of `verify` and the runtime of `runtime`.
+With controller keys configured, a command must carry the controller's
+signature over its topic and payload (`shared.command_auth`); a command that
+is unsigned, badly signed, expired or issued in the future is refused with a
+`failed` event naming the reason, before any work. A duplicate `command_id`
+does the work once (the final event is sent again, so a restarted controller
+gets its answer); ids are remembered until their command expires, so a replay
+never runs again. A deploy below the highest version activated for that model
+is refused (`downgrade`) unless the signed command allows it; a deploy of the
+active model answers `activated` at once. Network, disk and thread I/O around
+the pure checks of `verify`, `shared.command_auth` and the runtime of `runtime`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import time
 from collections import deque
@@ -38,12 +45,25 @@ from edge_agent.fetch import FetchLimits, UrlExpiredError, fetch_artifact
 from edge_agent.health import health_problem
 from edge_agent.runtime import DoubleBufferedRuntime, HealthSample, ModelSlot, NoModelError
 from edge_agent.shadow import ShadowMirror
-from edge_agent.store import ModelStore, StoreState
+from edge_agent.store import UNEXPIRING_COMMAND_KEEP_S, CommandRecord, ModelStore, StoreState
 from edge_agent.telemetry import TelemetryRecorder
-from edge_agent.verify import verify_manifest, verify_size, verify_tensor_signature
+from edge_agent.verify import (
+    raised_floor,
+    verify_digest,
+    verify_manifest,
+    verify_not_downgrade,
+    verify_size,
+    verify_tensor_signature,
+)
 from edge_agent.workload import SyntheticWorkload
 from shared import __version__, topics
-from shared.errors import DownloadError, HotswapError
+from shared.command_auth import (
+    DEFAULT_MAX_CLOCK_SKEW_S,
+    check_validity,
+    signatures_in,
+    verify_command,
+)
+from shared.errors import CommandAuthError, DownloadError, HotswapError
 from shared.manifest import Manifest, TensorSignature, trusted_keyring
 from shared.messages import (
     COMMAND,
@@ -62,7 +82,7 @@ from shared.messages import (
 )
 from shared.mqtt import backoff_delays, make_client, raise_if_cancelled
 from shared.settings import MqttEndpoint
-from shared.tflite import RUNTIME_NAME
+from shared.tflite import RUNTIME_NAME, ModelBytes
 
 log = structlog.get_logger("hotswap.agent")
 
@@ -89,6 +109,11 @@ class AgentConfig:
     interpreters: int = 1  # interpreters per model: how many calls run in parallel
     fetch_limits: FetchLimits = field(default_factory=FetchLimits)
     url_refresh_timeout_s: float = 30.0  # wait for the controller to re-presign an expired URL
+    # The controller's command keys: when set, every command must carry a valid signature
+    # from one of them (see shared.command_auth); when empty, commands are not authenticated.
+    controller_keys: tuple[Ed25519PublicKey, ...] = ()
+    # How far ahead of this device's clock a command's issue time may be.
+    max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S
 
     def __post_init__(self) -> None:
         topics.check_ident(self.device_id, "device id")
@@ -102,6 +127,8 @@ class AgentConfig:
             raise ValueError("workload rate must be >= 0")
         if self.interpreters < 1:
             raise ValueError("interpreters per model must be >= 1")
+        if self.max_clock_skew_s < 0:
+            raise ValueError("clock skew must be >= 0")
 
 
 class Agent:
@@ -109,6 +136,7 @@ class Agent:
         self.config = config
         self.log = log.bind(device_id=config.device_id)
         self._trusted = trusted_keyring(config.trusted_keys)
+        self._controller_keys = trusted_keyring(config.controller_keys)
         self.telemetry = TelemetryRecorder(config.device_id, utcnow())
         self.runtime = DoubleBufferedRuntime(observer=self.telemetry.observe)
         self.store = ModelStore(config.data_dir)
@@ -142,6 +170,11 @@ class Agent:
 
     async def run(self) -> None:
         """Serve the stored model, then stay connected and handle commands until cancelled."""
+        if not self._controller_keys:
+            self.log.warning(
+                "commands_not_authenticated",
+                detail="no controller key configured: commands are accepted unsigned",
+            )
         await asyncio.to_thread(self.restore)
         if self.runtime.active is not None:
             self.serving.set()
@@ -192,7 +225,7 @@ class Agent:
         if active is not None:
             # A staged candidate (blue-green) waits in standby for its switch.
             self.runtime.restore(active, staged or previous)
-            active.grow(self.config.interpreters, self._rng)
+            active.grow(self.config.interpreters)
             self.log.info("serving_stored_model", model=active.ref.ref)
         if (state.active, state.previous, state.staged) != before:
             self.store.write_state(state)
@@ -292,6 +325,12 @@ class Agent:
             if topic != own and not self._selected(command):
                 continue
             raise_if_cancelled()
+            try:
+                self._authenticate(topic, payload, message, command)
+            except CommandAuthError as exc:
+                await self._refuse(command, exc)
+                continue
+            # Only an authenticated, fresh command may answer a waiting download.
             waiter = self._url_waiters.get(command.command_id)
             if isinstance(command, DeployCommand) and waiter is not None and not waiter.done():
                 waiter.set_result(command.url)  # the answer to our url_expired event
@@ -302,6 +341,38 @@ class Agent:
                     self.log.info("rollout_cancelled", rollout_id=command.rollout_id)
                 continue
             self._queue.put_nowait(command)
+
+    def _authenticate(
+        self, topic: str, payload: bytes, message: aiomqtt.Message, command: Command
+    ) -> None:
+        """The controller's signature over these exact bytes, then the validity window."""
+        if self._controller_keys:
+            props = getattr(message.properties, "UserProperty", None)
+            verify_command(topic, payload, signatures_in(props), self._controller_keys)
+        self._check_validity(command)
+
+    def _check_validity(self, command: Command) -> None:
+        check_validity(
+            command.issued_at,
+            command.expires_at,
+            utcnow(),
+            max_clock_skew_s=self.config.max_clock_skew_s,
+            require_expiry=bool(self._controller_keys),
+        )
+
+    async def _refuse(self, command: Command, exc: CommandAuthError) -> DeviceEvent:
+        """A command refused before any work: a warning, and a `failed` event with the reason."""
+        self.log.warning(
+            "command_refused",
+            command_id=command.command_id,
+            rollout_id=command.rollout_id,
+            kind=command.kind,
+            reason=exc.reason,
+            error=str(exc),
+        )
+        event = self._event(command, "failed", reason=exc.reason, detail=str(exc))
+        await self._emit(event)
+        return event
 
     def _selected(self, command: Command) -> bool:
         s = command.selector
@@ -386,18 +457,28 @@ class Agent:
         without MQTT (benchmarks, an application's own control channel).
         """
         bound = self.log.bind(command_id=command.command_id, rollout_id=command.rollout_id)
-        if command.expired(utcnow()):
-            bound.info("command_expired", expires_at=str(command.expires_at))
-            return None
-        if command.command_id in self._state.commands:
-            answer = self._state.commands[command.command_id]
-            bound.info("command_duplicate", answered=answer is not None)
-            if answer is None:
+        try:
+            self._check_validity(command)  # again: it may have expired while queued
+        except CommandAuthError as exc:
+            return await self._refuse(command, exc)
+        until = (
+            command.expires_at.timestamp()
+            if command.expires_at is not None
+            else time.time() + UNEXPIRING_COMMAND_KEEP_S
+        )
+        record = self._state.commands.get(command.command_id)
+        if record is not None:
+            bound.info("command_duplicate", answered=record.answer is not None)
+            if until > record.expires_at:  # a controller's re-send: remember it as long
+                self._state.commands[command.command_id] = CommandRecord(record.answer, until)
+                if record.answer is not None:  # (an open one is written when it ends)
+                    await asyncio.to_thread(self.store.write_state, self._state)
+            if record.answer is None:
                 return None
-            event = DeviceEvent.model_validate_json(answer)
+            event = DeviceEvent.model_validate_json(record.answer)
             await self._emit(event)
             return event
-        self._state.commands[command.command_id] = None
+        self._state.commands[command.command_id] = CommandRecord(None, until)
         await self._emit(self._event(command, "received"))
         started = time.perf_counter()
         try:
@@ -415,7 +496,9 @@ class Agent:
         except Exception as exc:
             bound.exception("command_failed", reason="internal_error")
             final = self._event(command, "failed", reason="internal_error", detail=repr(exc))
-        self._state.commands[command.command_id] = final.model_dump_json(by_alias=True)
+        self._state.commands[command.command_id] = CommandRecord(
+            final.model_dump_json(by_alias=True), until
+        )
         # Pointers and the answer reach the disk before the controller hears of them.
         await asyncio.to_thread(self.store.write_state, self._state)
         crash_point("committed")
@@ -439,6 +522,9 @@ class Agent:
         active, standby = self.runtime.active, self.runtime.standby
         if active is not None and active.ref.sha256 == manifest.sha256:
             return self._event(command, "activated", model=active.ref, detail="already active")
+        # Anti-rollback, before any download: a signed but older manifest is a replay
+        # of an outdated model unless the controller's signed command says otherwise.
+        verify_not_downgrade(manifest, self._state.highest, allow_downgrade=command.allow_downgrade)
         active_sig = active.signature if active else None
         if standby is not None and standby.ref.sha256 == manifest.sha256:
             slot = standby  # still resident: no download, no load
@@ -525,12 +611,9 @@ class Agent:
                             raise  # a fresh URL refused too: give up
                         url = await self._fresh_url(command)
                 crash_point("downloaded")
-                data = await asyncio.to_thread(dest.read_bytes)
                 # fetch_artifact hashed the file against the signed sha256 (IntegrityError
                 # otherwise): hashing the same bytes again would only cost time.
-                verify_size(manifest, len(data))
-                slot = await asyncio.to_thread(self._load, manifest, data)
-                verify_tensor_signature(manifest, slot.signature, active_sig)
+                slot = await asyncio.to_thread(self._load_file, manifest, dest, active_sig)
                 crash_point("verified")
                 await asyncio.to_thread(self.store.adopt, command.manifest, manifest, dest)
                 crash_point("stored")
@@ -547,10 +630,19 @@ class Agent:
         return await asyncio.to_thread(self._load_stored, manifest, active_sig)
 
     def _load_stored(self, manifest: Manifest, active_sig: TensorSignature | None) -> ModelSlot:
-        # One worker-thread hop for read + load: each hop costs milliseconds of GIL
-        # hand-over when inference threads keep the cores busy.
-        data, _ = self.store.read(manifest.sha256, check=False)
-        verify_size(manifest, len(data))
+        return self._load_file(manifest, self.store.model_path(manifest.sha256), active_sig)
+
+    def _load_file(
+        self, manifest: Manifest, path: Path, active_sig: TensorSignature | None
+    ) -> ModelSlot:
+        """Size, load + warm-up, tensor signature: one worker-thread hop for all of it
+        (each hop costs milliseconds of hand-over when inference threads keep the cores
+        busy). The file is mapped, not read: LiteRT reads the weights in place, a copy of
+        the whole file less. The mapping stays valid when the file is replaced or pruned;
+        the store never writes a model file in place."""
+        with path.open("rb") as f:
+            verify_size(manifest, os.fstat(f.fileno()).st_size)
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         slot = self._load(manifest, data)
         verify_tensor_signature(manifest, slot.signature, active_sig)
         return slot
@@ -575,7 +667,7 @@ class Agent:
         finally:
             self._url_waiters.pop(command.command_id, None)
 
-    def _load(self, manifest: Manifest, data: bytes) -> ModelSlot:
+    def _load(self, manifest: Manifest, data: ModelBytes) -> ModelSlot:
         slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
         slot.warm_up(self._rng)
         return slot
@@ -596,7 +688,13 @@ class Agent:
         baseline = old_active.stats.snapshot() if old_active else None
         self.runtime.activate(slot)
         crash_point("swapped")
-        problem = await self._watch(slot, before, old_active, baseline)
+        # More interpreters for parallel callers, built while the new model serves on its
+        # first one and is watched: the stretch where every caller waits for that one
+        # interpreter (so one slow call pauses them all) ends as early as it can.
+        problem, _ = await asyncio.gather(
+            self._watch(slot, before, old_active, baseline),
+            asyncio.to_thread(slot.grow, self.config.interpreters),
+        )
         if problem is not None:
             self.runtime.restore(old_active, old_standby)
             if self._state.staged == slot.ref.sha256:
@@ -610,8 +708,6 @@ class Agent:
                 model=old_active.ref if old_active else None,
             )
         self._set_pointers(slot, old_active)
-        # More interpreters for parallel callers: built while the first one serves.
-        await asyncio.to_thread(slot.grow, self.config.interpreters, self._rng)
         await asyncio.to_thread(
             self.store.prune,
             self.config.keep_versions,
@@ -623,6 +719,7 @@ class Agent:
         self._state.staged = None  # whatever was staged is either active now or replaced
         self._state.active = active.ref.sha256
         self._state.previous = previous.ref.sha256 if previous and previous is not active else None
+        self._state.highest = raised_floor(self._state.highest, active.ref.name, active.ref.version)
 
     async def _watch(
         self,
@@ -681,7 +778,9 @@ class Agent:
             return self._event(command, "rolled_back", model=standby.ref)
         if target is not None and self.store.has(target.sha256):
             data, signed = await asyncio.to_thread(self.store.read, target.sha256)
-            manifest = signed.unverified()
+            # Still signed by a trusted key (a removed key's models are not rolled back to).
+            manifest = verify_manifest(signed, self._trusted, device_type=self.config.device_type)
+            verify_digest(manifest, target.sha256)  # the file (hashed by read) is the signed one
             slot = await asyncio.to_thread(self._load, manifest, data)
             verify_tensor_signature(manifest, slot.signature, active.signature if active else None)
             self.runtime.activate(slot)

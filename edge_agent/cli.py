@@ -1,7 +1,9 @@
 """`hotswap agent run`: the edge agent as a long-running process.
 
-Parses flags (each with a `HOTSWAP_*` env var), loads the trusted public keys
-and runs `Agent` until SIGINT/SIGTERM. Does terminal and file I/O.
+Parses flags (each with a `HOTSWAP_*` env var), reads the device's credentials
+directory (`--credentials`: identity, broker login, trusted keys, the
+controller's command key; flags win), loads the keys and runs `Agent` until
+SIGINT/SIGTERM. Does terminal and file I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import typer
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.fetch import FetchLimits
 from shared.console import cli_errors, fail, progress, run_until_signalled
-from shared.keys import load_public_keys
+from shared.credentials import apply_credentials, load_credentials
+from shared.keys import load_public_key, load_public_keys
 from shared.logs import configure_logging
 from shared.settings import Settings, parse_mqtt_url
 
@@ -30,17 +33,33 @@ def _split_keys(values: list[str]) -> list[Path]:
 
 @app.command("run")
 def agent_run(
-    device_id: Annotated[str, typer.Option("--device-id", envvar="HOTSWAP_DEVICE_ID")],
-    region: Annotated[str, typer.Option("--region", envvar="HOTSWAP_REGION")],
-    device_type: Annotated[str, typer.Option("--device-type", envvar="HOTSWAP_DEVICE_TYPE")],
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            "--credentials",
+            envvar="HOTSWAP_CREDENTIALS",
+            help="the device's credentials directory (from `hotswap device provision`)",
+        ),
+    ] = None,
+    device_id: Annotated[
+        str | None,
+        typer.Option("--device-id", envvar="HOTSWAP_DEVICE_ID", help="default: --credentials"),
+    ] = None,
+    region: Annotated[
+        str | None, typer.Option("--region", envvar="HOTSWAP_REGION", help="default: --credentials")
+    ] = None,
+    device_type: Annotated[
+        str | None,
+        typer.Option("--device-type", envvar="HOTSWAP_DEVICE_TYPE", help="default: --credentials"),
+    ] = None,
     trusted_key: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--trusted-key",
             envvar="HOTSWAP_TRUSTED_KEYS",
-            help="operator public key (PEM); repeat for key rotation",
+            help="operator public key (PEM); repeat for key rotation; default: --credentials",
         ),
-    ],
+    ] = None,
     data_dir: Annotated[
         Path,
         typer.Option("--data-dir", envvar="HOTSWAP_DATA_DIR", help="models and state"),
@@ -89,16 +108,39 @@ def agent_run(
     """Serve the stored model at once, then follow the controller's commands."""
     configure_logging(log_level, json=log_json)
     with cli_errors():
-        paths = _split_keys(trusted_key)
+        creds = load_credentials(credentials) if credentials is not None else None
+        own = creds.device if creds else None
+        device_id = device_id or (own.device_id if own else None)
+        region = region or (own.region if own else None)
+        device_type = device_type or (own.device_type if own else None)
+        if not (device_id and region and device_type):
+            missing = [
+                flag
+                for value, flag in (
+                    (device_id, "--device-id"),
+                    (region, "--region"),
+                    (device_type, "--device-type"),
+                )
+                if not value
+            ]
+            fail(f"give {', '.join(missing)} (or --credentials DIR with a device.json)", 2)
+        bound = creds.login.client_id if creds else None
+        if bound is not None and bound != device_id:
+            fail(f"--device-id {device_id}: the credentials in {credentials} are for {bound}", 2)
+        paths = _split_keys(trusted_key or []) or list(creds.trusted_keys if creds else ())
         if not paths:
-            fail("give at least one --trusted-key", 2)
+            fail("give at least one --trusted-key (or --credentials DIR with trusted/*.pub)", 2)
+        endpoint = parse_mqtt_url(mqtt_url)
         config = AgentConfig(
             device_id=device_id,
             region=region,
             device_type=device_type,
             data_dir=data_dir,
             trusted_keys=tuple(load_public_keys(paths)),
-            mqtt=parse_mqtt_url(mqtt_url),
+            controller_keys=(
+                (load_public_key(creds.controller_key),) if creds and creds.controller_key else ()
+            ),
+            mqtt=apply_credentials(endpoint, creds) if creds else endpoint,
             workload_hz=workload_hz,
             telemetry_interval_s=telemetry_interval,
             memory_mb=memory_mb,

@@ -24,7 +24,7 @@ import numpy as np
 from shared.errors import CompatibilityError, HotswapError
 from shared.manifest import TensorSignature
 from shared.messages import ModelRef
-from shared.tflite import Interpreter, make_interpreter, signature_of
+from shared.tflite import Interpreter, ModelBytes, make_interpreter, signature_of
 
 
 class NoModelError(HotswapError):
@@ -109,7 +109,7 @@ class ModelSlot:
     output_index: int
     input_shape: tuple[int, ...]
     input_dtype: np.dtype[Any]
-    data: bytes = field(repr=False, default=b"")
+    data: ModelBytes = field(repr=False, default=b"")  # bytes, or a mapping of the file
     num_threads: int = 1
     stats: SlotStats = field(default_factory=SlotStats)
     _free: queue.SimpleQueue[Interpreter] = field(default_factory=queue.SimpleQueue)
@@ -119,7 +119,7 @@ class ModelSlot:
         self._free.put(self.interpreter)
 
     @classmethod
-    def load(cls, ref: ModelRef, data: bytes, *, num_threads: int = 1) -> ModelSlot:
+    def load(cls, ref: ModelRef, data: ModelBytes, *, num_threads: int = 1) -> ModelSlot:
         """Build, allocate and describe an interpreter (ModelFormatError if not a model)."""
         interp = make_interpreter(data, num_threads=num_threads)
         inputs = interp.get_input_details()
@@ -145,13 +145,16 @@ class ModelSlot:
     def pool_size(self) -> int:
         return self._size
 
-    def grow(self, size: int, rng: np.random.Generator | None = None) -> None:
-        """Add warm interpreters until the pool holds `size` (call from a worker thread)."""
+    def grow(self, size: int) -> None:
+        """Add interpreters until the pool holds `size` (call from a worker thread).
+
+        Not warmed up: the first interpreter was, and a fresh one's first call is
+        no slower than its next ones (measured, LiteRT C API and Python
+        interpreter alike), so a warm-up would only be one more full inference
+        competing with the live ones while the new model serves on one interpreter.
+        """
         while self._size < size:
             interp = make_interpreter(self.data, num_threads=self.num_threads)
-            if rng is not None:
-                interp.set_tensor(self.input_index, self.sample_input(rng))
-                interp.invoke()
             self._size += 1
             self._free.put(interp)
 
@@ -166,7 +169,7 @@ class ModelSlot:
         try:
             interp.set_tensor(self.input_index, x)
             interp.invoke()
-            out: np.ndarray = interp.get_tensor(self.output_index).copy()
+            out: np.ndarray = interp.get_tensor(self.output_index)  # a copy: ours to hand out
         finally:
             self._free.put(interp)
         return out

@@ -5,12 +5,20 @@ Layout under the data directory:
     models/<sha256>.tflite          the verified model bytes
     models/<sha256>.manifest.json   the signed manifest it was verified against
     downloads/<sha256>.tflite.part  an unfinished download (never loaded)
-    state.json                      {active, previous} sha256 pointers + recent commands
+    state.json                      {active, previous, staged} sha256 pointers, the highest
+                                    version activated per model name (anti-rollback), and
+                                    the answers to commands until they expire (replays)
 
 Every file is written to a temp file in the same directory, fsynced and moved
 into place with `os.replace`, and a model file is in `models/` before any
 pointer names it: killed at any moment, the store names exactly one valid
 active model (or none before the first) on restart. Does disk I/O.
+
+Answered command ids are kept until their command expires (plus a grace for a
+clock that steps back), so a replayed command is answered from the record and
+never runs again: once pruned, the command itself is refused as expired.
+`RECENT_COMMANDS` caps the record for memory; over it, the records closest to
+their expiry go first.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +35,26 @@ from typing import Any
 
 import structlog
 
+from edge_agent.verify import raised_floor
+from shared.errors import ArtifactError
 from shared.keys import write_atomic
 from shared.manifest import Manifest, SignedManifest
 
 log = structlog.get_logger("hotswap.agent.store")
 
-RECENT_COMMANDS = 256
+RECENT_COMMANDS = 4096
+# Kept this long past its expiry: a clock stepping back must not revive a pruned command.
+COMMAND_GRACE_S = 600.0
+# A command without an expiry (unauthenticated mode) is remembered this long.
+UNEXPIRING_COMMAND_KEEP_S = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One command id's answer: the final event (wire JSON; None while in progress)."""
+
+    answer: str | None
+    expires_at: float  # unix time after which a replay is refused as expired anyway
 
 
 @dataclass
@@ -39,8 +62,30 @@ class StoreState:
     active: str | None = None
     previous: str | None = None
     staged: str | None = None  # blue-green: loaded into standby, waiting for a switch
-    # command_id -> the final event (wire JSON) it produced, oldest first
-    commands: dict[str, str | None] = field(default_factory=dict)
+    # command_id -> its record, oldest first
+    commands: dict[str, CommandRecord] = field(default_factory=dict)
+    # model name -> the highest version activated (anti-rollback floor)
+    highest: dict[str, str] = field(default_factory=dict)
+
+
+def prune_commands(
+    commands: dict[str, CommandRecord],
+    now: float,
+    *,
+    grace_s: float = COMMAND_GRACE_S,
+    cap: int = RECENT_COMMANDS,
+) -> dict[str, CommandRecord]:
+    """The records still worth keeping: not expired for `grace_s`, at most `cap`.
+
+    Over the cap, the records that expire soonest are dropped first (their replay
+    window is the shortest). Order of the survivors is kept.
+    """
+    live = {k: r for k, r in commands.items() if r.expires_at + grace_s > now}
+    if len(live) <= cap:
+        return live
+    keep = set(sorted(live, key=lambda k: live[k].expires_at, reverse=True)[:cap])
+    log.warning("command_record_full", dropped=len(live) - cap, cap=cap)
+    return {k: r for k, r in live.items() if k in keep}
 
 
 class ModelStore:
@@ -81,22 +126,52 @@ class ModelStore:
             # state.json is only ever replaced atomically; a broken one is outside damage.
             log.error("state_file_unreadable", path=str(self.state_path), error=str(exc))
             return StoreState()
-        commands = raw.get("commands") or {}
-        return StoreState(
+        commands: dict[str, CommandRecord] = {}
+        keep_until = time.time() + UNEXPIRING_COMMAND_KEEP_S
+        for k, v in (raw.get("commands") or {}).items():
+            if isinstance(v, dict):
+                expires = v.get("expires_at")
+                commands[str(k)] = CommandRecord(
+                    v.get("answer"),
+                    float(expires) if isinstance(expires, int | float) else keep_until,
+                )
+            else:  # before expiries were recorded: {command_id: answer}
+                commands[str(k)] = CommandRecord(v, keep_until)
+        state = StoreState(
             active=raw.get("active"),
             previous=raw.get("previous"),
             staged=raw.get("staged"),
-            commands={str(k): v for k, v in commands.items()},
+            commands=commands,
         )
+        if "highest" in raw:
+            state.highest = {str(k): str(v) for k, v in raw["highest"].items()}
+        else:  # before anti-rollback: what was activated is what the pointers name
+            for sha in (state.active, state.previous):
+                manifest = self._stored_manifest(sha)
+                if manifest is not None:
+                    state.highest = raised_floor(state.highest, manifest.name, manifest.version)
+        return state
 
-    def write_state(self, state: StoreState) -> None:
-        while len(state.commands) > RECENT_COMMANDS:
-            state.commands.pop(next(iter(state.commands)))
+    def _stored_manifest(self, sha256: str | None) -> Manifest | None:
+        if sha256 is None:
+            return None
+        try:
+            signed = SignedManifest.model_validate_json(self.manifest_path(sha256).read_bytes())
+            return signed.unverified()
+        except (OSError, ValueError, ArtifactError):
+            return None
+
+    def write_state(self, state: StoreState, *, now: float | None = None) -> None:
+        state.commands = prune_commands(state.commands, time.time() if now is None else now)
         body = {
             "active": state.active,
             "previous": state.previous,
             "staged": state.staged,
-            "commands": state.commands,
+            "highest": state.highest,
+            "commands": {
+                k: {"answer": r.answer, "expires_at": r.expires_at}
+                for k, r in state.commands.items()
+            },
         }
         write_atomic(self.state_path, json.dumps(body, indent=1).encode())
 

@@ -63,6 +63,8 @@ BAD_INPUT_REASONS = frozenset(
         "no_targets",
         "incompatible_device",
         "manifest_invalid",
+        "bad_credentials",
+        "not_authorized",
     }
 )
 

@@ -70,3 +70,30 @@ class RequestError(HotswapError):
     """An operator request was refused by the controller (unknown id, bad input)."""
 
     reason = "bad_request"
+
+
+class CommandAuthError(HotswapError):
+    """A command was refused before any work: its controller signature or its validity window.
+
+    Reasons: `command_unsigned`, `command_untrusted_key`, `command_signature_invalid`,
+    `command_expired`, `command_not_yet_valid`, `command_no_expiry`.
+    """
+
+    reason = "command_refused"
+
+
+class DowngradeError(ArtifactError):
+    """Anti-rollback: the manifest's version is below the highest this device activated.
+
+    `version` is the refused one, `highest` the floor it was compared with; reason
+    `downgrade`, or `version_unorderable` when the two cannot be ordered.
+    """
+
+    reason = "downgrade"
+
+    def __init__(
+        self, message: str, *, version: str, highest: str, reason: str | None = None
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.version = version
+        self.highest = highest

@@ -87,6 +87,10 @@ class DeployCommand(_Command):
     activate: bool = True
     # With activate=false: mirror live inputs to the staged model for this long (shadow mode).
     shadow_s: float | None = Field(default=None, gt=0)
+    # Anti-rollback override: install even if the manifest's version is below the highest
+    # the device has activated for this model. Trusted because the command is signed by
+    # the controller, which sets it for A/B tests and operator-approved downgrades only.
+    allow_downgrade: bool = False
 
 
 class SwitchCommand(_Command):
@@ -404,6 +408,8 @@ class StartRollout(WireModel):
     # safety
     gates: GateSpec = GateSpec()
     manual_approval: bool = False
+    # Deploys may go below the version a device has activated (anti-rollback override).
+    allow_downgrade: bool = False
     max_failure_percent: float = Field(default=0.0, ge=0, le=100)  # abort threshold
     min_executed: int = Field(default=1, ge=1)  # ...counted after this many devices finished
 

@@ -16,7 +16,11 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from shared.errors import BrokerError
 from shared.settings import MqttEndpoint
+
+# CONNACK reason codes that mean "who you are was refused", not "the broker is down".
+_REFUSED = {134: "bad user name or password", 135: "not authorized"}
 
 
 def make_client(
@@ -30,7 +34,7 @@ def make_client(
     timeout: float = 10.0,
     max_queued_incoming: int | None = 10_000,
 ) -> aiomqtt.Client:
-    """An MQTT 5 client for `endpoint`.
+    """An MQTT 5 client for `endpoint`, authenticated with its username/password or certificate.
 
     With `persistent_session` the broker keeps the subscriptions and queued QoS 1
     messages for `session_expiry_s` while the client is away (clean start off).
@@ -47,9 +51,55 @@ def make_client(
         properties=props,
         keepalive=keepalive,
         timeout=timeout,
-        tls_context=ssl.create_default_context() if endpoint.tls else None,
+        username=endpoint.username,
+        password=endpoint.password,
+        tls_context=tls_context(endpoint) if endpoint.tls else None,
         max_queued_incoming_messages=max_queued_incoming,
     )
+
+
+def tls_context(endpoint: MqttEndpoint) -> ssl.SSLContext:
+    """Verify the broker against `endpoint.ca_file` (else the system CAs); present
+    `cert_file`/`key_file` as our identity when given. Reads those files."""
+    context = ssl.create_default_context(
+        cafile=str(endpoint.ca_file) if endpoint.ca_file is not None else None
+    )
+    if endpoint.cert_file is not None:
+        context.load_cert_chain(
+            str(endpoint.cert_file),
+            str(endpoint.key_file) if endpoint.key_file is not None else None,
+        )
+    return context
+
+
+def connection_error(endpoint: MqttEndpoint, exc: aiomqtt.MqttError) -> BrokerError:
+    """One line for a failed connection: refused credentials told apart from an outage."""
+    rc = getattr(exc, "rc", None)
+    code = getattr(rc, "value", rc)
+    if isinstance(code, int) and code in _REFUSED:
+        who = repr(endpoint.username) if endpoint.username else "anonymous clients"
+        return BrokerError(
+            f"the MQTT broker at {endpoint} refused {who} ({_REFUSED[code]}): "
+            "check --credentials / HOTSWAP_CREDENTIALS",
+            reason="not_authorized",
+        )
+    return BrokerError(f"cannot reach the MQTT broker at {endpoint}: {exc}")
+
+
+async def subscribe_checked(
+    client: aiomqtt.Client, endpoint: MqttEndpoint, topic: str, *, qos: int = 1
+) -> None:
+    """Subscribe, and raise BrokerError when the broker refuses (its ACL says no)."""
+    granted = await client.subscribe(topic, qos=qos)
+    for code in granted:
+        value = getattr(code, "value", code)
+        if isinstance(value, int) and value >= 0x80:
+            who = repr(endpoint.username) if endpoint.username else "anonymous clients"
+            raise BrokerError(
+                f"the MQTT broker at {endpoint} does not let {who} subscribe to {topic} "
+                f"({code}): check --credentials / HOTSWAP_CREDENTIALS",
+                reason="not_authorized",
+            )
 
 
 def publish_properties(

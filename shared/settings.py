@@ -6,7 +6,7 @@ Reads the environment only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTSWAP_", extra="ignore")
 
     mqtt_url: str = Field(DEFAULT_MQTT_URL, description="broker URL: mqtt://host:port")
+    credentials: Path | None = Field(
+        None, description="credentials directory (mqtt.json, TLS files, keys) for the broker"
+    )
     db_url: str = Field(
         "sqlite:///hotswap-data/controller.db",
         description="controller database: sqlite:///path or postgresql+psycopg://...",
@@ -38,13 +41,28 @@ class Settings(BaseSettings):
 
 @dataclass(frozen=True, slots=True)
 class MqttEndpoint:
+    """Where the broker is and who we are to it.
+
+    `username`/`password` authenticate us (the password never appears in `str()`
+    or `repr()`); with `tls`, `ca_file` is the CA the broker's certificate must
+    chain to (None: the system's CAs) and `cert_file`/`key_file` an optional
+    client certificate. `shared.credentials.apply_credentials` fills these from
+    a credentials directory.
+    """
+
     host: str
     port: int
     tls: bool
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
-        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+        who = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{who}{host}:{self.port}"
 
 
 def parse_mqtt_url(url: str) -> MqttEndpoint:

@@ -1,20 +1,30 @@
 """The TFLite runtime binding: LiteRT first, tflite_runtime as the fallback.
 
-Loads interpreters from bytes and reads a model's tensor signature. CPU only;
-no network or disk I/O (callers read the files).
+Loads interpreters from bytes and reads a model's tensor signature. Where the
+installed LiteRT wheel's C API can be bound (`shared.litert_capi`), models are
+compiled and run through it, so loading a model never stops the threads that
+are running inferences (the Python interpreter holds the GIL while it packs the
+weights); otherwise, and for what the C API path does not take (more than one
+CPU thread, dynamic shapes, string tensors, ...), the Python interpreter of
+LiteRT or tflite_runtime. Both give the same tensor details and outputs. CPU
+only; no network or disk I/O (callers read the files).
 """
 
 from __future__ import annotations
 
 import importlib
+import mmap
 from typing import Any, Protocol, cast
 
 import numpy as np
 
+from shared import litert_capi
 from shared.errors import ModelFormatError
 from shared.manifest import TensorSignature, TensorSpec
 
 TFLITE_IDENTIFIER = b"TFL3"
+# A model's bytes: in memory, or a read-only mapping of its file (read in place).
+ModelBytes = bytes | mmap.mmap
 
 
 class Interpreter(Protocol):
@@ -44,29 +54,54 @@ def _runtime_module() -> tuple[Any, str]:
 
 _RUNTIME, RUNTIME_NAME = _runtime_module()
 _INTERPRETER = _RUNTIME.Interpreter
+# The C API of the LiteRT wheel, None where it cannot be used (see shared.litert_capi).
+C_API = litert_capi.load_c_api() if RUNTIME_NAME == "litert" else None
 
 
-def looks_like_tflite(data: bytes) -> bool:
+def looks_like_tflite(data: ModelBytes) -> bool:
     return len(data) >= 8 and data[4:8] == TFLITE_IDENTIFIER
 
 
 def make_interpreter(
-    data: bytes, *, num_threads: int = 1, default_delegates: bool = True
+    data: ModelBytes, *, num_threads: int = 1, default_delegates: bool = True, c_api: bool = True
 ) -> Interpreter:
     """An allocated interpreter for `data`; ModelFormatError if it is not a model.
 
+    Compiled through the LiteRT C API when it is available (`C_API`) and takes
+    the model, unless `c_api=False`; otherwise the Python interpreter.
     `default_delegates=False` skips XNNPACK: for one-off reads (signatures) where
     speed does not matter, and the delegate's start-up notice on stderr would.
     """
     if not looks_like_tflite(data):
         raise ModelFormatError("not a TFLite flatbuffer (missing 'TFL3' identifier)")
+    if c_api and C_API is not None and default_delegates and num_threads == 1:
+        try:
+            return C_API.compile(data)
+        except litert_capi.LiteRtError as exc:
+            if exc.invalid_model:
+                raise ModelFormatError(f"LiteRT refused the model: {exc}") from exc
+            # Parsed but not compiled: the Python interpreter says why, or runs it.
+        except litert_capi.UnsupportedModel:
+            pass  # a valid model the C API path does not take: the Python interpreter runs it
+    return _binding_interpreter(data, num_threads=num_threads, default_delegates=default_delegates)
+
+
+def uses_c_api(interp: Interpreter) -> bool:
+    """Whether `interp` runs through the LiteRT C API (loads and invokes without the GIL)."""
+    return isinstance(interp, litert_capi.CompiledInterpreter)
+
+
+def _binding_interpreter(
+    data: ModelBytes, *, num_threads: int, default_delegates: bool
+) -> Interpreter:
     kwargs: dict[str, Any] = {}
     if not default_delegates:
         kwargs["experimental_op_resolver_type"] = (
             _RUNTIME.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         )
     try:
-        interp = _INTERPRETER(model_content=data, num_threads=num_threads, **kwargs)
+        content = data if isinstance(data, bytes) else bytes(data)  # it takes bytes only
+        interp = _INTERPRETER(model_content=content, num_threads=num_threads, **kwargs)
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         raise ModelFormatError(f"the TFLite interpreter refused the model: {exc}") from exc

@@ -1,27 +1,127 @@
-"""Shared fixtures: a real mosquitto per test, moto's real S3 HTTP API, keys, models."""
+"""Shared fixtures: a real, secure mosquitto per test, moto's real S3 HTTP API, keys, models.
+
+The broker is the secure one (`allow_anonymous false`, dynamic-security ACLs).
+Connect as one of its identities with `mosquitto.endpoint("controller")`,
+`"operator"` or `"admin"`; give a device an identity with
+`device_endpoint(mosquitto, "cam-1", "eu-west", "camera")` (or
+`provision(...)` for its whole credentials directory, e.g. for a
+`hotswap agent run --credentials` process); `observer_endpoint(mosquitto)` is a
+test-only identity that may read every hotswap topic (command spies).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import boto3
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from broker import dynsec
 from broker.launcher import Mosquitto
+from broker.provision import DynsecAdmin, provision_device
 from broker.s3server import S3Server
+from shared import topics
+from shared.credentials import (
+    MQTT_FILE,
+    Credentials,
+    DeviceIdentity,
+    MqttLogin,
+    apply_credentials,
+    endpoint_for,
+    load_credentials,
+    login_json,
+    private_dir,
+    write_secret,
+)
 from shared.keys import init_keys, load_private_key
 from shared.model_builder import build_dense_model
+from shared.settings import MqttEndpoint, parse_mqtt_url
+
+T = TypeVar("T")
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A real mosquitto on a free port, with its own data directory."""
+    """A real, secure mosquitto on a free port, with its own data directory and identities."""
     with Mosquitto(tmp_path / "broker") as broker:
         yield broker
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to completion on a loop of its own (callable from sync and async tests)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _test_identities(broker: Mosquitto) -> Path:
+    return broker.data_dir / "test-identities"
+
+
+def provision(
+    broker: Mosquitto,
+    device_id: str,
+    region: str = "eu-west",
+    device_type: str = "camera",
+    *,
+    trusted_keys: Sequence[Path] = (),
+) -> Credentials:
+    """The device's credentials directory, provisioned through the broker's API on first use.
+
+    Later calls for the same device return the same directory (so a test may
+    ask again after stopping the broker); the broker must be running the first time.
+    """
+    out = _test_identities(broker) / device_id
+    if (out / MQTT_FILE).exists():
+        return load_credentials(out)
+    device = DeviceIdentity(device_id, region, device_type)
+    admin = broker.endpoint("admin")
+    done = run_sync(
+        provision_device(admin, broker.credentials("admin"), device, out, trusted_keys=trusted_keys)
+    )
+    return done.credentials
+
+
+def device_endpoint(
+    broker: Mosquitto, device_id: str, region: str = "eu-west", device_type: str = "camera"
+) -> MqttEndpoint:
+    """The broker's URL logged in as `device_id` (provisioned on first use)."""
+    creds = provision(broker, device_id, region, device_type)
+    return apply_credentials(parse_mqtt_url(broker.url), creds)
+
+
+OBSERVER = "test-observer"
+
+
+def observer_endpoint(broker: Mosquitto) -> MqttEndpoint:
+    """A test-only identity that may subscribe to and read every `hotswap/` topic."""
+    out = _test_identities(broker) / OBSERVER
+    if not (out / MQTT_FILE).exists():
+        login = MqttLogin(OBSERVER, dynsec.new_password())
+        role = dynsec.Role(
+            OBSERVER,
+            (
+                dynsec.Acl("subscribePattern", f"{topics.ROOT}/#"),
+                dynsec.Acl("publishClientReceive", f"{topics.ROOT}/#"),
+            ),
+        )
+
+        async def create() -> None:
+            async with DynsecAdmin(broker.endpoint("admin")) as api:
+                answers = await api.run(
+                    [dynsec.create_role(role), dynsec.create_client(login, (role.name,))]
+                )
+            assert all(a.error is None for a in answers), answers
+
+        run_sync(create())
+        write_secret(private_dir(out) / MQTT_FILE, login_json(login))
+    return endpoint_for(parse_mqtt_url(broker.url), out)
 
 
 @pytest.fixture(scope="session")

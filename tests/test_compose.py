@@ -59,7 +59,10 @@ def _resolve(argv: list[str]) -> tuple[Any, list[str]]:
 
 def test_every_hotswap_command_uses_real_subcommands_and_options() -> None:
     """Each service's argv parses against the real typer app (names and options)."""
-    assert {"controller", "agent-1", "agent-2", "agent-3", "keys"} <= set(HOTSWAP)
+    assert {
+        "mosquitto", "controller", "agent-1", "agent-2", "agent-3", "keys",
+        "provision-1", "provision-2", "provision-3",
+    } <= set(HOTSWAP)  # fmt: skip
     for name, service in HOTSWAP.items():
         argv = [str(a) for a in service["command"]]
         command, rest = _resolve(argv)
@@ -109,3 +112,55 @@ def test_dockerfile_copies_files_that_exist() -> None:
     for sources in copies:
         for source in sources:
             assert (ROOT / source).exists(), source
+
+
+def _option(argv: list[Any], name: str) -> str:
+    return str(argv[argv.index(name) + 1])
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Mount point -> (volume or path, read-only)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":")
+        found[target] = (source, mode == ["ro"])
+    return found
+
+
+def _volume_of(service: dict[str, Any], path: str) -> tuple[str, bool]:
+    """The volume `path` lies on in `service` (longest mount prefix)."""
+    mounts = _mounts(service)
+    matches = [t for t in mounts if path == t or path.startswith(t.rstrip("/") + "/")]
+    assert matches, (path, mounts)
+    return mounts[max(matches, key=len)]
+
+
+def test_every_identity_comes_from_the_brokers_volume_or_its_provisioner() -> None:
+    """The secure broker writes its identities into its data volume; the controller, the cli
+    and the provisioners read them from there (read-only); each agent mounts, read-only, the
+    credentials volume its own provisioner writes, and the device ids are distinct."""
+    broker = SERVICES["mosquitto"]
+    data_dir = _option(broker["command"], "--data-dir")
+    broker_volume, read_only = _volume_of(broker, data_dir)
+    assert not read_only
+    admin = f"{data_dir}/credentials/admin"
+    controller = SERVICES["controller"]
+    assert _option(controller["command"], "--credentials") == f"{data_dir}/credentials/controller"
+    assert _volume_of(controller, f"{data_dir}/credentials/controller") == (broker_volume, True)
+    cli = SERVICES["cli"]
+    operator = cli["environment"]["HOTSWAP_CREDENTIALS"]
+    assert operator == f"{data_dir}/credentials/operator"
+    assert _volume_of(cli, operator) == (broker_volume, True)
+    devices = set()
+    for n in (1, 2, 3):
+        provision, agent = SERVICES[f"provision-{n}"], SERVICES[f"agent-{n}"]
+        argv = provision["command"]
+        assert _option(argv, "--credentials") == admin
+        assert _volume_of(provision, admin) == (broker_volume, True)
+        assert "--keep-existing" in argv  # compose re-runs it on every `up`
+        written, read_only = _volume_of(provision, _option(argv, "--out"))
+        assert not read_only
+        assert _volume_of(agent, _option(agent["command"], "--credentials")) == (written, True)
+        assert "provision-" + str(n) in agent["depends_on"]
+        devices.add(_option(argv, "--device-id"))
+    assert len(devices) == 3

@@ -25,9 +25,9 @@ from shared import topics
 from shared.keys import load_public_key
 from shared.messages import DeviceState
 from shared.mqtt import make_client
-from shared.settings import parse_mqtt_url
+from shared.settings import MqttEndpoint
 from shared.tflite import make_interpreter
-from tests.conftest import S3, KeyPair
+from tests.conftest import S3, KeyPair, device_endpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -79,7 +79,8 @@ async def controller_process(
     log = (tmp_path / "controller.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker.cli", "controller", "run",
-        "--mqtt-url", mosquitto.url, "--db-url", f"sqlite:///{tmp_path / 'controller.db'}",
+        "--mqtt-url", mosquitto.url, "--credentials", str(mosquitto.credentials("controller")),
+        "--db-url", f"sqlite:///{tmp_path / 'controller.db'}",
         "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket, "--metrics-port", "0",
         stdout=log, stderr=log,
     )  # fmt: skip
@@ -92,7 +93,9 @@ async def controller_process(
         log.close()
 
 
-def make_agent(device: tuple[str, str, str], tmp_path: Path, keys: KeyPair, url: str) -> Agent:
+def make_agent(
+    device: tuple[str, str, str], tmp_path: Path, keys: KeyPair, broker: Mosquitto
+) -> Agent:
     device_id, region, device_type = device
     return Agent(
         AgentConfig(
@@ -101,16 +104,17 @@ def make_agent(device: tuple[str, str, str], tmp_path: Path, keys: KeyPair, url:
             device_type=device_type,
             data_dir=tmp_path / "agents" / device_id,
             trusted_keys=(load_public_key(keys.public_path),),
-            mqtt=parse_mqtt_url(url),
+            mqtt=device_endpoint(broker, device_id, region, device_type),
             workload_hz=50.0,
             telemetry_interval_s=0.5,
         )
     )
 
 
-async def retained_states(url: str) -> dict[str, DeviceState]:
+async def retained_states(operator: MqttEndpoint) -> dict[str, DeviceState]:
+    """What runs where, read with an operator's identity from the retained state topics."""
     states: dict[str, DeviceState] = {}
-    async with make_client(parse_mqtt_url(url), identifier="test-state-reader") as client:
+    async with make_client(operator, identifier="test-state-reader") as client:
         await client.subscribe(topics.ALL_DEVICE_STATES, qos=1)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
@@ -142,6 +146,7 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
         os.environ
         | {
             "HOTSWAP_MQTT_URL": mosquitto.url,
+            "HOTSWAP_CREDENTIALS": str(mosquitto.credentials("operator")),
             "HOTSWAP_S3_ENDPOINT": s3.endpoint,
             "HOTSWAP_S3_BUCKET": s3.bucket,
             "HOTSWAP_SIGNING_KEY": str(signing_keys.private_path),
@@ -152,7 +157,7 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
         files[name] = tmp_path / f"{name}.tflite"
         files[name].write_bytes(data)
 
-    agents = [make_agent(d, tmp_path, signing_keys, mosquitto.url) for d in DEVICES]
+    agents = [make_agent(d, tmp_path, signing_keys, mosquitto) for d in DEVICES]
     tasks = [asyncio.create_task(a.run()) for a in agents]
     try:
 
@@ -202,7 +207,7 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
             r = await cli("rollout", "status", rid, "--wait", "60", "--json")
             assert r.code == 0 and r.json()["status"] == "Succeeded", r.out + r.err
 
-        states = await retained_states(mosquitto.url)
+        states = await retained_states(mosquitto.endpoint("operator"))
         assert {d: (s.online, s.active and s.active.ref) for d, s in states.items()} == {
             d[0]: (True, "clf@2.0.0") for d in DEVICES
         }
@@ -254,6 +259,8 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
             (("model", "push", str(files["v1"]), "--name", "x", "--version", "1", "--signing-key", str(tmp_path / "nokey")), 2, "cannot read signing key"),
             (("rollout", "status", "r-doesnotexist"), 2, "unknown rollout"),
             (("device", "list", "--mqtt-url", "mqtt://127.0.0.1:1"), 1, "cannot reach the MQTT broker"),
+            (("device", "list", "--credentials", str(tmp_path / "nowhere")), 2, "does not exist"),
+            (("device", "list", "--credentials", str(mosquitto.credentials("admin"))), 2, "does not let 'hotswap-admin' subscribe"),
         ):  # fmt: skip
             r = await cli(*args)
             assert r.code == code, (args, r.code, r.err)
@@ -265,7 +272,7 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
         tasks[0].cancel()
         await asyncio.gather(tasks[0], return_exceptions=True)
         mosquitto.stop()
-        restarted = make_agent(DEVICES[0], tmp_path, signing_keys, mosquitto.url)
+        restarted = make_agent(DEVICES[0], tmp_path, signing_keys, mosquitto)
         tasks[0] = asyncio.create_task(restarted.run())
         await asyncio.wait_for(restarted.serving.wait(), 10)
         assert not restarted.connected.is_set()
@@ -275,7 +282,7 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
         await asyncio.wait_for(restarted.connected.wait(), 30)
 
         async def restarted_state() -> bool:
-            s = (await retained_states(mosquitto.url)).get("cam-1")
+            s = (await retained_states(mosquitto.endpoint("operator"))).get("cam-1")
             return bool(s and s.online and s.active and s.active.version == "2.0.0")
 
         await eventually(restarted_state)

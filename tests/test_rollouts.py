@@ -42,9 +42,9 @@ from shared.messages import (
 )
 from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
-from shared.settings import MqttEndpoint, parse_mqtt_url
+from shared.settings import MqttEndpoint
 from shared.tflite import make_interpreter
-from tests.conftest import S3, KeyPair
+from tests.conftest import S3, KeyPair, device_endpoint, observer_endpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -71,7 +71,8 @@ class ControllerProcess:
     def __init__(self, mosquitto: Mosquitto, s3: S3, tmp_path: Path) -> None:
         self.args = [
             sys.executable, "-m", "broker.cli", "controller", "run",
-            "--mqtt-url", mosquitto.url, "--db-url", f"sqlite:///{tmp_path / 'controller.db'}",
+            "--mqtt-url", mosquitto.url, "--credentials", str(mosquitto.credentials("controller")),
+            "--db-url", f"sqlite:///{tmp_path / 'controller.db'}",
             "--s3-endpoint", s3.endpoint, "--s3-bucket", s3.bucket, "--metrics-port", "0",
         ]  # fmt: skip
         self.log = tmp_path / "controller.log"
@@ -135,7 +136,7 @@ async def fleet(
     mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, model_v1: bytes
 ) -> AsyncIterator[Fleet]:
     """Four agents under load serving v1 (rolled out Direct), a controller process."""
-    endpoint = parse_mqtt_url(mosquitto.url)
+    endpoint = mosquitto.endpoint("operator")
     agents = [
         Agent(
             AgentConfig(
@@ -144,7 +145,7 @@ async def fleet(
                 device_type=device_type,
                 data_dir=tmp_path / "agents" / device_id,
                 trusted_keys=(load_public_key(signing_keys.public_path),),
-                mqtt=endpoint,
+                mqtt=device_endpoint(mosquitto, device_id, region, device_type),
                 workload_hz=100.0,
                 telemetry_interval_s=0.5,
                 # The controller's gates are under test, not the agent's own health watch.
@@ -157,7 +158,7 @@ async def fleet(
     fleet = Fleet(endpoint, ArtifactStore(s3.endpoint, s3.bucket), signing_keys, agents, controller)
     tasks = [asyncio.create_task(a.run()) for a in agents]
     await controller.start()
-    async with make_client(endpoint, identifier="test-command-spy") as spy:
+    async with make_client(observer_endpoint(mosquitto), identifier="test-command-spy") as spy:
         await spy.subscribe(topics.ALL_REGION_CMDS, qos=1)
         await spy.subscribe(topics.ALL_DEVICE_CMDS, qos=1)
 
@@ -207,9 +208,9 @@ async def test_canary_of_a_slow_model_is_rolled_back_by_the_latency_gate(
 ) -> None:
     """~100x slower, same signature: the canary's p95 gate fails, every device serves v1 again."""
     slow = build_dense_model(hidden=(2048, 2048, 2048), seed=5)
-    await fleet.push(slow, "2.0.0-slow")
+    await fleet.push(slow, "2.0.0+slow")
     rid = await fleet.start(
-        version="2.0.0-slow", strategy="canary", canary_percent=25, canary_duration_s=60,
+        version="2.0.0+slow", strategy="canary", canary_percent=25, canary_duration_s=60,
         gates=GateSpec(max_latency_increase=2.0, min_samples=20),
     )  # fmt: skip
     status = await fleet.final(rid)
@@ -333,18 +334,18 @@ async def test_ab_test_picks_the_faster_model_and_rolls_it_to_every_device(
 ) -> None:
     """A (slow) vs B (fast), winner metric latency: B wins and ends up on all four devices."""
     slow = build_dense_model(hidden=(2048, 2048, 2048), seed=5)
-    await fleet.push(slow, "2.0.0-slow")
-    await fleet.push(model_v2, "2.0.0-fast")
+    await fleet.push(slow, "2.0.0+slow")
+    await fleet.push(model_v2, "2.0.0+fast")
     rid = await fleet.start(
-        version="2.0.0-slow", version_b="2.0.0-fast", strategy="ab", test_duration_s=2,
+        version="2.0.0+slow", version_b="2.0.0+fast", strategy="ab", test_duration_s=2,
         winner_metric="latency", min_improvement=0.2, gates=GateSpec(min_samples=20),
     )  # fmt: skip
     status = await fleet.final(rid)
     assert status.status == "Succeeded", status
-    assert status.ab is not None and status.ab.winner == "2.0.0-fast", status.ab
+    assert status.ab is not None and status.ab.winner == "2.0.0+fast", status.ab
     assert status.ab.value_a is not None and status.ab.value_b is not None
     assert status.ab.value_b < status.ab.value_a
-    assert fleet.versions() == {"2.0.0-fast"}
+    assert fleet.versions() == {"2.0.0+fast"}
     np.testing.assert_allclose(fleet.agents[1].infer(X), reference(model_v2), atol=1e-6)
 
 

@@ -19,23 +19,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(180)
-def test_swap_benchmark_reports_every_figure_and_drops_nothing(tmp_path: Path) -> None:
-    """`bench/swap.py --json` with given files: all figures present, dropped == 0."""
+@pytest.mark.parametrize(("flags", "engine"), [((), "litert-c-api"), (("--no-c-api",), "litert")])
+def test_swap_benchmark_reports_every_figure_and_drops_nothing(
+    tmp_path: Path, flags: tuple[str, ...], engine: str
+) -> None:
+    """`bench/swap.py --json` with given files, on the C API and on the Python interpreter:
+    all figures present, dropped == 0."""
     a, b = tmp_path / "a.tflite", tmp_path / "b.tflite"
     shape = {"input_size": 64, "hidden": (256, 256), "output_size": 10, "batch": 4}
     a.write_bytes(build_dense_model(seed=1, **shape))
     b.write_bytes(build_dense_model(seed=2, **shape))
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "swap.py"), "--model-a", str(a), "--model-b", str(b),
-         "--swaps", "6", "--seconds", "0.3", "--rounds", "1", "--json"],
+         "--swaps", "6", "--seconds", "0.2", "--rounds", "2", "--json", *flags],
         capture_output=True, text=True, check=True, timeout=170,
     )  # fmt: skip
     result = json.loads(out.stdout)
     for key in (
         "swaps", "inferences", "dropped", "max_gap_ms", "swap_ms_p50", "swap_ms_p99",
         "baseline_load_ms_p50", "swap_to_baseline_ratio", "infer_throughput_ratio",
+        "infer_throughput_ratio_pooled", "baseline_load_mapped_ms_p50",
+        "baseline_load_binding_ms_p50", "baseline_load_max_gap_ms", "bare_max_gap_ms",
     ):  # fmt: skip
         assert key in result, key
+    assert result["engine"] == engine
     assert result["swaps"] == 6 and result["outcomes"] == {"activated": 6}
     assert result["dropped"] == 0
     assert result["inferences"] > 0

@@ -1,4 +1,4 @@
-"""Launcher edge cases: binary lookup, config rendering, start failures, sessions."""
+"""Launcher edge cases: binary and plugin lookup, config rendering, start failures, sessions."""
 
 from __future__ import annotations
 
@@ -10,10 +10,19 @@ from pathlib import Path
 import pytest
 
 from broker import launcher
-from broker.launcher import Mosquitto, find_mosquitto, free_port, port_is_free, render_config
+from broker.launcher import (
+    Mosquitto,
+    TlsListeners,
+    find_dynsec_plugin,
+    find_mosquitto,
+    free_port,
+    port_is_free,
+    render_config,
+)
+from shared import topics
 from shared.errors import BrokerError
 from shared.mqtt import make_client
-from shared.settings import parse_mqtt_url
+from tests.conftest import device_endpoint
 
 
 def _script(path: Path, body: str) -> Path:
@@ -83,16 +92,74 @@ def test_binary_that_exits_at_once_is_a_broker_error_with_its_output(
     assert broker.process is None
 
 
-def test_render_config_puts_user_first_and_keeps_only_one_listener(tmp_path: Path) -> None:
-    """`user` comes first; a second template listener is dropped; other lines pass through."""
-    template = "listener 1883\nallow_anonymous true\n\nlistener 8883\ncafile x\nlog_dest stdout\n"
-    lines = render_config(template, port=2000, data_dir=tmp_path, bind="10.0.0.7", user="me")
+TEMPLATE = """listener 1883
+allow_anonymous false
+
+listener 8883
+cafile x
+certfile y
+keyfile z
+# a comment
+log_dest stdout
+listener 8884
+cafile x
+require_certificate true
+use_identity_as_username true
+"""
+
+
+def test_render_config_without_tls_drops_the_tls_listeners_with_their_options(
+    tmp_path: Path,
+) -> None:
+    """`user` first; the 2nd and 3rd listeners go with their options; global lines stay."""
+    lines = render_config(TEMPLATE, port=2000, data_dir=tmp_path, bind="10.0.0.7", user="me")
     out = lines.splitlines()
     assert out[0] == "user me"
     assert [ln for ln in out if ln.startswith("listener")] == ["listener 2000 10.0.0.7"]
-    assert "allow_anonymous true" in out and "" in out and "cafile x" in out
-    assert f"log_dest file {tmp_path / 'mosquitto.log'}" in out
+    assert "allow_anonymous false" in out and "" in out
+    assert not any(ln.startswith(("cafile", "certfile", "keyfile", "require_")) for ln in out)
+    assert f"log_dest file {tmp_path / 'mosquitto.log'}" in out  # a global option after them
     assert lines.endswith("\n")
+
+
+def test_render_config_with_tls_renders_both_tls_listeners_with_our_files(tmp_path: Path) -> None:
+    """TLS on its port with our CA/cert/key; the client-certificate listener keeps its options."""
+    tls = TlsListeners(tmp_path / "ca.crt", tmp_path / "s.crt", tmp_path / "s.key", 9001, 9002)
+    out = render_config(TEMPLATE, port=2000, data_dir=tmp_path, tls=tls).splitlines()
+    assert [ln for ln in out if ln.startswith("listener")] == [
+        "listener 2000 127.0.0.1",
+        "listener 9001 127.0.0.1",
+        "listener 9002 127.0.0.1",
+    ]
+    assert out.count(f"cafile {tmp_path / 'ca.crt'}") == 2
+    assert f"certfile {tmp_path / 's.crt'}" in out and f"keyfile {tmp_path / 's.key'}" in out
+    third = out[out.index("listener 9002 127.0.0.1") :]
+    assert "require_certificate true" in third and "use_identity_as_username true" in third
+    without_cert_listener = TlsListeners(tls.ca_file, tls.cert_file, tls.key_file, 9001)
+    out = render_config(TEMPLATE, port=2000, data_dir=tmp_path, tls=without_cert_listener)
+    assert "listener 9002" not in out and "require_certificate" not in out
+
+
+def test_dynsec_plugin_lookup_env_then_lib_dirs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """HOTSWAP_MOSQUITTO_DYNSEC wins (and must exist); else the lib dirs; else a clear error."""
+    plugin = tmp_path / "lib" / "mosquitto_dynamic_security.so"
+    plugin.parent.mkdir()
+    plugin.write_bytes(b"")
+    monkeypatch.setenv("HOTSWAP_MOSQUITTO_DYNSEC", str(plugin))
+    assert find_dynsec_plugin() == plugin
+    monkeypatch.setenv("HOTSWAP_MOSQUITTO_DYNSEC", str(tmp_path / "missing.so"))
+    with pytest.raises(BrokerError, match=r"HOTSWAP_MOSQUITTO_DYNSEC=.*missing\.so is not a file"):
+        find_dynsec_plugin()
+    monkeypatch.delenv("HOTSWAP_MOSQUITTO_DYNSEC")
+    monkeypatch.setattr(launcher, "_PLUGIN_DIRS", (str(tmp_path / "lib"),))
+    assert find_dynsec_plugin() == plugin
+    monkeypatch.setattr(launcher, "_PLUGIN_DIRS", (str(tmp_path / "nothing"),))
+    monkeypatch.setattr(launcher, "_MULTIARCH_ROOT", str(tmp_path / "nothing"))
+    with pytest.raises(BrokerError, match=r"dynamic-security plugin .* not found") as err:
+        find_dynsec_plugin()
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_render_config_without_user_has_no_user_line(tmp_path: Path) -> None:
@@ -124,6 +191,7 @@ def test_started_broker_writes_config_and_log_in_its_data_dir(mosquitto: Mosquit
     """The rendered mosquitto.conf and the log file live under data_dir."""
     conf = (mosquitto.data_dir / "mosquitto.conf").read_text()
     assert f"listener {mosquitto.port} 127.0.0.1" in conf
+    assert f"plugin_opt_config_file {mosquitto.data_dir / 'dynamic-security.json'}" in conf
     assert f"persistence_location {mosquitto.data_dir}/" in conf
     assert mosquitto.url == f"mqtt://127.0.0.1:{mosquitto.port}"
 
@@ -131,14 +199,14 @@ def test_started_broker_writes_config_and_log_in_its_data_dir(mosquitto: Mosquit
 async def test_persistent_session_gets_qos1_messages_queued_across_a_restart(
     mosquitto: Mosquitto,
 ) -> None:
-    """A subscriber's persistent session and its queued QoS 1 message survive restart()."""
-    endpoint = parse_mqtt_url(mosquitto.url)
-    async with make_client(endpoint, identifier="sess-1", persistent_session=True) as client:
-        await client.subscribe("t/q", qos=1)
-    async with make_client(endpoint, identifier="pub-1") as pub:
-        await pub.publish("t/q", b"queued", qos=1)
+    """A device's persistent session and a command queued for it survive restart()."""
+    device = device_endpoint(mosquitto, "sess-1")
+    async with make_client(device, identifier="sess-1", persistent_session=True) as client:
+        await client.subscribe(topics.device_cmd("sess-1"), qos=1)
+    async with make_client(mosquitto.endpoint("controller"), identifier="pub-1") as pub:
+        await pub.publish(topics.device_cmd("sess-1"), b"queued", qos=1)
     mosquitto.restart()
-    async with make_client(endpoint, identifier="sess-1", persistent_session=True) as client:
+    async with make_client(device, identifier="sess-1", persistent_session=True) as client:
         async with asyncio.timeout(5):
             message = await anext(aiter(client.messages))
     assert message.payload == b"queued"

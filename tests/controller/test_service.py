@@ -28,15 +28,14 @@ from shared.messages import (
     StartRollout,
 )
 from shared.mqtt import make_client
-from shared.settings import parse_mqtt_url
-from tests.conftest import S3, KeyPair
+from tests.conftest import S3, KeyPair, device_endpoint
 
 
 @pytest.fixture
 async def controller(mosquitto: Mosquitto, s3: S3, tmp_path: Path) -> AsyncIterator[Controller]:
     c = Controller(
         ControllerConfig(
-            mqtt=parse_mqtt_url(mosquitto.url),
+            mqtt=mosquitto.endpoint("controller"),
             db_url=f"sqlite:///{tmp_path / 'c.db'}",
             s3_endpoint=s3.endpoint,
             s3_bucket=s3.bucket,
@@ -56,8 +55,10 @@ async def test_expired_url_gets_the_same_command_with_a_fresh_url(
     controller: Controller, mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, model_v1: bytes
 ) -> None:
     """A device's `downloading`/`url_expired` event is answered with the same command id, new URL."""
-    endpoint = parse_mqtt_url(mosquitto.url)
-    async with make_client(endpoint, identifier="dev-1") as device:
+    endpoint = mosquitto.endpoint("operator")
+    async with make_client(
+        device_endpoint(mosquitto, "dev-1", "r1", "t"), identifier="dev-1"
+    ) as device:
         await device.subscribe(topics.device_cmd("dev-1"), qos=1)
         state = DeviceState(device_id="dev-1", region="r1", device_type="t", online=True)
         await device.publish(topics.device_state("dev-1"), state.to_wire(), qos=1, retain=True)

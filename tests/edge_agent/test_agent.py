@@ -32,9 +32,8 @@ from shared.messages import (
 )
 from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
-from shared.settings import parse_mqtt_url
 from shared.tflite import make_interpreter, read_signature
-from tests.conftest import S3, KeyPair
+from tests.conftest import S3, KeyPair, device_endpoint
 from tests.edge_agent.artifact_server import ArtifactServer
 
 VARIANT = build_dense_model(seed=7)  # same tensor signature as model_v1, other weights
@@ -98,23 +97,27 @@ def deploy(signed: SignedManifest, url: str, **kw) -> DeployCommand:
     )
 
 
-def agent_config(tmp_path: Path, keys: KeyPair, url: str, **kw) -> AgentConfig:
+def agent_config(tmp_path: Path, keys: KeyPair, broker: Mosquitto, **kw) -> AgentConfig:
+    """cam-1 (eu-west, camera), logged in to `broker` with its own provisioned identity."""
     return AgentConfig(
         device_id="cam-1",
         region="eu-west",
         device_type="camera",
         data_dir=tmp_path / "agent",
         trusted_keys=(load_public_key(keys.public_path),),
-        mqtt=parse_mqtt_url(url),
+        mqtt=device_endpoint(broker, "cam-1", "eu-west", "camera"),
         telemetry_interval_s=0.3,
         **kw,
     )
 
 
 @contextlib.asynccontextmanager
-async def watching(agent: Agent, url: str, s3: S3, keys: KeyPair) -> AsyncIterator[Harness]:
-    """A controller's view of cam-1: a client recording its events and states."""
-    async with make_client(parse_mqtt_url(url), identifier="test-controller") as client:
+async def watching(
+    agent: Agent, broker: Mosquitto, s3: S3, keys: KeyPair
+) -> AsyncIterator[Harness]:
+    """A controller's view of cam-1: a client with the controller's identity recording its
+    events and states."""
+    async with make_client(broker.endpoint("controller"), identifier="test-controller") as client:
         h = Harness(agent, client, ArtifactStore(s3.endpoint, s3.bucket), keys)
         await client.subscribe(topics.device_events("cam-1"), qos=1)
         await client.subscribe(topics.device_state("cam-1"), qos=1)
@@ -152,8 +155,8 @@ async def running(agent: Agent, *, wait_connected: bool = True) -> AsyncIterator
 async def harness(
     mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path
 ) -> AsyncIterator[Harness]:
-    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-    async with watching(agent, mosquitto.url, s3, signing_keys) as h, running(agent):
+    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto))
+    async with watching(agent, mosquitto, s3, signing_keys) as h, running(agent):
         yield h
 
 
@@ -199,17 +202,15 @@ async def test_duplicate_command_does_the_work_once_and_answers_again(
     ]
 
 
-async def test_expired_command_is_ignored(harness: Harness, model_v1: bytes) -> None:
-    """A command past its expiry gets no event and changes nothing."""
+async def test_expired_command_is_refused(harness: Harness, model_v1: bytes) -> None:
+    """A command past its expiry does no work: one `failed`/`command_expired` event."""
     signed, url = harness.upload(model_v1, "1.0.0")
     stale = deploy(signed, url, expires_at=datetime.now(UTC) - timedelta(seconds=1))
     await harness.send(stale)
-    fresh = deploy(signed, url)
-    await harness.send(
-        fresh
-    )  # commands are handled in order: once this one answers, the stale one was seen
-    await harness.final_event(fresh.command_id)
-    assert harness.phases(stale.command_id) == []
+    final = await harness.final_event(stale.command_id)
+    assert (final.phase, final.reason) == ("failed", "command_expired")
+    assert harness.phases(stale.command_id) == ["failed"]
+    assert harness.agent.active is None
 
 
 async def test_deploy_of_the_active_version_answers_at_once(
@@ -314,13 +315,13 @@ async def test_restarted_agent_serves_the_stored_model_offline(
     mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, model_v1: bytes
 ) -> None:
     """With the broker down, a restarted agent serves its last model at once; it reconnects later."""
-    first = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-    async with watching(first, mosquitto.url, s3, signing_keys) as h, running(first):
+    first = Agent(agent_config(tmp_path, signing_keys, mosquitto))
+    async with watching(first, mosquitto, s3, signing_keys) as h, running(first):
         signed, url = h.upload(model_v1, "1.0.0")
         await h.send(cmd := deploy(signed, url))
         await h.final_event(cmd.command_id)
     mosquitto.stop()
-    second = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
+    second = Agent(agent_config(tmp_path, signing_keys, mosquitto))
     async with running(second, wait_connected=False):
         await asyncio.wait_for(second.serving.wait(), 10)
         assert not second.connected.is_set()
@@ -357,10 +358,10 @@ async def test_much_slower_model_is_swapped_back_by_the_agent(
 ) -> None:
     """Health watch: a model far slower than the previous one is rolled back, v1 serves on."""
     agent = Agent(
-        agent_config(tmp_path, signing_keys, mosquitto.url, workload_hz=200, max_latency_factor=3)
+        agent_config(tmp_path, signing_keys, mosquitto, workload_hz=200, max_latency_factor=3)
     )
     slow = build_dense_model(hidden=(2048, 2048, 2048), seed=3)  # same signature, ~1000x the work
-    async with watching(agent, mosquitto.url, s3, signing_keys) as h, running(agent):
+    async with watching(agent, mosquitto, s3, signing_keys) as h, running(agent):
         signed, url = h.upload(model_v1, "1.0.0")
         await h.send(first := deploy(signed, url))
         assert (await h.final_event(first.command_id)).phase == "activated"
@@ -385,8 +386,8 @@ async def test_staged_model_survives_a_restart_and_switches_by_reference(
     from shared.messages import SwitchCommand
 
     async def with_agent(steps: Any) -> None:
-        agent = Agent(agent_config(tmp_path, signing_keys, mosquitto.url))
-        async with watching(agent, mosquitto.url, s3, signing_keys) as h, running(agent):
+        agent = Agent(agent_config(tmp_path, signing_keys, mosquitto))
+        async with watching(agent, mosquitto, s3, signing_keys) as h, running(agent):
             await steps(h)
 
     staged: list[Any] = []

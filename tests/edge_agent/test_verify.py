@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.verify import (
+    raised_floor,
     verify_artifact,
     verify_manifest,
+    verify_not_downgrade,
     verify_tensor_signature,
+    version_order,
 )
-from shared.errors import CompatibilityError, IntegrityError, SignatureError
+from shared.errors import CompatibilityError, DowngradeError, IntegrityError, SignatureError
 from shared.manifest import (
     KeySignature,
+    Manifest,
     SignedManifest,
     build_manifest,
+    canonical_json,
     sign_manifest,
     trusted_keyring,
 )
@@ -105,3 +111,97 @@ def test_tensor_signature_must_match_manifest_and_active_model(
     with pytest.raises(CompatibilityError) as err:
         verify_tensor_signature(other_manifest, other_sig, v1_sig)
     assert err.value.reason == "incompatible"
+
+
+def test_a_manifest_for_another_framework_is_refused(model_v1: bytes, key) -> None:
+    """The signed framework is part of the binding: an ONNX manifest never reaches the loader."""
+    manifest, _ = signed_for(model_v1, key)
+    onnx = sign_manifest(manifest.model_copy(update={"framework": "onnx"}), key)
+    with pytest.raises(CompatibilityError) as err:
+        verify_manifest(onnx, trusted_keyring([key.public_key()]), device_type="camera")
+    assert err.value.reason == "incompatible_framework"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", "other"),
+        ("version", "9.9.9"),
+        ("sha256", "0" * 64),
+        ("size", 1),
+        ("deviceTypes", ["camera", "gateway"]),
+        ("signature", {"inputs": [], "outputs": []}),
+    ],
+)
+def test_mix_and_match_any_edited_manifest_field_breaks_the_signature(
+    model_v1: bytes, key, field: str, value: object
+) -> None:
+    """Name, version, sha256, size, device types and tensors are signed together."""
+    _, signed = signed_for(model_v1, key, ("camera",))
+    body = json.loads(signed.signed)
+    body[field] = value
+    edited = SignedManifest(signed=canonical_json(body).decode(), signatures=signed.signatures)
+    with pytest.raises(SignatureError) as err:
+        verify_manifest(edited, trusted_keyring([key.public_key()]), device_type="camera")
+    assert err.value.reason == "signature_invalid"
+
+
+def manifest_at(version: str, data: bytes) -> Manifest:
+    return build_manifest(name="clf", version=version, data=data, signature=read_signature(data))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "order"),
+    [
+        ("1.10.0", "1.9.0", 1),
+        ("2.0.0rc1", "2.0.0", -1),
+        ("2.0.0-rc1", "2.0.0rc1", 0),  # PEP 440 normalises the spelling
+        ("1.0", "1.0.0", 0),
+        ("2.0.0+build7", "2.0.0", 1),
+        ("2.0.0-slow", "1.0.0", None),  # not PEP 440
+        ("a", "b", None),
+    ],
+)
+def test_versions_are_ordered_as_pep_440(a: str, b: str, order: int | None) -> None:
+    """Numeric, not lexical; pre-releases below releases; other strings have no order."""
+    assert version_order(a, b) == order
+
+
+def test_a_lower_version_is_refused_unless_the_command_allows_it(model_v1: bytes) -> None:
+    """Floor 2.0.0: 1.9.9 is a downgrade; 2.0.0 and 2.0.1 pass; allow_downgrade lets 1.9.9 in."""
+    floor = {"clf": "2.0.0"}
+    with pytest.raises(DowngradeError) as err:
+        verify_not_downgrade(manifest_at("1.9.9", model_v1), floor, allow_downgrade=False)
+    assert (err.value.reason, err.value.version, err.value.highest) == (
+        "downgrade",
+        "1.9.9",
+        "2.0.0",
+    )
+    for version in ("2.0.0", "2.0.1", "10.0"):
+        verify_not_downgrade(manifest_at(version, model_v1), floor, allow_downgrade=False)
+    verify_not_downgrade(manifest_at("1.9.9", model_v1), floor, allow_downgrade=True)
+    verify_not_downgrade(manifest_at("0.1", model_v1), {"other": "9"}, allow_downgrade=False)
+
+
+def test_a_version_that_cannot_be_ordered_is_refused_over_a_floor(model_v1: bytes) -> None:
+    """Not PEP 440 on either side: `version_unorderable`, unless downgrades are allowed."""
+    for version, floor in (("2.0.0-slow", "1.0.0"), ("3.0.0", "weird"), ("b", "a")):
+        with pytest.raises(DowngradeError) as err:
+            verify_not_downgrade(
+                manifest_at(version, model_v1), {"clf": floor}, allow_downgrade=False
+            )
+        assert err.value.reason == "version_unorderable"
+        verify_not_downgrade(manifest_at(version, model_v1), {"clf": floor}, allow_downgrade=True)
+
+
+def test_the_floor_only_goes_up() -> None:
+    """Activating higher raises it; lower or unorderable leaves it; PEP 440 replaces a non-PEP one."""
+    assert raised_floor({}, "clf", "1.0.0") == {"clf": "1.0.0"}
+    assert raised_floor({"clf": "1.0.0"}, "clf", "2.0.0") == {"clf": "2.0.0"}
+    assert raised_floor({"clf": "2.0.0"}, "clf", "1.0.0") == {"clf": "2.0.0"}
+    assert raised_floor({"clf": "2.0.0"}, "clf", "x") == {"clf": "2.0.0"}
+    assert raised_floor({"clf": "x"}, "clf", "y") == {"clf": "x"}
+    assert raised_floor({"clf": "x"}, "clf", "0.1") == {"clf": "0.1"}
+    floors = {"clf": "2.0.0"}
+    assert raised_floor(floors, "det", "0.1") == {"clf": "2.0.0", "det": "0.1"}
+    assert floors == {"clf": "2.0.0"}  # not mutated

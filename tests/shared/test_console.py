@@ -22,6 +22,7 @@ from shared.console import (
     progress,
     run_until_signalled,
 )
+from shared.credentials import CredentialsError
 from shared.errors import BrokerError, RequestError
 
 
@@ -49,6 +50,13 @@ def test_bad_input_errors_exit_2_and_outages_exit_1(capsys: pytest.CaptureFixtur
     assert (code, out, err) == (EXIT_BAD_INPUT, "", "error: unknown rollout r-9\n")
     code, out, err = exit_code_of(BrokerError("mosquitto is not installed"), capsys)
     assert (code, out, err) == (EXIT_FAILURE, "", "error: mosquitto is not installed\n")
+
+
+def test_refused_or_missing_credentials_are_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    """The broker refusing who we are, or a broken credentials dir, exit 2 (fix the input)."""
+    refused = BrokerError("the MQTT broker refused 'x'", reason="not_authorized")
+    assert exit_code_of(refused, capsys)[0] == EXIT_BAD_INPUT
+    assert exit_code_of(CredentialsError("mqtt.json is missing"), capsys)[0] == EXIT_BAD_INPUT
 
 
 def test_validation_errors_name_the_field_without_pydantic_noise(
