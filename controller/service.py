@@ -100,6 +100,7 @@ from shared.mqtt import (
     make_client,
     publish_properties,
     raise_if_cancelled,
+    refused_code,
 )
 from shared.settings import MqttEndpoint
 
@@ -200,7 +201,9 @@ class Controller:
             topics.ALL_DEVICE_TELEMETRY,
             topics.CONTROLLER_REQUESTS,
         ):
-            await client.subscribe(topic, qos=1)
+            refused = refused_code(await client.subscribe(topic, qos=1))
+            if refused is not None:
+                log.error("subscription_refused", topic=topic, code=str(refused))
         await client.publish(
             topics.CONTROLLER_STATE,
             ControllerState(online=True, version=__version__).to_wire(),
@@ -362,7 +365,11 @@ class Controller:
             response = Response(ok=False, error=str(exc), reason=exc.reason)
         metrics.REQUESTS.labels(kind, str(response.ok).lower()).inc()
         log.info("request", kind=kind, ok=response.ok, error=response.error)
-        if response_topic:
+        if response_topic and not str(response_topic).startswith(f"{topics.RESPONSES_PREFIX}/"):
+            # Answers go under the responses prefix only: a request must not make the
+            # controller publish on a device's cmd topic or any other topic it may write.
+            log.warning("response_topic_refused", kind=kind, response_topic=response_topic)
+        elif response_topic:
             await client.publish(
                 response_topic,
                 response.to_wire(),

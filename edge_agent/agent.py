@@ -80,7 +80,7 @@ from shared.messages import (
     SwitchCommand,
     utcnow,
 )
-from shared.mqtt import backoff_delays, make_client, raise_if_cancelled
+from shared.mqtt import backoff_delays, make_client, raise_if_cancelled, refused_code
 from shared.settings import MqttEndpoint
 from shared.tflite import RUNTIME_NAME, ModelBytes
 
@@ -285,8 +285,12 @@ class Agent:
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         cfg = self.config
-        await client.subscribe(topics.device_cmd(cfg.device_id), qos=1)
-        await client.subscribe(topics.region_cmd(cfg.region), qos=1)
+        for topic in (topics.device_cmd(cfg.device_id), topics.region_cmd(cfg.region)):
+            refused = refused_code(await client.subscribe(topic, qos=1))
+            if refused is not None:
+                # Reconnecting would not change the broker's ACL: keep serving, say why
+                # no command can arrive (a region that differs from the provisioned one?).
+                self.log.error("subscription_refused", topic=topic, code=str(refused))
         self._client = client
         await self._publish_state()
         while self._outbox:

@@ -173,7 +173,9 @@ class ModelStore:
                 for k, r in state.commands.items()
             },
         }
-        write_atomic(self.state_path, json.dumps(body, indent=1).encode())
+        # Compact on purpose: json's C encoder runs only without `indent`; the pure-Python
+        # one held the GIL (and paused inference threads) ~40 ms on a full command record.
+        write_atomic(self.state_path, json.dumps(body, separators=(",", ":")).encode())
 
     # ------------------------------------------------------------ models
 

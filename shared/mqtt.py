@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 import aiomqtt
@@ -86,20 +86,27 @@ def connection_error(endpoint: MqttEndpoint, exc: aiomqtt.MqttError) -> BrokerEr
     return BrokerError(f"cannot reach the MQTT broker at {endpoint}: {exc}")
 
 
+def refused_code(granted: Iterable[object]) -> object | None:
+    """The first refusal (a SUBACK reason code of 0x80 or more) in `granted`, else None."""
+    for code in granted:
+        value = getattr(code, "value", code)
+        if isinstance(value, int) and value >= 0x80:
+            return code
+    return None
+
+
 async def subscribe_checked(
     client: aiomqtt.Client, endpoint: MqttEndpoint, topic: str, *, qos: int = 1
 ) -> None:
     """Subscribe, and raise BrokerError when the broker refuses (its ACL says no)."""
-    granted = await client.subscribe(topic, qos=qos)
-    for code in granted:
-        value = getattr(code, "value", code)
-        if isinstance(value, int) and value >= 0x80:
-            who = repr(endpoint.username) if endpoint.username else "anonymous clients"
-            raise BrokerError(
-                f"the MQTT broker at {endpoint} does not let {who} subscribe to {topic} "
-                f"({code}): check --credentials / HOTSWAP_CREDENTIALS",
-                reason="not_authorized",
-            )
+    code = refused_code(await client.subscribe(topic, qos=qos))
+    if code is not None:
+        who = repr(endpoint.username) if endpoint.username else "anonymous clients"
+        raise BrokerError(
+            f"the MQTT broker at {endpoint} does not let {who} subscribe to {topic} "
+            f"({code}): check --credentials / HOTSWAP_CREDENTIALS",
+            reason="not_authorized",
+        )
 
 
 def publish_properties(

@@ -360,3 +360,56 @@ async def test_device_provisioned_while_the_broker_runs_connects_and_gets_a_depl
             await agent.wait()
             log.close()
     assert mosquitto.process is not None and mosquitto.process.pid == broker_pid
+
+
+async def test_controller_answers_requests_only_under_the_responses_prefix(
+    mosquitto: Mosquitto, s3: S3, tmp_path: Path
+) -> None:
+    """A request naming a device's cmd topic as its response topic gets no answer there
+    (the controller may publish on cmd topics); a proper response topic is answered."""
+    from shared.messages import ListDevices
+    from shared.mqtt import publish_properties
+    from tests.conftest import observer_endpoint
+
+    async with (
+        controller_running(mosquitto, s3, tmp_path),
+        make_client(observer_endpoint(mosquitto), identifier="test-spy-cmd") as spy,
+        make_client(mosquitto.endpoint("operator"), identifier="test-op-raw") as op,
+    ):
+        await spy.subscribe(topics.device_cmd("cam-a"), qos=1)
+        own = topics.response_topic("test-op-raw")
+        await op.subscribe(own, qos=1)
+        request = ListDevices().to_wire()
+        for answer_to, corr in ((topics.device_cmd("cam-a"), b"evil"), (own, b"fine")):
+            await op.publish(
+                topics.CONTROLLER_REQUESTS, request, qos=1,
+                properties=publish_properties(response_topic=answer_to, correlation=corr),
+            )  # fmt: skip
+        async with asyncio.timeout(10):
+            async for message in op.messages:
+                assert getattr(message.properties, "CorrelationData", None) == b"fine"
+                break
+        # Requests are handled in order: the refused one came first, so nothing follows.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                async for message in spy.messages:
+                    raise AssertionError(f"controller answered on a cmd topic: {message.topic}")
+
+
+async def test_agent_claiming_another_region_is_told_its_subscription_was_refused(
+    mosquitto: Mosquitto, signing_keys: KeyPair, tmp_path: Path
+) -> None:
+    """A device provisioned for eu-west that starts as us-east may not read us-east's
+    commands: the broker refuses, and the agent says so instead of waiting silently."""
+    import structlog
+
+    creds = provision(
+        mosquitto, "cam-r", "eu-west", "camera", trusted_keys=[signing_keys.public_path]
+    )
+    agent = agent_from(creds, mosquitto, tmp_path / "cam-r")
+    agent = Agent(replace(agent.config, region="us-east"))
+    with structlog.testing.capture_logs() as logs:
+        async with running(agent):
+            await eventually(lambda: any(e["event"] == "subscription_refused" for e in logs))
+    refused = [e for e in logs if e["event"] == "subscription_refused"]
+    assert [e["topic"] for e in refused] == [topics.region_cmd("us-east")]
