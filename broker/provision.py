@@ -14,7 +14,6 @@ broker.dynsec.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import shutil
 import uuid
@@ -49,7 +48,7 @@ from shared.credentials import (
 )
 from shared.errors import BrokerError, HotswapError
 from shared.keys import load_public_key, public_pem, write_atomic
-from shared.mqtt import connection_error, make_client, subscribe_checked
+from shared.mqtt import connect_and_listen, connection_error, disconnect, make_client
 from shared.settings import MqttEndpoint
 
 
@@ -74,19 +73,13 @@ class DynsecAdmin:
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> DynsecAdmin:
-        try:
-            await self._client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            raise connection_error(self.endpoint, exc) from exc
-        try:
-            await subscribe_checked(self._client, self.endpoint, dynsec.RESPONSE_TOPIC)
-        except aiomqtt.MqttError as exc:
-            await self._close()
-            raise connection_error(self.endpoint, exc) from exc
-        except BrokerError:
-            await self._close()
-            raise
-        self._reader = asyncio.create_task(self._read(), name="dynsec-responses")
+        self._reader = await connect_and_listen(
+            self._client,
+            self.endpoint,
+            dynsec.RESPONSE_TOPIC,
+            self._on_message,
+            name="dynsec-responses",
+        )
         return self
 
     async def __aexit__(
@@ -95,26 +88,17 @@ class DynsecAdmin:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        await self._close()
+        await disconnect(self._client, self._reader)
 
-    async def _close(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        async for message in self._client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                continue
-            for correlation, future in list(self._waiting.items()):
-                got = self._collected.setdefault(correlation, [])
-                got += dynsec.parse_answers(bytes(payload), correlation)
-                if len(got) >= self._expected[correlation] and not future.done():
-                    future.set_result(sorted(got, key=lambda a: a.index))
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            return
+        for correlation, future in list(self._waiting.items()):
+            got = self._collected.setdefault(correlation, [])
+            got += dynsec.parse_answers(bytes(payload), correlation)
+            if len(got) >= self._expected[correlation] and not future.done():
+                future.set_result(sorted(got, key=lambda a: a.index))
 
     async def run(self, commands: list[dict[str, Any]]) -> list[dynsec.Answer]:
         """Send `commands` in one message; their answers, in order."""

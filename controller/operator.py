@@ -9,7 +9,6 @@ network and file I/O; used by the CLI, the demo and tests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,14 @@ from shared.errors import BrokerError, RequestError
 from shared.keys import load_private_key
 from shared.manifest import build_manifest, sign_manifest
 from shared.messages import RegisterModel, Request, Response, RolloutStatus
-from shared.mqtt import connection_error, make_client, publish_properties, subscribe_checked
+from shared.mqtt import (
+    connect_and_listen,
+    connection_error,
+    disconnect,
+    make_client,
+    publish_properties,
+    subscribe_checked,
+)
 from shared.settings import MqttEndpoint
 from shared.tflite import read_signature
 
@@ -47,21 +53,13 @@ class OperatorClient:
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> OperatorClient:
-        try:
-            await self._client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            raise broker_error(self.endpoint, exc) from exc
-        try:
-            await subscribe_checked(
-                self._client, self.endpoint, topics.response_topic(self.client_id)
-            )
-        except (aiomqtt.MqttError, BrokerError) as exc:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.__aexit__(None, None, None)
-            if isinstance(exc, aiomqtt.MqttError):
-                raise broker_error(self.endpoint, exc) from exc
-            raise
-        self._reader = asyncio.create_task(self._read(), name="responses")
+        self._reader = await connect_and_listen(
+            self._client,
+            self.endpoint,
+            topics.response_topic(self.client_id),
+            self._on_message,
+            name="responses",
+        )
         return self
 
     async def __aexit__(
@@ -70,25 +68,19 @@ class OperatorClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        with contextlib.suppress(aiomqtt.MqttError):
-            await self._client.__aexit__(exc_type, exc, tb)
+        await disconnect(self._client, self._reader)
 
-    async def _read(self) -> None:
-        async for message in self._client.messages:
-            correlation = getattr(message.properties, "CorrelationData", None)
-            future = self._pending.pop(bytes(correlation or b""), None)
-            if future is None or future.done():
-                continue
-            try:
-                payload = message.payload
-                raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-                future.set_result(Response.model_validate_json(raw))
-            except ValueError as exc:
-                future.set_exception(RequestError(f"unreadable answer from the controller: {exc}"))
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+        future = self._pending.pop(bytes(correlation or b""), None)
+        if future is None or future.done():
+            return
+        try:
+            payload = message.payload
+            raw = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
+            future.set_result(Response.model_validate_json(raw))
+        except ValueError as exc:
+            future.set_exception(RequestError(f"unreadable answer from the controller: {exc}"))
 
     async def request(self, request: Request) -> Any:
         """Send `request`; return the result or raise RequestError with the controller's words."""

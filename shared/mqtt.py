@@ -7,9 +7,10 @@ jittered, capped reconnect delays. The only network-facing module of `shared`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 
 import aiomqtt
@@ -107,6 +108,50 @@ async def subscribe_checked(
             f"({code}): check --credentials / HOTSWAP_CREDENTIALS",
             reason="not_authorized",
         )
+
+
+async def connect_and_listen(
+    client: aiomqtt.Client,
+    endpoint: MqttEndpoint,
+    topic: str,
+    handle: Callable[[aiomqtt.Message], None],
+    *,
+    name: str,
+) -> asyncio.Task[None]:
+    """Connect `client`, subscribe to `topic` and feed every message to `handle` from a task.
+
+    For request/response sessions (operator CLI, broker admin). A refused login or
+    subscription raises BrokerError with the client disconnected; `disconnect` undoes
+    a session this opened.
+    """
+    try:
+        await client.__aenter__()
+    except aiomqtt.MqttError as exc:
+        raise connection_error(endpoint, exc) from exc
+    try:
+        await subscribe_checked(client, endpoint, topic)
+    except (aiomqtt.MqttError, BrokerError) as exc:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+        if isinstance(exc, aiomqtt.MqttError):
+            raise connection_error(endpoint, exc) from exc
+        raise
+
+    async def read() -> None:
+        async for message in client.messages:
+            handle(message)
+
+    return asyncio.create_task(read(), name=name)
+
+
+async def disconnect(client: aiomqtt.Client, reader: asyncio.Task[None] | None) -> None:
+    """Stop a `connect_and_listen` session's reader, then leave the broker."""
+    if reader is not None:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await reader
+    with contextlib.suppress(aiomqtt.MqttError):
+        await client.__aexit__(None, None, None)
 
 
 def publish_properties(
