@@ -67,7 +67,7 @@ from controller.status import build_status
 from controller.store import Store
 from controller.strategies import STRATEGIES, Stage, Target
 from shared import __version__, topics
-from shared.command_auth import SIGNATURE_PROPERTY, sign_command
+from shared.command_auth import COMMAND_REFUSAL_REASONS, SIGNATURE_PROPERTY, sign_command
 from shared.errors import HotswapError, RequestError
 from shared.manifest import SignedManifest
 from shared.messages import (
@@ -326,6 +326,18 @@ class Controller:
         elif isinstance(msg, DeviceEvent):
             if msg.phase == "downloading" and msg.reason == "url_expired":
                 await self._represign(msg)
+                return
+            if msg.phase == "failed" and msg.reason in COMMAND_REFUSAL_REASONS:
+                # A forged or replayed copy refused by the device: our own command with
+                # that id is still valid and still in flight; its timeout covers the rest.
+                log.warning(
+                    "device_refused_command_copy",
+                    device_id=msg.device_id,
+                    rollout_id=msg.rollout_id,
+                    command_id=msg.command_id,
+                    reason=msg.reason,
+                    detail=msg.detail,
+                )
                 return
             row = self.store.apply_event(msg, now)
             log.info(

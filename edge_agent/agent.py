@@ -82,7 +82,7 @@ from shared.messages import (
 )
 from shared.mqtt import backoff_delays, make_client, raise_if_cancelled, refused_code
 from shared.settings import MqttEndpoint
-from shared.tflite import RUNTIME_NAME, ModelBytes
+from shared.tflite import RUNTIME_NAME, ModelBytes, c_api_loads
 
 log = structlog.get_logger("hotswap.agent")
 
@@ -641,12 +641,17 @@ class Agent:
     ) -> ModelSlot:
         """Size, load + warm-up, tensor signature: one worker-thread hop for all of it
         (each hop costs milliseconds of hand-over when inference threads keep the cores
-        busy). The file is mapped, not read: LiteRT reads the weights in place, a copy of
-        the whole file less. The mapping stays valid when the file is replaced or pruned;
-        the store never writes a model file in place."""
+        busy). Where the LiteRT C API loads it, the file is mapped, not read: LiteRT reads
+        the weights in place, a copy of the whole file less (the mapping stays valid when
+        the file is replaced or pruned; the store never writes a model file in place).
+        The Python binding takes bytes only and would copy a mapping per interpreter."""
         with path.open("rb") as f:
             verify_size(manifest, os.fstat(f.fileno()).st_size)
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            data: ModelBytes = (
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if c_api_loads(num_threads=self.config.num_threads)
+                else f.read()
+            )
         slot = self._load(manifest, data)
         verify_tensor_signature(manifest, slot.signature, active_sig)
         return slot
@@ -695,10 +700,18 @@ class Agent:
         # More interpreters for parallel callers, built while the new model serves on its
         # first one and is watched: the stretch where every caller waits for that one
         # interpreter (so one slow call pauses them all) ends as early as it can.
-        problem, _ = await asyncio.gather(
+        problem, grown = await asyncio.gather(
             self._watch(slot, before, old_active, baseline),
             asyncio.to_thread(slot.grow, self.config.interpreters),
+            return_exceptions=True,
         )
+        if isinstance(problem, BaseException):
+            # The watch itself broke: serve what the pointers on disk say, then fail.
+            self.runtime.restore(old_active, old_standby)
+            raise problem
+        if isinstance(grown, BaseException):
+            # The new model serves on the interpreters it has; fewer parallel calls only.
+            self.log.error("interpreter_pool_not_grown", model=slot.ref.ref, error=repr(grown))
         if problem is not None:
             self.runtime.restore(old_active, old_standby)
             if self._state.staged == slot.ref.sha256:

@@ -209,7 +209,8 @@ class TelemetryRecorder:
         spare = self._spare.get(layout)
         if spare:
             return spare.pop()
-        rows = max(1, min(FLUSH_EVERY, BATCH_BYTES // max(1, x.nbytes)))
+        # Each row keeps the call's output as well as its input: both count toward the cap.
+        rows = max(1, min(FLUSH_EVERY, BATCH_BYTES // max(1, x.nbytes + output.nbytes)))
         return _Batch(rows, x, output)
 
     def observe_shadow(

@@ -37,6 +37,20 @@ DEFAULT_MAX_CLOCK_SKEW_S = 300.0
 # Never look at more signatures than this on one publish (each costs a verification).
 MAX_SIGNATURES = 8
 
+# Every reason a device gives for refusing a command before any work. Such a refusal
+# speaks of the copy the device received, not of the controller's own command (a forged
+# or replayed copy may reuse a real command id), so the controller never applies it.
+COMMAND_REFUSAL_REASONS: frozenset[str] = frozenset(
+    {
+        "command_unsigned",
+        "command_untrusted_key",
+        "command_signature_invalid",
+        "command_expired",
+        "command_not_yet_valid",
+        "command_no_expiry",
+    }
+)
+
 _KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 
 

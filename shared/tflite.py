@@ -74,7 +74,7 @@ def make_interpreter(
     """
     if not looks_like_tflite(data):
         raise ModelFormatError("not a TFLite flatbuffer (missing 'TFL3' identifier)")
-    if c_api and C_API is not None and default_delegates and num_threads == 1:
+    if c_api and C_API is not None and default_delegates and num_threads == 1:  # c_api_loads
         try:
             return C_API.compile(data)
         except litert_capi.LiteRtError as exc:
@@ -84,6 +84,12 @@ def make_interpreter(
         except litert_capi.UnsupportedModel:
             pass  # a valid model the C API path does not take: the Python interpreter runs it
     return _binding_interpreter(data, num_threads=num_threads, default_delegates=default_delegates)
+
+
+def c_api_loads(*, num_threads: int = 1) -> bool:
+    """Whether `make_interpreter` would compile through the LiteRT C API, which reads a
+    mapped file in place (the Python binding copies anything that is not `bytes`)."""
+    return C_API is not None and num_threads == 1
 
 
 def uses_c_api(interp: Interpreter) -> bool:
