@@ -7,13 +7,17 @@ Connect as one of its identities with `mosquitto.endpoint("controller")`,
 `provision(...)` for its whole credentials directory, e.g. for a
 `hotswap agent run --credentials` process); `observer_endpoint(mosquitto)` is a
 test-only identity that may read every hotswap topic (command spies).
+`running_task` runs a controller's or agent's `run()` for the length of a block,
+`controller_config` is the test controller's configuration, and `final_event`
+waits for a command's last word in a list of recorded device events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from broker import dynsec
 from broker.launcher import Mosquitto
 from broker.provision import DynsecAdmin, provision_device
 from broker.s3server import S3Server
+from controller.service import ControllerConfig
 from shared import topics
 from shared.credentials import (
     MQTT_FILE,
@@ -41,6 +46,7 @@ from shared.credentials import (
     write_secret,
 )
 from shared.keys import init_keys, load_private_key
+from shared.messages import FINAL_PHASES, DeviceEvent
 from shared.model_builder import build_dense_model
 from shared.settings import MqttEndpoint, parse_mqtt_url
 
@@ -171,3 +177,43 @@ def model_v2() -> bytes:
 def model_other_signature() -> bytes:
     """Same family, different tensor signature (5 inputs instead of 4)."""
     return build_dense_model(input_size=5, seed=3)
+
+
+@contextlib.asynccontextmanager
+async def running_task(
+    coro: Coroutine[Any, Any, None], ready: asyncio.Event | None = None, within_s: float = 10.0
+) -> AsyncIterator[None]:
+    """`coro` (a controller's or agent's `run()`) as a task for the block, once `ready` is set;
+    cancelled and awaited on the way out."""
+    task = asyncio.create_task(coro)
+    try:
+        if ready is not None:
+            await asyncio.wait_for(ready.wait(), within_s)
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def controller_config(broker: Mosquitto, s3: S3, tmp_path: Path, **kw: Any) -> ControllerConfig:
+    """The test controller: its broker identity, a SQLite file in `tmp_path`, a fast tick."""
+    fields: dict[str, Any] = {
+        "mqtt": broker.endpoint("controller"),
+        "db_url": f"sqlite:///{tmp_path / 'controller.db'}",
+        "s3_endpoint": s3.endpoint,
+        "s3_bucket": s3.bucket,
+        "tick_s": 0.1,
+    }
+    return ControllerConfig(**(fields | kw))
+
+
+async def final_event(
+    events: Sequence[DeviceEvent], command_id: str, within_s: float = 20.0
+) -> DeviceEvent:
+    """The first final event (`activated`, `failed`, …) for `command_id` in `events`."""
+    async with asyncio.timeout(within_s):
+        while True:
+            for e in events:
+                if e.command_id == command_id and e.phase in FINAL_PHASES:
+                    return e
+            await asyncio.sleep(0.05)

@@ -24,7 +24,7 @@ import pytest
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
-from controller.service import Controller, ControllerConfig
+from controller.service import Controller
 from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.credentials import COMMAND_KEY_FILE, Credentials
@@ -41,7 +41,7 @@ from shared.messages import (
 )
 from shared.mqtt import make_client
 from shared.settings import parse_mqtt_url
-from tests.conftest import S3, KeyPair, device_endpoint, provision
+from tests.conftest import S3, KeyPair, controller_config, device_endpoint, provision, running_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -71,23 +71,9 @@ async def controller_running(
 ) -> AsyncIterator[Controller]:
     """The controller as `controller run --credentials credentials/controller` sets it up."""
     key = load_private_key(mosquitto.credentials("controller") / COMMAND_KEY_FILE)
-    controller = Controller(
-        ControllerConfig(
-            mqtt=mosquitto.endpoint("controller"),
-            db_url=f"sqlite:///{tmp_path / 'controller.db'}",
-            s3_endpoint=s3.endpoint,
-            s3_bucket=s3.bucket,
-            tick_s=0.1,
-            command_key=key,
-        )
-    )
-    task = asyncio.create_task(controller.run())
-    try:
-        await asyncio.wait_for(controller.connected.wait(), 10)
+    controller = Controller(controller_config(mosquitto, s3, tmp_path, command_key=key))
+    async with running_task(controller.run(), controller.connected):
         yield controller
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def agent_from(creds: Credentials, broker: Mosquitto, data_dir: Path) -> Agent:
@@ -109,13 +95,8 @@ def agent_from(creds: Credentials, broker: Mosquitto, data_dir: Path) -> Agent:
 
 @contextlib.asynccontextmanager
 async def running(agent: Agent) -> AsyncIterator[Agent]:
-    task = asyncio.create_task(agent.run())
-    try:
-        await asyncio.wait_for(agent.connected.wait(), 10)
+    async with running_task(agent.run(), agent.connected):
         yield agent
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def granted(codes: object) -> int:

@@ -30,7 +30,7 @@ from broker.launcher import Mosquitto
 from controller import metrics
 from controller.artifacts import ArtifactStore, artifact_key
 from controller.operator import OperatorClient, read_rollout_status
-from controller.service import Controller, ControllerConfig
+from controller.service import Controller
 from edge_agent.agent import Agent
 from shared import topics
 from shared.command_auth import SIGNATURE_PROPERTY, sign_command
@@ -39,7 +39,6 @@ from shared.manifest import SignedManifest, build_manifest, sign_manifest
 from shared.messages import (
     COMMAND,
     CONFIDENCE_BUCKETS,
-    FINAL_PHASES,
     LATENCY_BUCKETS_MS,
     MAX_MESSAGE_BYTES,
     Command,
@@ -58,7 +57,15 @@ from shared.messages import (
 from shared.mqtt import make_client, publish_properties
 from shared.settings import MqttEndpoint
 from shared.tflite import read_signature
-from tests.conftest import S3, KeyPair, device_endpoint, observer_endpoint
+from tests.conftest import (
+    S3,
+    KeyPair,
+    controller_config,
+    device_endpoint,
+    final_event,
+    observer_endpoint,
+    running_task,
+)
 from tests.edge_agent.artifact_server import ArtifactServer
 from tests.edge_agent.test_agent import (
     VARIANT,
@@ -153,12 +160,7 @@ class Trust:
         await self.publish(topic or captured.topic, captured.payload, captured.signatures)
 
     async def final_event(self, command_id: str, within_s: float = 30.0) -> DeviceEvent:
-        async with asyncio.timeout(within_s):
-            while True:
-                for e in self.events:
-                    if e.command_id == command_id and e.phase in FINAL_PHASES:
-                        return e
-                await asyncio.sleep(0.05)
+        return await final_event(self.events, command_id, within_s)
 
     async def events_for(self, command_id: str, count: int, within_s: float = 15.0) -> list[str]:
         async with asyncio.timeout(within_s):
@@ -225,19 +227,15 @@ async def trusted_fleet(
     agent = Agent(
         agent_config(tmp_path, keys, mosquitto, controller_keys=(command_key.public_key(),))
     )
-    controller = Controller(
-        ControllerConfig(
-            mqtt=mosquitto.endpoint("controller"),
-            db_url=f"sqlite:///{tmp_path / 'controller.db'}",
-            s3_endpoint=s3.endpoint,
-            s3_bucket=s3.bucket,
-            tick_s=0.1,
-            command_key=command_key,
-            command_ttl_s=command_ttl_s,
-            **controller_kw,
-        )
+    config = controller_config(
+        mosquitto,
+        s3,
+        tmp_path,
+        command_key=command_key,
+        command_ttl_s=command_ttl_s,
+        **controller_kw,
     )
-    tasks: list[asyncio.Task[None]] = []
+    controller = Controller(config)
     async with (
         make_client(mosquitto.endpoint("controller"), identifier="test-wire") as client,
         make_client(observer_endpoint(mosquitto), identifier="test-spy") as spy,
@@ -263,19 +261,16 @@ async def trusted_fleet(
                     sigs = tuple(v for k, v in props if k == SIGNATURE_PROPERTY)
                     trust.captured.append(Captured(m.topic.value, m.payload, sigs))
 
-        tasks.append(asyncio.create_task(record()))
-        if with_controller:
-            tasks.append(asyncio.create_task(controller.run()))
-            await asyncio.wait_for(controller.connected.wait(), 10)
-        try:
-            async with running(agent):
-                if with_controller:
-                    await wait_registered(trust)
-                yield trust
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(running_task(record()))
+            if with_controller:
+                await stack.enter_async_context(
+                    running_task(controller.run(), controller.connected)
+                )
+            await stack.enter_async_context(running(agent))
+            if with_controller:
+                await wait_registered(trust)
+            yield trust
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
-from controller.service import Controller, ControllerConfig
+from controller.service import Controller
 from shared import topics
 from shared.command_auth import COMMAND_REFUSAL_REASONS
 from shared.messages import (
@@ -31,27 +31,14 @@ from shared.messages import (
     StartRollout,
 )
 from shared.mqtt import make_client
-from tests.conftest import S3, KeyPair, device_endpoint
+from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
 
 
 @pytest.fixture
 async def controller(mosquitto: Mosquitto, s3: S3, tmp_path: Path) -> AsyncIterator[Controller]:
-    c = Controller(
-        ControllerConfig(
-            mqtt=mosquitto.endpoint("controller"),
-            db_url=f"sqlite:///{tmp_path / 'c.db'}",
-            s3_endpoint=s3.endpoint,
-            s3_bucket=s3.bucket,
-            tick_s=0.1,
-        )
-    )
-    task = asyncio.create_task(c.run())
-    await asyncio.wait_for(c.connected.wait(), 10)
-    try:
+    c = Controller(controller_config(mosquitto, s3, tmp_path))
+    async with running_task(c.run(), c.connected):
         yield c
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,6 @@ from shared import topics
 from shared.keys import load_public_key
 from shared.manifest import SignedManifest, build_manifest, sign_manifest
 from shared.messages import (
-    FINAL_PHASES,
     DeployCommand,
     DeviceEvent,
     DeviceState,
@@ -33,7 +32,7 @@ from shared.messages import (
 from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
 from shared.tflite import make_interpreter, read_signature
-from tests.conftest import S3, KeyPair, device_endpoint
+from tests.conftest import S3, KeyPair, device_endpoint, final_event, running_task
 from tests.edge_agent.artifact_server import ArtifactServer
 
 VARIANT = build_dense_model(seed=7)  # same tensor signature as model_v1, other weights
@@ -80,12 +79,7 @@ class Harness:
         )
 
     async def final_event(self, command_id: str, within_s: float = 20.0) -> DeviceEvent:
-        async with asyncio.timeout(within_s):
-            while True:
-                for e in self.events:
-                    if e.command_id == command_id and e.phase in FINAL_PHASES:
-                        return e
-                await asyncio.sleep(0.05)
+        return await final_event(self.events, command_id, within_s)
 
     def phases(self, command_id: str) -> list[str]:
         return [e.phase for e in self.events if e.command_id == command_id]
@@ -141,14 +135,8 @@ async def watching(
 @contextlib.asynccontextmanager
 async def running(agent: Agent, *, wait_connected: bool = True) -> AsyncIterator[Agent]:
     """The agent's run() as a task, cancelled on exit."""
-    task = asyncio.create_task(agent.run())
-    try:
-        if wait_connected:
-            await asyncio.wait_for(agent.connected.wait(), 10)
+    async with running_task(agent.run(), agent.connected if wait_connected else None):
         yield agent
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.fixture
