@@ -82,11 +82,11 @@ class Reference:
             min(bisect.bisect_left(CONFIDENCE_BUCKETS, conf), len(CONFIDENCE_BUCKETS) - 1)
         ] += 1
         w.confidence_total += conf
-        flat = x.reshape(-1).astype(np.float64)
-        s, sq = float(flat.sum()), float((flat * flat).sum())
-        if math.isfinite(s) and math.isfinite(sq):
-            w.n, w.total, w.total_sq = w.n + flat.size, w.total + s, w.total_sq + sq
-        if self.tick % INPUT_SAMPLE_EVERY == 0:
+        if self.tick % INPUT_SAMPLE_EVERY == 0:  # input statistics: sampled calls only
+            flat = x.reshape(-1).astype(np.float64)
+            s, sq = float(flat.sum()), float((flat * flat).sum())
+            if math.isfinite(s) and math.isfinite(sq):
+                w.n, w.total, w.total_sq = w.n + flat.size, w.total + s, w.total_sq + sq
             for v in flat:
                 w.inputs[next((i for i, b in enumerate(INPUT_BUCKETS) if v <= b), -1)] += 1
 
