@@ -2,8 +2,10 @@
 
     python bench/swap.py --model-a A.tflite --model-b B.tflite --swaps 100 --json
 
-Without model files it generates two heavy ones (a dense network whose invoke
-takes a few milliseconds here). In one run it measures:
+Without model files it generates two heavy ones: a dense network of 9.5 MB
+whose invoke takes about 1 ms on the 2-vCPU machines here (3 ms on slower
+ones); `--batch 64` gives the same weights four times the compute per invoke.
+In one run it measures:
 
 * the bare baseline for the same files: read the file + build the interpreter
   + allocate + one invoke (load). The ratio's denominator
@@ -24,7 +26,12 @@ takes a few milliseconds here). In one run it measures:
   stored file, load + warm up into the standby slot, check the tensor
   signature, swap, watch the first live inferences, persist the pointers)
   while `--threads` threads call `Agent.infer` non-stop. `max_gap_ms` is the
-  longest pause between completed inferences that overlaps a swap.
+  longest pause between completed inferences that overlaps a swap
+  (`swap_max_gap_ms_p50`: a typical swap's longest), and
+  `baseline_load_inline_max_gap_ms` the longest pause of the same threads
+  that overlaps one of the pre-swap bare loads: the floor loading a model sets
+  on this machine, measured at the same moments. A bare load and the swap after
+  it are `--settle-ms` apart, so that a pause is charged to the one that caused it.
 
 By default each swap loads its model (the resident standby is dropped first,
 the slow path); `--resident` measures the rollback-style swap to the model
@@ -106,26 +113,37 @@ def max_gap_ms(stamps: list[list[float]], start: float, end: float) -> float:
     return float(np.diff(merged).max() * 1e3) if len(merged) > 1 else 0.0
 
 
-def max_gap_during_ms(stamps: list[list[float]], spans: list[tuple[float, float]]) -> float:
-    """The longest pause between consecutive completions (all threads) that overlaps a span."""
+def max_gaps_during_ms(stamps: list[list[float]], spans: list[tuple[float, float]]) -> list[float]:
+    """Per span: the longest pause between consecutive completions (all threads) that
+    overlaps it (0.0 when none does)."""
     merged = np.array(sorted(s for per in stamps for s in per))
-    if len(merged) < 2 or not spans:
-        return 0.0
+    if len(merged) < 2:
+        return [0.0 for _ in spans]
     starts, ends = merged[:-1], merged[1:]
-    during = np.zeros(len(starts), bool)
+    out = []
     for a, b in spans:
-        during |= (ends >= a) & (starts <= b)
-    return float((ends - starts)[during].max() * 1e3) if during.any() else 0.0
+        during = (ends >= a) & (starts <= b)
+        out.append(float((ends - starts)[during].max() * 1e3) if during.any() else 0.0)
+    return out
 
 
 def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[int, int, float]:
-    """`threads` threads calling `call(x)` for `seconds`: (completed, failed, max gap ms)."""
+    """`threads` threads calling `call(x)` for `seconds`: (completed, failed, max gap ms).
+
+    Each thread makes one call before the clock starts (the bare caller builds its
+    interpreter on its first call), so both sides are timed warm.
+    """
     stop = threading.Event()
+    ready = threading.Barrier(threads + 1)
     stamps: list[list[float]] = [[] for _ in range(threads)]
     failed = [0] * threads
 
     def worker(i: int) -> None:
         mine = stamps[i]
+        try:
+            call(x)
+        finally:
+            ready.wait()
         while not stop.is_set():
             try:
                 call(x)
@@ -136,6 +154,7 @@ def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[in
     ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
     for t in ts:
         t.start()
+    ready.wait()
     time.sleep(seconds)
     stop.set()
     for t in ts:
@@ -189,7 +208,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.model_a and args.model_b:
         a, b = args.model_a.read_bytes(), args.model_b.read_bytes()
     else:
-        a, b = build_dense_model(seed=1, **HEAVY), build_dense_model(seed=2, **HEAVY)  # type: ignore[arg-type]
+        shape = {**HEAVY, "batch": args.batch}
+        a, b = build_dense_model(seed=1, **shape), build_dense_model(seed=2, **shape)  # type: ignore[arg-type]
     probe_interp = make_interpreter(a)
     c_api = uses_c_api(probe_interp)
     probe = probe_interp.get_input_details()[0]
@@ -293,9 +313,11 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     # reads it) and, when the C API is in use, the Python interpreter's load.
     kinds = ["read", "mapped", "binding"] if c_api else ["read", "mapped"]
     bare_loads: dict[str, list[float]] = {k: [] for k in kinds}
+    bare_spans: list[tuple[float, float]] = []
     for i in range(args.swaps):
         target = "b" if i % 2 == 0 else "a"
         kind = kinds[i % len(kinds)] if args.swaps >= 2 * len(kinds) else "read"
+        b0 = time.perf_counter()
         ms = await asyncio.to_thread(
             bare_load_ms,
             files[0 if target == "a" else 1],
@@ -303,7 +325,11 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             c_api=kind != "binding",
             mapped=kind == "mapped",
         )
+        bare_spans.append((b0, time.perf_counter()))
         bare_loads[kind].append(ms)
+        # The bare load and the swap each get the machine to themselves: a pause is
+        # charged to the one that caused it.
+        await asyncio.sleep(args.settle_ms / 1e3)
         if not args.resident:
             agent.runtime.restore(agent.runtime.active, None)  # force a load from the store
         cmd = cmds[target].model_copy(update={"command_id": f"c-{uuid.uuid4().hex}"})
@@ -315,6 +341,7 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         phases[final.phase] = phases.get(final.phase, 0) + 1
         swap_ms.append((agent.runtime.swapped_at - t0) * 1e3)
         confirm_ms.append((t1 - t0) * 1e3)
+        await asyncio.sleep(args.settle_ms / 1e3)
         if args.progress and (i + 1) % 10 == 0:
             print(f"bench: {i + 1}/{args.swaps} swaps", file=sys.stderr, flush=True)
     await asyncio.sleep(0.1)
@@ -323,7 +350,11 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         t.join()
 
     inferences = sum(1 for per in stamps for s in per for a, b in spans if a <= s <= b)
-    gap = max_gap_during_ms(stamps, spans)
+    swap_gaps = max_gaps_during_ms(stamps, spans)
+    gap = max(swap_gaps, default=0.0)
+    # The same threads' longest pause while the bare interpreter loads the same files,
+    # at the same moments of the run: what loading a model costs them with no agent.
+    load_gap = max(max_gaps_during_ms(stamps, bare_spans), default=0.0)
     invoke_p99 = pct(invoke_ms, 99)
     swap_p50 = pct(swap_ms, 50)
     load_p50 = pct(bare_loads["read"], 50)
@@ -339,6 +370,10 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "inferences": inferences,
         "dropped": sum(failed) + (args.swaps - phases.get("activated", 0)),
         "max_gap_ms": round(gap, 3),
+        # The longest pause of a typical swap (median over the swaps of each one's longest).
+        "swap_max_gap_ms_p50": round(pct(swap_gaps, 50), 3),
+        "baseline_load_inline_max_gap_ms": round(load_gap, 3),
+        "max_gap_to_baseline_load_gap_ratio": round(gap / load_gap, 3) if load_gap else None,
         "swap_ms_p50": round(swap_p50, 3),
         "swap_ms_p99": round(pct(swap_ms, 99), 3),
         "confirm_ms_p50": round(pct(confirm_ms, 50), 3),
@@ -388,10 +423,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model-a", type=Path, help=".tflite file A (default: generated)")
     p.add_argument("--model-b", type=Path, help=".tflite file B, same tensor signature")
     p.add_argument("--swaps", type=int, default=100)
+    p.add_argument(
+        "--batch", type=int, default=HEAVY["batch"], help="batch of the generated models "
+        "(more compute per invoke, same weights: the load costs the same)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="concurrent inference threads")
-    p.add_argument("--seconds", type=float, default=0.75, help="per side of a throughput round")
-    p.add_argument("--rounds", type=int, default=6, help="paired bare/agent throughput rounds")
+    p.add_argument("--seconds", type=float, default=0.4, help="per side of a throughput round")
+    p.add_argument("--rounds", type=int, default=16, help="paired bare/agent throughput rounds")
     p.add_argument("--resident", action="store_true", help="swap to the resident model")
+    p.add_argument(
+        "--settle-ms", type=float, default=30.0, help="pause between a bare load and a swap"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--progress", action="store_true", help="progress on stderr")
     p.add_argument("--no-c-api", action="store_true", help="the Python interpreter only")

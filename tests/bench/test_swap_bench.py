@@ -40,6 +40,7 @@ def test_swap_benchmark_reports_every_figure_and_drops_nothing(
         "baseline_load_ms_p50", "swap_to_baseline_ratio", "infer_throughput_ratio",
         "infer_throughput_ratio_pooled", "baseline_load_mapped_ms_p50",
         "baseline_load_binding_ms_p50", "baseline_load_max_gap_ms", "bare_max_gap_ms",
+        "swap_max_gap_ms_p50", "baseline_load_inline_max_gap_ms",
     ):  # fmt: skip
         assert key in result, key
     assert result["engine"] == engine
