@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import aiomqtt
@@ -48,7 +47,7 @@ from shared.credentials import (
 )
 from shared.errors import BrokerError, HotswapError
 from shared.keys import load_public_key, public_pem, write_atomic
-from shared.mqtt import connect_and_listen, connection_error, disconnect, make_client
+from shared.mqtt import ListeningSession, connection_error, make_client
 from shared.settings import MqttEndpoint
 
 
@@ -58,7 +57,7 @@ class ProvisionError(HotswapError):
     reason = "bad_request"
 
 
-class DynsecAdmin:
+class DynsecAdmin(ListeningSession):
     """`async with DynsecAdmin(endpoint) as admin: answers = await admin.run([...])`."""
 
     def __init__(self, endpoint: MqttEndpoint, *, timeout: float = 10.0) -> None:
@@ -70,25 +69,9 @@ class DynsecAdmin:
         self._waiting: dict[str, asyncio.Future[list[dynsec.Answer]]] = {}
         self._expected: dict[str, int] = {}
         self._collected: dict[str, list[dynsec.Answer]] = {}
-        self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> DynsecAdmin:
-        self._reader = await connect_and_listen(
-            self._client,
-            self.endpoint,
-            dynsec.RESPONSE_TOPIC,
-            self._on_message,
-            name="dynsec-responses",
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await disconnect(self._client, self._reader)
+    def _listen_topic(self) -> str:
+        return dynsec.RESPONSE_TOPIC
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         payload = message.payload

@@ -12,7 +12,6 @@ import asyncio
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import aiomqtt
@@ -24,9 +23,8 @@ from shared.keys import load_private_key
 from shared.manifest import build_manifest, sign_manifest
 from shared.messages import RegisterModel, Request, Response, RolloutStatus
 from shared.mqtt import (
-    connect_and_listen,
+    ListeningSession,
     connection_error,
-    disconnect,
     make_client,
     publish_properties,
     subscribe_checked,
@@ -41,7 +39,7 @@ def broker_error(endpoint: MqttEndpoint, exc: aiomqtt.MqttError) -> BrokerError:
     return connection_error(endpoint, exc)
 
 
-class OperatorClient:
+class OperatorClient(ListeningSession):
     """`async with OperatorClient(endpoint) as op: await op.request(ListDevices())`."""
 
     def __init__(self, endpoint: MqttEndpoint, *, timeout: float = 10.0) -> None:
@@ -50,25 +48,9 @@ class OperatorClient:
         self.client_id = f"hotswap-cli-{uuid.uuid4().hex[:12]}"
         self._client = make_client(endpoint, identifier=self.client_id, timeout=timeout)
         self._pending: dict[bytes, asyncio.Future[Response]] = {}
-        self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> OperatorClient:
-        self._reader = await connect_and_listen(
-            self._client,
-            self.endpoint,
-            topics.response_topic(self.client_id),
-            self._on_message,
-            name="responses",
-        )
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await disconnect(self._client, self._reader)
+    def _listen_topic(self) -> str:
+        return topics.response_topic(self.client_id)
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         correlation = getattr(message.properties, "CorrelationData", None)

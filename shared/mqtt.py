@@ -6,12 +6,15 @@ jittered, capped reconnect delays. The only network-facing module of `shared`.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import random
 import ssl
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
+from types import TracebackType
+from typing import Self
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -110,48 +113,62 @@ async def subscribe_checked(
         )
 
 
-async def connect_and_listen(
-    client: aiomqtt.Client,
-    endpoint: MqttEndpoint,
-    topic: str,
-    handle: Callable[[aiomqtt.Message], None],
-    *,
-    name: str,
-) -> asyncio.Task[None]:
-    """Connect `client`, subscribe to `topic` and feed every message to `handle` from a task.
+class ListeningSession(abc.ABC):
+    """Base of the request/response clients (operator CLI, broker admin).
 
-    For request/response sessions (operator CLI, broker admin). A refused login or
-    subscription raises BrokerError with the client disconnected; `disconnect` undoes
-    a session this opened.
+    Inside `async with` the client is connected, subscribed to `_listen_topic()`
+    and a task feeds every message to `_on_message`. A refused login or
+    subscription raises BrokerError with the client disconnected. A subclass sets
+    `endpoint` and `_client` in its constructor.
     """
-    try:
-        await client.__aenter__()
-    except aiomqtt.MqttError as exc:
-        raise connection_error(endpoint, exc) from exc
-    try:
-        await subscribe_checked(client, endpoint, topic)
-    except (aiomqtt.MqttError, BrokerError) as exc:
-        with contextlib.suppress(aiomqtt.MqttError):
-            await client.__aexit__(None, None, None)
-        if isinstance(exc, aiomqtt.MqttError):
+
+    endpoint: MqttEndpoint
+    _client: aiomqtt.Client
+    _reader: asyncio.Task[None] | None = None
+
+    @abc.abstractmethod
+    def _listen_topic(self) -> str:
+        """The topic whose messages this session reads."""
+
+    @abc.abstractmethod
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        """One message of the listened topic (called from the reader task)."""
+
+    async def __aenter__(self) -> Self:
+        client, endpoint = self._client, self.endpoint
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
             raise connection_error(endpoint, exc) from exc
-        raise
+        try:
+            await subscribe_checked(client, endpoint, self._listen_topic())
+        except (aiomqtt.MqttError, BrokerError) as exc:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+            if isinstance(exc, aiomqtt.MqttError):
+                raise connection_error(endpoint, exc) from exc
+            raise
 
-    async def read() -> None:
-        async for message in client.messages:
-            handle(message)
+        async def read() -> None:
+            async for message in client.messages:
+                self._on_message(message)
 
-    return asyncio.create_task(read(), name=name)
+        self._reader = asyncio.create_task(read(), name=f"{type(self).__name__}-reader")
+        return self
 
-
-async def disconnect(client: aiomqtt.Client, reader: asyncio.Task[None] | None) -> None:
-    """Stop a `connect_and_listen` session's reader, then leave the broker."""
-    if reader is not None:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-            await reader
-    with contextlib.suppress(aiomqtt.MqttError):
-        await client.__aexit__(None, None, None)
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the reader, then leave the broker."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
 
 
 def publish_properties(
