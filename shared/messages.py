@@ -148,6 +148,33 @@ class DeviceState(WireModel):
         return check_ident(v)
 
 
+class DeviceRecord(WireModel):
+    """Retained on `hotswap/v1/registry/{device_id}`: what provisioning fixed for a device.
+
+    Published by the broker's admin identity only (devices cannot write there), so
+    the controller trusts it over the device's own state: a device that claims
+    another region or type is refused. `revoked` is set by `hotswap device revoke`.
+    """
+
+    kind: Literal["device_record"] = "device_record"
+    device_id: str
+    region: str | None = None  # None only on a revocation record
+    device_type: str | None = None
+    revoked: bool = False
+    at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("device_id", "region", "device_type")
+    @classmethod
+    def _ident(cls, v: str | None) -> str | None:
+        return None if v is None else check_ident(v)
+
+    @model_validator(mode="after")
+    def _complete(self) -> DeviceRecord:
+        if not self.revoked and (self.region is None or self.device_type is None):
+            raise ValueError("a device record names its region and device type")
+        return self
+
+
 EventPhase = Literal[
     "received", "downloading", "verified", "staged", "activated", "failed", "rolled_back"
 ]
@@ -385,6 +412,10 @@ class StartRollout(WireModel):
     devices: tuple[str, ...] = ()
     region: str | None = None
     device_type: str | None = None
+    # With no devices, region or device type: the whole fleet, only when asked for.
+    all_devices: bool = False
+    # Cancel older active rollouts on the devices this one shares with them.
+    supersede: bool = False
     device_timeout_s: float = Field(default=600.0, gt=0)
     retries: int = Field(default=0, ge=0, le=10)  # re-sends to a failed or timed-out device
     # canary
@@ -450,6 +481,12 @@ class ListRollouts(WireModel):
     kind: Literal["list_rollouts"] = "list_rollouts"
 
 
+class Ping(WireModel):
+    """Is a controller answering? (`controller run` asks before taking the controller's id.)"""
+
+    kind: Literal["ping"] = "ping"
+
+
 Request = Annotated[
     RegisterModel
     | ListModels
@@ -457,7 +494,8 @@ Request = Annotated[
     | StartRollout
     | GetRollout
     | ListRollouts
-    | ControlRollout,
+    | ControlRollout
+    | Ping,
     Field(discriminator="kind"),
 ]
 REQUEST = TypeAdapter[Request](Request)

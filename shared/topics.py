@@ -55,6 +55,11 @@ def rollout_status(rollout_id: str) -> str:
     return f"{ROOT}/rollouts/{check_ident(rollout_id, 'rollout id')}/status"
 
 
+def device_registry(device_id: str) -> str:
+    """The provisioned identity of a device (retained; written by provisioning only)."""
+    return f"{ROOT}/registry/{check_ident(device_id, 'device id')}"
+
+
 CONTROLLER_REQUESTS = f"{ROOT}/controller/requests"
 CONTROLLER_STATE = f"{ROOT}/controller/state"
 RESPONSES_PREFIX = f"{ROOT}/controller/responses"
@@ -65,6 +70,7 @@ ALL_REGION_CMDS = f"{ROOT}/regions/+/cmd"
 ALL_DEVICE_EVENTS = f"{ROOT}/devices/+/events"
 ALL_DEVICE_TELEMETRY = f"{ROOT}/devices/+/telemetry"
 ALL_ROLLOUT_STATUS = f"{ROOT}/rollouts/+/status"
+ALL_DEVICE_REGISTRY = f"{ROOT}/registry/+"
 
 
 def response_topic(client_id: str) -> str:
@@ -94,6 +100,14 @@ def parse_device_topic(topic: str) -> DeviceTopic:
         if leaf == known:
             return DeviceTopic(device_id, known)
     raise TopicError(f"unknown device topic leaf {leaf!r} in {topic!r}")
+
+
+def parse_registry_topic(topic: str) -> str:
+    """Return the device id of a device registry topic."""
+    prefix = f"{ROOT}/registry/"
+    if not topic.startswith(prefix) or "/" in topic[len(prefix) :]:
+        raise TopicError(f"not a device registry topic: {topic!r}")
+    return check_ident(topic[len(prefix) :], "device id")
 
 
 def parse_rollout_status_topic(topic: str) -> str:
