@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, SQLModel, UniqueConstraint, create_engine
 
@@ -45,6 +45,10 @@ class DeviceRow(SQLModel, table=True):
     memory_mb: int | None = None
     agent_version: str = ""
     last_seen: float = 0.0
+    # Region and device type came from the provisioning record (hotswap/v1/registry/…),
+    # not from the device: its own state may not change them.
+    provisioned: bool = False
+    revoked: bool = False  # `hotswap device revoke`: offline for good, never targeted
 
 
 class RolloutRow(SQLModel, table=True):
@@ -94,6 +98,20 @@ class AssignmentRow(SQLModel, table=True):
     updated_at: float = 0.0
 
 
+class DeviceClaimRow(SQLModel, table=True):
+    """A device belongs to at most one active rollout: the primary key says so.
+
+    Claimed in the transaction that creates the rollout and released when it ends,
+    so two starts racing for the same device cannot both commit.
+    """
+
+    __tablename__ = "device_claims"
+
+    device_id: str = Field(primary_key=True)
+    rollout_id: str = Field(foreign_key="rollouts.rollout_id", index=True)
+    claimed_at: float = 0.0
+
+
 class TelemetryWindowRow(SQLModel, table=True):
     __tablename__ = "telemetry_windows"
 
@@ -130,7 +148,35 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     SQLModel.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to a table since its database was created, with their defaults.
+
+    `create_all` makes missing tables but leaves existing ones alone; a database
+    written by an older controller gets the new (defaulted) columns here.
+    """
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in SQLModel.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = getattr(column.default, "arg", None)
+                clause = ""
+                if isinstance(default, bool):
+                    clause = f" DEFAULT {'TRUE' if default else 'FALSE'}"
+                elif isinstance(default, int | float):
+                    clause = f" DEFAULT {default}"
+                elif isinstance(default, str):
+                    clause = " DEFAULT '" + default.replace("'", "''") + "'"
+                conn.execute(
+                    text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{clause}")
+                )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

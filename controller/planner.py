@@ -37,18 +37,27 @@ DEVICE_STATES = (
     "failed",
     "rolled_back",
     "timed_out",
+    "cancelled",  # taken out of the rollout: superseded by another one, or revoked
 )
-FINAL_DEVICE_STATES = frozenset({"activated", "failed", "rolled_back", "timed_out"})
+FINAL_DEVICE_STATES = frozenset({"activated", "failed", "rolled_back", "timed_out", "cancelled"})
 FINAL_ROLLBACK_STATES = frozenset({"rolled_back", "failed", "timed_out"})
+# Final, but neither a success nor a failure: the device left the rollout.
+LEFT_STATES = frozenset({"cancelled"})
+# What a device that timed out may still say about the same command: the record then
+# shows what it really runs (its deploy was bounded by the command's expiry, not undone).
+LATE_ANSWERS = frozenset({"staged", "activated", "failed"})
 _RANK = {s: i for i, s in enumerate(DEVICE_STATES)}
 
 
 def advances(current: str, new: str) -> bool:
     """Whether an event moving `current` to `new` may be applied.
 
-    Final records never reopen (a late success after a timeout changes nothing);
+    Final records never reopen, except a timed-out one that gets a late final
+    answer to the same command (the device did it: the record must say so);
     duplicates and out-of-order progress never move a record backwards.
     """
+    if current == "timed_out":
+        return new in LATE_ANSWERS
     if current in FINAL_DEVICE_STATES:
         return False
     return _RANK.get(new, -1) > _RANK.get(current, -1)
@@ -233,7 +242,9 @@ def plan_next_actions(
         ]
     gated = rollout.strategy != "direct"
     if gated:
-        finished = [a for a in assignments if a.state in FINAL_DEVICE_STATES]
+        finished = [
+            a for a in assignments if a.state in FINAL_DEVICE_STATES and a.state not in LEFT_STATES
+        ]
         failed = [a for a in finished if a.state != "activated"]
         if (
             failed
@@ -373,7 +384,25 @@ def _plan_rollback(
         if a.state == "activated" and a.rollback_state not in FINAL_ROLLBACK_STATES
     ]
     if not waiting and not any(isinstance(x, SendRollback) for x in actions):
-        actions.append(FinishRollout("RolledBack", None))
+        # Only what the devices confirmed counts: a refused or unanswered rollback
+        # leaves that device on the candidate, and the record must say so.
+        unconfirmed = [a for a in assignments if a.rollback_state in ("failed", "timed_out")]
+        if unconfirmed:
+            shown = ", ".join(
+                f"{a.device_id}: {a.reason if a.rollback_state == 'failed' else 'no answer'}"
+                for a in unconfirmed[:5]
+            )
+            more = f" (+{len(unconfirmed) - 5} more)" if len(unconfirmed) > 5 else ""
+            reverted = sum(a.rollback_state == "rolled_back" for a in assignments)
+            actions.append(
+                FinishRollout(
+                    "Failed",
+                    f"rollback failed on {len(unconfirmed)} device(s), {reverted} rolled back: "
+                    f"{shown}{more}",
+                )
+            )
+        else:
+            actions.append(FinishRollout("RolledBack", None))
     return actions
 
 
@@ -383,9 +412,14 @@ def _failures(failed: Sequence[AssignmentView]) -> str:
 
 
 def _finish(assignments: Sequence[AssignmentView], gated: bool) -> FinishRollout:
-    failed = [a for a in assignments if a.state != "activated"]
+    left = [a for a in assignments if a.state in LEFT_STATES]
+    remaining = [a for a in assignments if a.state not in LEFT_STATES]
+    if not remaining:
+        reasons = sorted({a.reason or a.state for a in left})
+        return FinishRollout("Aborted", f"every device left the rollout ({', '.join(reasons)})")
+    failed = [a for a in remaining if a.state != "activated"]
     if not failed:
         return FinishRollout("Succeeded", None)
-    summary = f"{len(failed)} of {len(assignments)} devices failed: {_failures(failed)}"
+    summary = f"{len(failed)} of {len(remaining)} devices failed: {_failures(failed)}"
     # A gated rollout got here within its abort threshold: the fleet is on the candidate.
     return FinishRollout("Succeeded" if gated else "Failed", summary)

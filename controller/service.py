@@ -21,13 +21,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
+from sqlalchemy.exc import SQLAlchemyError
 
 from controller import metrics
 from controller.artifacts import ArtifactStore
@@ -64,26 +65,29 @@ from controller.planner import (
 )
 from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status
-from controller.store import Store
+from controller.store import Store, Superseded
 from controller.strategies import STRATEGIES, Stage, Target
 from shared import __version__, topics
 from shared.command_auth import COMMAND_REFUSAL_REASONS, SIGNATURE_PROPERTY, sign_command
-from shared.errors import HotswapError, RequestError
+from shared.errors import BrokerError, HotswapError, RequestError
 from shared.manifest import SignedManifest
 from shared.messages import (
     MAX_MESSAGE_BYTES,
     REQUEST,
     ABComparison,
+    CancelCommand,
     ControllerState,
     ControlRollout,
     DeployCommand,
     DeviceEvent,
+    DeviceRecord,
     DeviceState,
     GetRollout,
     ListDevices,
     ListModels,
     ListRollouts,
     ModelRef,
+    Ping,
     RegisterModel,
     Request,
     Response,
@@ -96,7 +100,9 @@ from shared.messages import (
 from shared.messages import StartRollout as StartRolloutRequest
 from shared.mqtt import (
     backoff_delays,
+    connection_error,
     expiry_seconds,
+    forget_group_cancellation,
     make_client,
     publish_properties,
     raise_if_cancelled,
@@ -133,6 +139,36 @@ class ControllerConfig:
     # Per device (topic's device id): messages admitted per second, and the burst above it.
     device_rate_per_s: float = 100.0
     device_burst: int = 300
+    # At start-up, how long to wait for another controller (same credentials) to answer.
+    probe_s: float = 3.0
+    # Repeated failures (database trouble, a rollout that cannot be stepped) are logged
+    # at most once per this interval, with how many happened since.
+    error_log_interval_s: float = 30.0
+
+
+class _Throttle:
+    """Counts repeated failures of one kind; says when to log them (at most once per interval)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def due(self, key: str, now: float) -> int | None:
+        """Count one failure of `key`; the number to report now, or None to stay quiet."""
+        self._count[key] = self._count.get(key, 0) + 1
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            return None
+        self._last[key] = now
+        return self._count.pop(key)
+
+
+def database_error_text(exc: SQLAlchemyError) -> str:
+    """One line for a database failure: the driver's own words, without SQL or parameters."""
+    original = getattr(exc, "orig", None) or exc
+    first = (str(original).strip().splitlines() or [type(original).__name__])[0]
+    return f"controller database: {first}"
 
 
 def row_to_wire(row: BaseModel, *, exclude: set[str] | None = None) -> dict[str, Any]:
@@ -152,17 +188,28 @@ class Controller:
         self._published: dict[str, str] = {}  # rollout id -> fingerprint of last status
         self._client: aiomqtt.Client | None = None
         self._limiter = DeviceRateLimiter(config.device_rate_per_s, config.device_burst)
+        self._throttle = _Throttle(config.error_log_interval_s)
+        self._step_errors: dict[str, str] = {}  # rollout id -> the error last logged for it
+        self.instance = uuid.uuid4().hex[:12]
 
     # ------------------------------------------------------------ session
 
     async def run(self) -> None:
+        """Serve until cancelled, reconnecting for ever with jittered, capped backoff.
+
+        Ends early only on a fatal error: the broker refuses our credentials, or
+        another controller already answers with them (BrokerError).
+        """
         will = aiomqtt.Will(
             topics.CONTROLLER_STATE,
             ControllerState(online=False, version=__version__).to_wire(),
             qos=1,
             retain=True,
         )
+        await self._refuse_if_not_alone()
         delays = backoff_delays()
+        task = asyncio.current_task()
+        sessions = 0
         while True:
             client = make_client(
                 self.config.mqtt,
@@ -170,23 +217,48 @@ class Controller:
                 will=will,
                 persistent_session=True,
             )
+            # A failed TaskGroup leaves its parent marked as cancelling on 3.11: only a
+            # count above this one is a request to stop.
+            baseline = task.cancelling() if task is not None else 0
             try:
                 async with client:
                     self._client = client
                     delays = backoff_delays()
                     await self._on_connect(client)
+                    sessions += 1
+                    if sessions > 1:
+                        log.warning("controller_reconnected", broker=str(self.config.mqtt))
                     # Connecting and publishing go through aiomqtt's wait_for: a cancellation
                     # it swallowed must stop us here, not after the TaskGroup never ends.
-                    raise_if_cancelled()
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._receive_loop(client), name="receive")
-                        tg.create_task(self._tick_loop(), name="tick")
+                    raise_if_cancelled(baseline)
+                    try:
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._receive_loop(client), name="receive")
+                            tg.create_task(self._tick_loop(), name="tick")
+                    except asyncio.CancelledError:
+                        await self._say_offline(client)
+                        raise
             except* aiomqtt.MqttError as group:
+                forget_group_cancellation(baseline)
+                error = cast(aiomqtt.MqttError, group.exceptions[0])
+                refused = connection_error(self.config.mqtt, error)
+                if refused.reason == "not_authorized":
+                    raise refused from None  # reconnecting would not change the broker's mind
                 delay = next(delays)
                 log.warning(
                     "mqtt_disconnected",
                     broker=str(self.config.mqtt),
-                    error=str(group.exceptions[0]),
+                    error=str(error) or type(error).__name__,
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+            except* (SQLAlchemyError, HotswapError) as group:
+                # The database was unreachable while (re)connecting: try the session again.
+                forget_group_cancellation(baseline)
+                delay = next(delays)
+                log.error(
+                    "controller_session_failed",
+                    error=str(group.exceptions[0]).splitlines()[0],
                     retry_in_s=round(delay, 2),
                 )
                 await asyncio.sleep(delay)
@@ -194,8 +266,71 @@ class Controller:
                 self._client = None
                 self.connected.clear()
 
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        """On the way out (SIGTERM): the retained controller state says offline."""
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await client.publish(
+                    topics.CONTROLLER_STATE,
+                    ControllerState(online=False, version=__version__).to_wire(),
+                    qos=1,
+                    retain=True,
+                )
+                log.info("controller_offline", broker=str(self.config.mqtt))
+
+    async def _refuse_if_not_alone(self) -> None:
+        """Raise BrokerError when another controller answers with our credentials.
+
+        Connecting with our client id would take its session over (MQTT lets the
+        newer client win), so first look, under a probe id: the retained state
+        says whether one was online; if so, a ping with a response topic tells a
+        live one from a stale record. An unreachable broker is the session loop's
+        business, not a reason to refuse.
+        """
+        probe_id = f"{self.config.client_id}-probe-{uuid.uuid4().hex[:8]}"
+        client = make_client(self.config.mqtt, identifier=probe_id, timeout=5.0)
+        try:
+            async with client:
+                await client.subscribe(topics.CONTROLLER_STATE, qos=1)
+                answer = topics.response_topic(probe_id)
+                can_ping = refused_code(await client.subscribe(answer, qos=1)) is None
+                messages = aiter(client.messages)
+                online = False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        message = await anext(messages)
+                        payload = message.payload
+                        if isinstance(payload, bytes | bytearray) and payload:
+                            online = ControllerState.model_validate_json(payload).online
+                if not online or not can_ping:
+                    return
+                correlation = uuid.uuid4().bytes
+                await client.publish(
+                    topics.CONTROLLER_REQUESTS,
+                    Ping().to_wire(),
+                    qos=1,
+                    properties=publish_properties(
+                        response_topic=answer, correlation=correlation, expiry_s=5
+                    ),
+                )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.probe_s):
+                        async for message in messages:
+                            props = message.properties
+                            if getattr(props, "CorrelationData", None) == correlation:
+                                raise BrokerError(
+                                    f"another controller is connected to {self.config.mqtt} "
+                                    f"with these credentials (client id "
+                                    f"{self.config.client_id!r}); stop it first, or give this "
+                                    "one its own credentials",
+                                    reason="controller_running",
+                                )
+        except (aiomqtt.MqttError, ValidationError):
+            return
+
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         for topic in (
+            topics.ALL_DEVICE_REGISTRY,
             topics.ALL_DEVICE_STATES,
             topics.ALL_DEVICE_EVENTS,
             topics.ALL_DEVICE_TELEMETRY,
@@ -216,7 +351,7 @@ class Controller:
             for a in self.store.assignments(rollout.rollout_id):
                 if a.command_id and a.state == "switching":
                     await self._publish_switch(
-                        rollout, a.command_id, region=None, devices=(a.device_id,)
+                        rollout, a.command_id, region=None, devices=(a.device_id,), since=a.sent_at
                     )
                 elif a.command_id and a.state not in FINAL_DEVICE_STATES | {"staged"}:
                     shadow_s = (
@@ -229,10 +364,15 @@ class Controller:
                         # Blue-green and shadow rollouts only ever stage their deploys.
                         activate=rollout.strategy not in ("blue-green", "shadow"),
                         shadow_s=shadow_s,
+                        since=a.sent_at,
                     )
                 if a.rollback_command_id and a.rollback_state == "sent":
                     await self._publish_rollback(
-                        rollout, a.rollback_command_id, region=None, devices=(a.device_id,)
+                        rollout,
+                        a.rollback_command_id,
+                        region=None,
+                        devices=(a.device_id,),
+                        since=a.rollback_sent_at,
                     )
         self._published.clear()
         self.connected.set()
@@ -248,6 +388,16 @@ class Controller:
                 await self._dispatch(client, topic, message)
             except HotswapError as exc:
                 log.warning("message_rejected", topic=topic, reason=exc.reason, error=str(exc))
+            except aiomqtt.MqttError:
+                raise  # the session is gone: reconnect
+            except SQLAlchemyError as exc:
+                # Counted, and logged once per interval: a full disk must not flood the log.
+                kind = topic.rsplit("/", 1)[-1]
+                metrics.DROPPED.labels("db_error").inc()
+                self._log_throttled(
+                    "telemetry_store_failed" if kind == "telemetry" else "message_store_failed",
+                    error=database_error_text(exc),
+                )
             except Exception:
                 # One bad message must never stop the controller serving the fleet.
                 log.exception("message_handler_failed", topic=topic)
@@ -261,6 +411,9 @@ class Controller:
             payload = str(payload or "").encode()
         if topic == topics.CONTROLLER_REQUESTS:
             await self._on_request(client, bytes(payload), message)
+            return
+        if topic.startswith(topics.ALL_DEVICE_REGISTRY.removesuffix("+")):
+            await self._on_record(topic, bytes(payload))
             return
         try:
             where = topics.parse_device_topic(topic)
@@ -296,15 +449,17 @@ class Controller:
             msg = model.model_validate_json(payload)
         except ValidationError as exc:
             metrics.MESSAGES.labels(kind, "rejected").inc()
+            metrics.DROPPED.labels("malformed").inc()
             log.warning(
                 "message_malformed",
                 device_id=where.device_id,
                 topic=topic,
-                error=exc.errors()[0]["msg"],
+                error=_first_error(exc),
             )
             return
         if msg.device_id != where.device_id:
             metrics.MESSAGES.labels(kind, "rejected").inc()
+            metrics.DROPPED.labels("identity_mismatch").inc()
             log.warning(
                 "message_identity_mismatch",
                 topic=topic,
@@ -315,7 +470,11 @@ class Controller:
         now = self.clock()
         metrics.MESSAGES.labels(kind, "accepted").inc()
         if isinstance(msg, DeviceState):
-            self.store.upsert_device(msg, now)
+            refused = self.store.upsert_device(msg, now)
+            if refused is not None:
+                # Provisioning fixed who it is; the rest of its state is still taken.
+                metrics.DROPPED.labels("identity_claim").inc()
+                log.warning("device_identity_refused", device_id=msg.device_id, detail=refused)
             metrics.DEVICES_ONLINE.set(self.store.devices_online())
             log.info(
                 "device_state",
@@ -354,6 +513,47 @@ class Controller:
         else:
             self.store.record_telemetry(msg)
 
+    async def _on_record(self, topic: str, payload: bytes) -> None:
+        """A provisioning record (the broker's admin writes these; devices cannot)."""
+        try:
+            device_id = topics.parse_registry_topic(topic)
+        except topics.TopicError:
+            metrics.MESSAGES.labels("registry", "rejected").inc()
+            return
+        if not payload:
+            return  # a cleared record
+        try:
+            record = DeviceRecord.model_validate_json(payload)
+        except ValidationError as exc:
+            metrics.MESSAGES.labels("registry", "rejected").inc()
+            log.warning("registry_record_malformed", topic=topic, error=_first_error(exc))
+            return
+        if record.device_id != device_id:
+            metrics.MESSAGES.labels("registry", "rejected").inc()
+            return
+        metrics.MESSAGES.labels("registry", "accepted").inc()
+        touched = self.store.apply_record(record, self.clock())
+        metrics.DEVICES_ONLINE.set(self.store.devices_online())
+        if record.revoked:
+            log.warning("device_revoked", device_id=device_id, assignments_closed=len(touched))
+        else:
+            log.info(
+                "device_provisioned",
+                device_id=device_id,
+                region=record.region,
+                device_type=record.device_type,
+            )
+        for rollout_id in sorted(set(touched)):
+            await self._publish_status(self.store.get_rollout(rollout_id))
+        if touched:
+            self._wake.set()
+
+    def _log_throttled(self, event: str, **facts: Any) -> None:
+        """Log a repeated failure at most once per interval, with how many happened."""
+        count = self._throttle.due(event, time.monotonic())
+        if count is not None:
+            log.error(event, failures=count, per_s=self.config.error_log_interval_s, **facts)
+
     async def _on_request(
         self, client: aiomqtt.Client, payload: bytes, message: aiomqtt.Message
     ) -> None:
@@ -375,6 +575,17 @@ class Controller:
             response = Response(ok=True, result=result)
         except HotswapError as exc:
             response = Response(ok=False, error=str(exc), reason=exc.reason)
+        except aiomqtt.MqttError:
+            raise
+        except SQLAlchemyError as exc:
+            # Answered at once: the operator must not wait out a timeout and blame the broker.
+            response = Response(ok=False, error=database_error_text(exc), reason="database_error")
+            self._log_throttled("request_database_error", kind=kind, error=response.error)
+        except Exception as exc:
+            log.exception("request_failed", kind=kind)
+            response = Response(
+                ok=False, error=f"controller error: {type(exc).__name__}: {exc}", reason="internal"
+            )
         metrics.REQUESTS.labels(kind, str(response.ok).lower()).inc()
         log.info("request", kind=kind, ok=response.ok, error=response.error)
         if response_topic and not str(response_topic).startswith(f"{topics.RESPONSES_PREFIX}/"):
@@ -399,7 +610,21 @@ class Controller:
             ]
         if isinstance(request, ListDevices):
             return [row_to_wire(r) for r in self.store.list_devices()]
+        if isinstance(request, Ping):
+            return {
+                "clientId": self.config.client_id,
+                "version": __version__,
+                "instance": self.instance,
+            }
         if isinstance(request, StartRolloutRequest):
+            if not (
+                request.devices or request.region or request.device_type or request.all_devices
+            ):
+                raise RequestError(
+                    "name the devices: --devices, --region or --device-type, "
+                    "or --all for the whole fleet",
+                    reason="bad_request",
+                )
             model = self.store.get_model(request.model, request.version)
             if request.strategy == "ab" and request.version_b:
                 other = self.store.get_model(request.model, request.version_b)
@@ -410,28 +635,68 @@ class Controller:
                         reason="bad_request",
                     )
             targets = self.store.resolve_targets(request, model)
-            rollout = self.store.create_rollout(request, model, targets, now)
+            created = self.store.create_rollout(request, model, targets, now)
+            rollout = created.rollout
             log.info(
                 "rollout_created",
                 rollout_id=rollout.rollout_id,
                 model=f"{model.name}@{model.version}",
                 strategy=rollout.strategy,
                 devices=len(targets),
+                superseded=[x.rollout_id for x in created.superseded],
             )
+            for older in created.superseded:
+                await self._cancel_superseded(older, rollout.rollout_id)
             await self._publish_status(rollout)
             self._wake.set()
-            return {"rolloutId": rollout.rollout_id, "devicesTargeted": len(targets)}
+            return {
+                "rolloutId": rollout.rollout_id,
+                "devicesTargeted": len(targets),
+                "superseded": {x.rollout_id: len(x.devices) for x in created.superseded},
+            }
         if isinstance(request, ControlRollout):
             return await self._control(request, now)
         if isinstance(request, GetRollout):
             rollout = self.store.get_rollout(request.rollout_id)
             return self._status(rollout).model_dump(mode="json", by_alias=True)
         if isinstance(request, ListRollouts):
-            return [
-                self._status(r).model_dump(mode="json", by_alias=True, exclude={"devices"})
-                for r in self.store.list_rollouts()
-            ]
+            return [self._listed(r) for r in self.store.list_rollouts()]
         raise RequestError(f"unsupported request {request.kind!r}")
+
+    def _listed(self, rollout: RolloutRow) -> dict[str, Any]:
+        """One row of `rollout list`; a rollout whose status cannot be built still shows."""
+        try:
+            status = self._status(rollout)
+        except (ValidationError, ValueError, KeyError) as exc:
+            log.warning("rollout_status_failed", rollout_id=rollout.rollout_id, error=str(exc))
+            return {
+                "rolloutId": rollout.rollout_id,
+                "model": rollout.model,
+                "version": rollout.version,
+                "strategy": rollout.strategy,
+                "status": rollout.status,
+                "reason": rollout.reason,
+                "devicesTargeted": 0,
+                "devicesUpdated": 0,
+            }
+        return status.model_dump(mode="json", by_alias=True, exclude={"devices"})
+
+    async def _cancel_superseded(self, older: Superseded, newer_id: str) -> None:
+        """Tell the devices an older rollout lost to drop its work, and republish its status."""
+        rollout = self.store.get_rollout(older.rollout_id)
+        command_id = f"c-{uuid.uuid4().hex}"
+        command = CancelCommand(**self._envelope(rollout, command_id, None, older.devices))
+        await self._send(command, region=None, devices=older.devices)
+        if older.ended:
+            metrics.ROLLOUTS.labels("Aborted").inc()
+        log.warning(
+            "rollout_superseded",
+            rollout_id=older.rollout_id,
+            by=newer_id,
+            devices=len(older.devices),
+            ended=older.ended,
+        )
+        await self._publish_status(rollout)
 
     async def _register(self, request: RegisterModel, now: float) -> dict[str, Any]:
         manifest = request.manifest.unverified()
@@ -455,27 +720,54 @@ class Controller:
                 async with asyncio.timeout(self.config.tick_s):
                     await self._wake.wait()
             self._wake.clear()
-            open_rollouts = self.store.open_rollouts()
-            metrics.OPEN_ROLLOUTS.set(len(open_rollouts))
-            for rollout in open_rollouts:
-                try:
-                    await self._step(rollout)
-                except aiomqtt.MqttError:
-                    raise
-                except HotswapError as exc:
-                    log.warning(
-                        "rollout_step_failed",
-                        rollout_id=rollout.rollout_id,
-                        reason=exc.reason,
-                        error=str(exc),
-                    )
-            finished = self.store.recently_finished(self.clock() - self.config.status_refresh_s)
-            for rollout in finished:
+            try:
+                await self._tick()
+            except aiomqtt.MqttError:
+                raise  # the session is gone: reconnect
+            except SQLAlchemyError as exc:
+                self._log_throttled("tick_database_error", error=database_error_text(exc))
+
+    async def _tick(self) -> None:
+        """Step every open rollout; one that cannot be stepped does not stop the others."""
+        open_rollouts = self.store.open_rollouts()
+        metrics.OPEN_ROLLOUTS.set(len(open_rollouts))
+        for rollout in open_rollouts:
+            try:
+                await self._step(rollout)
+                self._step_errors.pop(rollout.rollout_id, None)
+            except (aiomqtt.MqttError, SQLAlchemyError):
+                raise
+            except HotswapError as exc:
+                log.warning(
+                    "rollout_step_failed",
+                    rollout_id=rollout.rollout_id,
+                    reason=exc.reason,
+                    error=str(exc),
+                )
+            except Exception as exc:
+                self._step_failed(rollout, exc)
+        finished = self.store.recently_finished(self.clock() - self.config.status_refresh_s)
+        for rollout in finished:
+            try:
                 await self._publish_status(rollout)
-            # Fingerprints only matter while a status may still change: keep memory flat.
-            live = {r.rollout_id for r in open_rollouts} | {r.rollout_id for r in finished}
-            for rollout_id in self._published.keys() - live:
-                del self._published[rollout_id]
+            except (aiomqtt.MqttError, SQLAlchemyError):
+                raise
+            except Exception as exc:
+                self._step_failed(rollout, exc)
+        # Fingerprints only matter while a status may still change: keep memory flat.
+        live = {r.rollout_id for r in open_rollouts} | {r.rollout_id for r in finished}
+        for rollout_id in self._published.keys() - live:
+            del self._published[rollout_id]
+
+    def _step_failed(self, rollout: RolloutRow, exc: Exception) -> None:
+        """A bug or a damaged row: say so on the rollout (once per new error), go on."""
+        words = (str(exc).strip().splitlines() or [""])[0]
+        reason = f"controller error: {type(exc).__name__}: {words}"[:500]
+        if self._step_errors.get(rollout.rollout_id) == reason:
+            return
+        self._step_errors[rollout.rollout_id] = reason
+        log.exception("rollout_step_failed", rollout_id=rollout.rollout_id, error=reason)
+        self.store.mark_step_failed(rollout.rollout_id, reason, self.clock())
 
     def _spec(self, rollout: RolloutRow) -> StartRolloutRequest:
         return StartRolloutRequest.model_validate_json(rollout.spec)
@@ -687,23 +979,35 @@ class Controller:
         await self._publish_status(self.store.get_rollout(rid))
 
     def _envelope(
-        self, rollout: RolloutRow, command_id: str, region: str | None, devices: Sequence[str]
+        self,
+        rollout: RolloutRow,
+        command_id: str,
+        region: str | None,
+        devices: Sequence[str],
+        *,
+        since: float | None = None,
     ) -> dict[str, Any]:
-        """What every command carries: ids, issue and expiry times, a region's selector."""
+        """What every command carries: ids, issue and expiry times, a region's selector.
+
+        A command expires when the device's time for it is up (`since`, when it was
+        first sent, plus the rollout's device timeout): the broker drops it from an
+        offline device's session then, and agents refuse it, so a device that timed
+        out cannot change version behind the record.
+        """
         issued = datetime.now(UTC)
+        ttl = min(float(self.config.command_ttl_s), rollout.device_timeout_s)
+        expires = max(issued.timestamp() + 1.0, (since or issued.timestamp()) + ttl)
         return {
             "command_id": command_id,
             "rollout_id": rollout.rollout_id,
             "issued_at": issued,
-            "expires_at": datetime.fromtimestamp(
-                issued.timestamp() + self.config.command_ttl_s, UTC
-            ),
+            "expires_at": datetime.fromtimestamp(expires, UTC),
             "selector": Selector(cohort=tuple(devices)) if region is not None else None,
         }
 
     async def _send(
         self,
-        command: DeployCommand | SwitchCommand | RollbackCommand,
+        command: DeployCommand | SwitchCommand | RollbackCommand | CancelCommand,
         *,
         region: str | None,
         devices: Sequence[str],
@@ -727,11 +1031,18 @@ class Controller:
         )
 
     async def _publish_switch(
-        self, rollout: RolloutRow, command_id: str, *, region: str | None, devices: tuple[str, ...]
+        self,
+        rollout: RolloutRow,
+        command_id: str,
+        *,
+        region: str | None,
+        devices: tuple[str, ...],
+        since: float | None = None,
     ) -> None:
         """Blue-green flip: make the staged candidate active."""
         to = ModelRef(name=rollout.model, version=rollout.version, sha256=rollout.sha256)
-        command = SwitchCommand(**self._envelope(rollout, command_id, region, devices), to=to)
+        envelope = self._envelope(rollout, command_id, region, devices, since=since)
+        command = SwitchCommand(**envelope, to=to)
         await self._send(command, region=region, devices=devices)
 
     async def _publish_rollback(
@@ -741,9 +1052,12 @@ class Controller:
         *,
         region: str | None,
         devices: Sequence[str],
+        since: float | None = None,
     ) -> None:
         """Swap back to the resident previous model."""
-        command = RollbackCommand(**self._envelope(rollout, command_id, region, devices))
+        command = RollbackCommand(
+            **self._envelope(rollout, command_id, region, devices, since=since)
+        )
         await self._send(command, region=region, devices=devices)
 
     async def _control(self, request: ControlRollout, now: float) -> dict[str, Any]:
@@ -782,6 +1096,8 @@ class Controller:
         else:  # rollback
             if status in ("RolledBack",) or rollout.rolling_back:
                 raise refused
+            if final:  # it reopens: its devices must not be another rollout's meanwhile
+                self.store.reclaim(rollout.rollout_id, now)
             self.store.update_rollout(
                 rollout.rollout_id,
                 now,
@@ -813,7 +1129,7 @@ class Controller:
                     device_id=event.device_id,
                     command_id=event.command_id,
                 )
-                await self._publish_deploy(rollout, a.device_id, a.command_id)
+                await self._publish_deploy(rollout, a.device_id, a.command_id, since=a.sent_at)
 
     async def _publish_deploy(
         self,
@@ -825,6 +1141,7 @@ class Controller:
         cohort: tuple[str, ...] = (),
         activate: bool = True,
         shadow_s: float | None = None,
+        since: float | None = None,
     ) -> None:
         """One device's command, or one publish on a region's topic for a cohort of it."""
         version = rollout.version
@@ -838,7 +1155,7 @@ class Controller:
         )
         devices = cohort if region is not None else (str(device_id),)
         command = DeployCommand(
-            **self._envelope(rollout, command_id, region, devices),
+            **self._envelope(rollout, command_id, region, devices, since=since),
             manifest=SignedManifest.model_validate_json(model.signed_manifest),
             url=url,
             activate=activate,
@@ -929,6 +1246,12 @@ class Controller:
 
 def model_summary(row: ModelVersionRow) -> dict[str, Any]:
     return row_to_wire(row, exclude={"signed_manifest", "id"})
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(x) for x in first["loc"])
+    return f"{where}: {first['msg']}" if where else str(first["msg"])
 
 
 def dumps(value: Any) -> str:

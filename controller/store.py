@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
 
 from controller.db import (
     AssignmentRow,
+    DeviceClaimRow,
     DeviceRow,
     ModelVersionRow,
     RolloutRow,
@@ -23,18 +27,38 @@ from controller.db import (
     make_engine,
 )
 from controller.gates import CohortStats
-from controller.planner import advances
+from controller.planner import FINAL_DEVICE_STATES, advances
 from controller.strategies import ab_split
 from shared.errors import RequestError
 from shared.manifest import SignedManifest
 from shared.messages import (
+    CONFIDENCE_BUCKETS,
     INPUT_BUCKETS,
+    LATENCY_BUCKETS_MS,
     DeviceEvent,
+    DeviceRecord,
     DeviceState,
     Histogram,
     StartRollout,
     TelemetryWindow,
 )
+
+OPEN_STATUSES = ("Pending", "InProgress", "Paused")
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """Devices an older rollout lost to a newer one (`rollout start --supersede`)."""
+
+    rollout_id: str
+    devices: tuple[str, ...]
+    ended: bool  # the older rollout had no device left and ended Aborted
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    rollout: RolloutRow
+    superseded: tuple[Superseded, ...] = field(default=())
 
 
 class Store:
@@ -103,12 +127,29 @@ class Store:
 
     # ------------------------------------------------------------ devices
 
-    def upsert_device(self, state: DeviceState, now: float) -> None:
+    def upsert_device(self, state: DeviceState, now: float) -> str | None:
+        """Record what a device says of itself; returns what was refused of its claim.
+
+        Region and device type are the provisioning record's once there is one: a
+        state that says otherwise keeps them (the rest of it is still taken). A
+        revoked device stays offline whatever it says.
+        """
+        refused = None
         with self.session() as s:
             row = s.get(DeviceRow, state.device_id) or DeviceRow(
                 device_id=state.device_id, region=state.region, device_type=state.device_type
             )
-            row.region, row.device_type, row.online = state.region, state.device_type, state.online
+            if row.provisioned and (row.region, row.device_type) != (
+                state.region,
+                state.device_type,
+            ):
+                refused = (
+                    f"claims region {state.region!r} and type {state.device_type!r}, "
+                    f"provisioned as {row.region!r} and {row.device_type!r}"
+                )
+            elif not row.provisioned:
+                row.region, row.device_type = state.region, state.device_type
+            row.online = state.online and not row.revoked
             if state.online or state.active is not None:
                 # A last will carries no model: keep what the device last said it serves.
                 row.active_name = state.active.name if state.active else None
@@ -120,6 +161,51 @@ class Store:
             row.last_seen = now
             s.add(row)
             s.commit()
+        return refused
+
+    def apply_record(self, record: DeviceRecord, now: float) -> list[str]:
+        """Take a provisioning record (authoritative identity, or a revocation).
+
+        A revocation sets the device offline, releases its claim and closes its
+        open assignments with reason `revoked`; returns the rollouts it touched.
+        """
+        touched: list[str] = []
+        with self.session() as s:
+            row = s.get(DeviceRow, record.device_id)
+            if row is None:
+                if record.revoked or record.region is None or record.device_type is None:
+                    return []  # never seen: nothing to revoke
+                row = DeviceRow(
+                    device_id=record.device_id,
+                    region=record.region,
+                    device_type=record.device_type,
+                )
+            if record.region is not None and record.device_type is not None:
+                row.region, row.device_type = record.region, record.device_type
+                row.provisioned = True
+            row.revoked = record.revoked
+            if record.revoked:
+                row.online = False
+                open_ids = select(RolloutRow.rollout_id).where(
+                    col(RolloutRow.status).in_(OPEN_STATUSES)
+                )
+                for a in s.exec(
+                    select(AssignmentRow).where(
+                        AssignmentRow.device_id == record.device_id,
+                        col(AssignmentRow.rollout_id).in_(open_ids),
+                    )
+                ):
+                    if a.state not in FINAL_DEVICE_STATES:
+                        a.state, a.reason, a.detail = "cancelled", "revoked", "device revoked"
+                        a.updated_at = now
+                        s.add(a)
+                        touched.append(a.rollout_id)
+                s.exec(
+                    delete(DeviceClaimRow).where(col(DeviceClaimRow.device_id) == record.device_id)
+                )
+            s.add(row)
+            s.commit()
+        return touched
 
     def list_devices(self) -> list[DeviceRow]:
         with self.session() as s:
@@ -127,7 +213,11 @@ class Store:
 
     def devices_online(self) -> int:
         with self.session() as s:
-            return len(s.exec(select(DeviceRow.device_id).where(col(DeviceRow.online))).all())
+            return int(
+                s.exec(
+                    select(func.count()).where(col(DeviceRow.online), ~col(DeviceRow.revoked))
+                ).one()
+            )
 
     def resolve_targets(self, req: StartRollout, model: ModelVersionRow) -> list[str]:
         """The device ids a rollout request names; RequestError when it names none."""
@@ -140,6 +230,11 @@ class Store:
                     raise RequestError(
                         f"device(s) not registered: {', '.join(missing)}", reason="unknown_device"
                     )
+                revoked = [d for d in req.devices if rows[d].revoked]
+                if revoked:
+                    raise RequestError(
+                        f"device(s) revoked: {', '.join(revoked)}", reason="bad_request"
+                    )
                 wrong = [d for d in req.devices if allowed and rows[d].device_type not in allowed]
                 if wrong:
                     raise RequestError(
@@ -148,7 +243,7 @@ class Store:
                         reason="incompatible_device",
                     )
                 return sorted(set(req.devices))
-            query = select(DeviceRow)
+            query = select(DeviceRow).where(~col(DeviceRow.revoked))
             if req.region:
                 query = query.where(DeviceRow.region == req.region)
             if req.device_type:
@@ -170,8 +265,19 @@ class Store:
     # ------------------------------------------------------------ rollouts
 
     def create_rollout(
-        self, req: StartRollout, model: ModelVersionRow, targets: Sequence[str], now: float
-    ) -> RolloutRow:
+        self,
+        req: StartRollout,
+        model: ModelVersionRow,
+        targets: Sequence[str],
+        now: float,
+    ) -> Created:
+        """The rollout, its assignments and its claims on `targets`, in one transaction.
+
+        A device already claimed by an active rollout makes this fail with a
+        RequestError naming it, unless `req.supersede`: then the older rollout's
+        assignments of those devices close (`cancelled`, reason `superseded`) and
+        its claims pass to the new one. The claims' primary key decides a race.
+        """
         rollout = RolloutRow(
             rollout_id=f"r-{uuid.uuid4().hex[:12]}",
             model=model.name,
@@ -185,30 +291,114 @@ class Store:
             created_at=now,
             updated_at=now,
         )
-        with self.session() as s:
-            s.add(rollout)
-            s.flush()  # the parent row exists before its assignments reference it
-            regions = {
-                d.device_id: d.region
-                for d in s.exec(
-                    select(DeviceRow).where(col(DeviceRow.device_id).in_(list(targets)))
-                ).all()
-            }
-            side_b: set[str] = set()
-            if req.strategy == "ab" and req.version_b:
-                side_b = set(ab_split(list(targets), rollout.rollout_id)[1])
-            for device_id in targets:
-                s.add(
-                    AssignmentRow(
-                        rollout_id=rollout.rollout_id,
-                        device_id=device_id,
-                        region=regions.get(device_id, ""),
-                        version=req.version_b if device_id in side_b and req.version_b else "",
-                        updated_at=now,
+        try:
+            with self.session() as s:
+                s.add(rollout)
+                s.flush()  # the parent row exists before its assignments reference it
+                superseded = self._take_claims(s, rollout.rollout_id, targets, req.supersede, now)
+                regions = {
+                    d.device_id: d.region
+                    for d in s.exec(
+                        select(DeviceRow).where(col(DeviceRow.device_id).in_(list(targets)))
+                    ).all()
+                }
+                side_b: set[str] = set()
+                if req.strategy == "ab" and req.version_b:
+                    side_b = set(ab_split(list(targets), rollout.rollout_id)[1])
+                for device_id in targets:
+                    s.add(
+                        AssignmentRow(
+                            rollout_id=rollout.rollout_id,
+                            device_id=device_id,
+                            region=regions.get(device_id, ""),
+                            version=req.version_b if device_id in side_b and req.version_b else "",
+                            updated_at=now,
+                        )
                     )
-                )
+                s.commit()
+        except IntegrityError:
+            # Another start claimed one of these devices between our check and our commit.
+            with self.session() as s:
+                self._refuse_overlap(s, targets)
+            raise
+        return Created(rollout, superseded)
+
+    def reclaim(self, rollout_id: str, now: float) -> None:
+        """Claim a finished rollout's devices again (an operator's rollback reopens it)."""
+        with self.session() as s:
+            devices = s.exec(
+                select(AssignmentRow.device_id).where(AssignmentRow.rollout_id == rollout_id)
+            ).all()
+            self._take_claims(s, rollout_id, devices, False, now)
             s.commit()
-        return rollout
+
+    def _take_claims(
+        self, s: Session, rollout_id: str, targets: Sequence[str], supersede: bool, now: float
+    ) -> tuple[Superseded, ...]:
+        claims = s.exec(
+            select(DeviceClaimRow).where(
+                col(DeviceClaimRow.device_id).in_(list(targets)),
+                DeviceClaimRow.rollout_id != rollout_id,
+            )
+        ).all()
+        if claims and not supersede:
+            self._refuse_overlap(s, targets, rollout_id)
+        by_rollout: dict[str, list[str]] = {}
+        for claim in claims:
+            by_rollout.setdefault(claim.rollout_id, []).append(claim.device_id)
+            s.delete(claim)
+        s.flush()
+        superseded = []
+        for older_id, devices in sorted(by_rollout.items()):
+            left = 0
+            for a in s.exec(select(AssignmentRow).where(AssignmentRow.rollout_id == older_id)):
+                if a.device_id in devices:
+                    a.state, a.reason, a.detail = "cancelled", "superseded", f"by {rollout_id}"
+                    a.updated_at = now
+                    s.add(a)
+                elif a.state != "cancelled":
+                    left += 1
+            ended = left == 0
+            older = s.get(RolloutRow, older_id)
+            if ended and older is not None:
+                older.status, older.reason = "Aborted", f"superseded by {rollout_id}"
+                older.finished_at = older.updated_at = now
+                s.add(older)
+            superseded.append(Superseded(older_id, tuple(sorted(devices)), ended))
+        held = set(
+            s.exec(
+                select(DeviceClaimRow.device_id).where(DeviceClaimRow.rollout_id == rollout_id)
+            ).all()
+        )
+        for device_id in targets:
+            if device_id not in held:
+                s.add(DeviceClaimRow(device_id=device_id, rollout_id=rollout_id, claimed_at=now))
+        s.flush()
+        return tuple(superseded)
+
+    def _refuse_overlap(
+        self, s: Session, targets: Sequence[str], rollout_id: str | None = None
+    ) -> None:
+        claims = s.exec(
+            select(DeviceClaimRow).where(col(DeviceClaimRow.device_id).in_(list(targets)))
+        ).all()
+        by_rollout: dict[str, list[str]] = {}
+        for claim in claims:
+            if claim.rollout_id != rollout_id:
+                by_rollout.setdefault(claim.rollout_id, []).append(claim.device_id)
+        if not by_rollout:
+            return
+        parts = [
+            f"{len(ds)} device(s) in active rollout {rid} ({', '.join(sorted(ds)[:5])}"
+            + (", …)" if len(ds) > 5 else ")")
+            for rid, ds in sorted(by_rollout.items())
+        ]
+        raise RequestError(
+            "a device belongs to one active rollout at a time: "
+            + "; ".join(parts)
+            + ". Wait for it to end, abort it, or pass --supersede",
+            reason="rollout_conflict",
+        )
 
     def get_rollout(self, rollout_id: str) -> RolloutRow:
         with self.session() as s:
@@ -220,6 +410,16 @@ class Store:
     def list_rollouts(self) -> list[RolloutRow]:
         with self.session() as s:
             return list(s.exec(select(RolloutRow).order_by(col(RolloutRow.created_at))).all())
+
+    def mark_step_failed(self, rollout_id: str, reason: str, now: float) -> None:
+        """Say on the rollout that the controller could not step it (its status stays)."""
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None or row.reason == reason:
+                return
+            row.reason, row.updated_at = reason, now
+            s.add(row)
+            s.commit()
 
     def open_rollouts(self) -> list[RolloutRow]:
         with self.session() as s:
@@ -255,6 +455,7 @@ class Store:
             row.status, row.reason, row.updated_at = status, reason, now
             if final:
                 row.finished_at = now
+                s.exec(delete(DeviceClaimRow).where(col(DeviceClaimRow.rollout_id) == rollout_id))
             s.add(row)
             s.commit()
 
@@ -375,6 +576,8 @@ class Store:
                 if row.rollback_state != "sent" or event.phase not in ("rolled_back", "failed"):
                     return None
                 row.rollback_state, row.updated_at = event.phase, now
+                if event.phase == "failed":
+                    row.reason, row.detail = event.reason or "failed", event.detail
                 s.add(row)
                 s.commit()
                 return row
@@ -382,9 +585,12 @@ class Store:
                 return None  # not ours, or a stale command's echo
             if not advances(row.state, event.phase):
                 return None
+            late = row.state == "timed_out"
             row.state, row.updated_at = event.phase, now
             if event.phase in ("failed", "rolled_back"):
                 row.reason, row.detail = event.reason or event.phase, event.detail
+            elif late:
+                row.reason, row.detail = None, "answered after its timeout"
             s.add(row)
             s.commit()
             return row
@@ -447,6 +653,15 @@ class Store:
         seen: set[str] = set()
         agreements = 0
         for r in rows:
+            latency = json.loads(r.latency_counts)
+            confidence = json.loads(r.confidence_counts)
+            inputs = json.loads(r.input_counts) if r.input_counts else None
+            if (
+                len(latency) != len(LATENCY_BUCKETS_MS)
+                or len(confidence) != len(CONFIDENCE_BUCKETS)
+                or (inputs is not None and len(inputs) != len(INPUT_BUCKETS))
+            ):
+                continue  # stored before inbound telemetry was checked: not comparable
             seen.add(r.device_id)
             agreements += r.agreements
             stats = stats.merged(
@@ -454,12 +669,10 @@ class Store:
                     0,
                     r.count,
                     r.errors,
-                    Histogram(counts=tuple(json.loads(r.latency_counts)), total=r.latency_total_ms),
-                    Histogram(
-                        counts=tuple(json.loads(r.confidence_counts)), total=r.confidence_total
-                    ),
-                    Histogram(counts=tuple(json.loads(r.input_counts)))
-                    if r.input_counts
+                    Histogram(counts=tuple(latency), total=r.latency_total_ms),
+                    Histogram(counts=tuple(confidence), total=r.confidence_total),
+                    Histogram(counts=tuple(inputs))
+                    if inputs is not None
                     else Histogram.empty(INPUT_BUCKETS),
                 )
             )

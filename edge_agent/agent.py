@@ -32,6 +32,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import aiomqtt
@@ -607,7 +608,10 @@ class Agent:
                             dest,
                             size=manifest.size,
                             sha256=manifest.sha256,
-                            limits=self.config.fetch_limits,
+                            limits=download_limits(
+                                self.config.fetch_limits, command.expires_at, utcnow()
+                            ),
+                            logger=bound,
                         )
                         break
                     except UrlExpiredError:
@@ -811,3 +815,20 @@ class Agent:
 
 def _ref(manifest: Manifest) -> ModelRef:
     return ModelRef(name=manifest.name, version=manifest.version, sha256=manifest.sha256)
+
+
+def download_limits(limits: FetchLimits, expires_at: datetime | None, now: datetime) -> FetchLimits:
+    """`limits` with the download budget cut to the time the command has left.
+
+    The controller sets a deploy's expiry at about its device timeout; retrying
+    past it would only keep a device busy with a command nobody waits for.
+    """
+    if expires_at is None:
+        return limits
+    left = (expires_at - now).total_seconds()
+    if left <= 0:
+        raise DownloadError(
+            f"the command expired at {expires_at.isoformat()} before its download was done",
+            reason="command_expired",
+        )
+    return limits.within(left)

@@ -17,6 +17,7 @@ from edge_agent.agent import Agent, AgentConfig
 from edge_agent.fetch import FetchLimits
 from shared.console import cli_errors, fail, progress, run_until_signalled
 from shared.credentials import apply_credentials, load_credentials
+from shared.durations import parse_duration
 from shared.keys import load_public_key, load_public_keys
 from shared.logs import configure_logging
 from shared.settings import Settings, parse_mqtt_url
@@ -95,9 +96,23 @@ def agent_run(
     max_download_mb: Annotated[
         int, typer.Option("--max-download-mb", min=1, help="largest model accepted")
     ] = 512,
+    download_budget: Annotated[
+        float,
+        typer.Option(
+            "--download-budget",
+            envvar="HOTSWAP_DOWNLOAD_BUDGET",
+            parser=parse_duration,
+            metavar="DURATION",
+            help="time one download may take, retries included (300, 30s, 5m, 1h); "
+            "never past the deploy command's expiry",
+        ),
+    ] = _DEFAULTS.download_budget,
     download_timeout: Annotated[
-        float, typer.Option("--download-timeout", min=1, help="seconds per download")
-    ] = 300.0,
+        float | None,
+        typer.Option(
+            "--download-timeout", parser=parse_duration, hidden=True, help="old --download-budget"
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", envvar="HOTSWAP_LOG_LEVEL")] = (
         _DEFAULTS.log_level
     ),
@@ -147,7 +162,9 @@ def agent_run(
             keep_versions=keep_versions,
             interpreters=interpreters,
             max_download_bytes=max_download_mb * 1024 * 1024,
-            fetch_limits=FetchLimits(timeout_s=download_timeout),
+            fetch_limits=FetchLimits(
+                budget_s=download_budget if download_timeout is None else download_timeout
+            ),
         )
         try:
             data_dir.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,7 @@ BAD_INPUT_REASONS = frozenset(
         "manifest_invalid",
         "bad_credentials",
         "not_authorized",
+        "rollout_conflict",
     }
 )
 
@@ -93,17 +94,35 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+RECANCEL_S = 3.0
+
+
 def run_until_signalled(main: Coroutine[Any, Any, T]) -> T | None:
-    """Run a long-lived coroutine; SIGINT/SIGTERM cancel it and return None."""
+    """Run a long-lived coroutine; SIGINT/SIGTERM cancel it and return None.
+
+    The cancellation is repeated every few seconds until the coroutine ends: on
+    Python 3.11 `asyncio.wait_for` (inside aiomqtt) can swallow one.
+    """
 
     async def runner() -> T | None:
         task = asyncio.ensure_future(main)
         loop = asyncio.get_running_loop()
+        signalled = False
+
+        def stop() -> None:
+            nonlocal signalled
+            signalled = True
+            if not task.done():
+                task.cancel()
+                loop.call_later(RECANCEL_S, stop)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             return await task
         except asyncio.CancelledError:
+            if not signalled:  # never a silent exit 0 for a stop nobody asked for
+                raise HotswapError("stopped unexpectedly: cancelled without a signal") from None
             return None
 
     return asyncio.run(runner())

@@ -244,25 +244,58 @@ class Histogram(WireModel):
         return bounds[-2]
 
 
+# No device runs this many inferences in one window: a larger count is a lie or a bug
+# (and would overflow the database's integers).
+MAX_WINDOW_COUNT = 10**12
+
+
+def _check_histogram(name: str, h: Histogram, bounds: Sequence[float], *, signed: bool) -> None:
+    if len(h.counts) != len(bounds):
+        raise ValueError(f"{name}: {len(h.counts)} buckets, the contract has {len(bounds)}")
+    if any(c < 0 or c > MAX_WINDOW_COUNT for c in h.counts):
+        raise ValueError(f"{name}: bucket counts must be integers in 0..{MAX_WINDOW_COUNT}")
+    if not math.isfinite(h.total) or (not signed and h.total < 0):
+        raise ValueError(f"{name}: total must be finite" + ("" if signed else " and >= 0"))
+
+
 class TelemetryWindow(WireModel):
-    """Inference metrics of one model version on one device over one window."""
+    """Inference metrics of one model version on one device over one window.
+
+    Checked completely on arrival (one device's bad window must never reach the
+    gates): the contract's bucket layouts, non-negative bounded integer counts,
+    finite totals, errors and agreements within the count.
+    """
 
     kind: Literal["telemetry"] = "telemetry"
     device_id: str
     model: ModelRef
     window_start: datetime
     window_end: datetime
-    count: int = Field(ge=0)
-    errors: int = Field(ge=0)
+    count: int = Field(ge=0, le=MAX_WINDOW_COUNT)
+    errors: int = Field(ge=0, le=MAX_WINDOW_COUNT)
     latency_ms: Histogram
     confidence: Histogram
-    input_mean: float | None = None
-    input_std: float | None = None
+    input_mean: float | None = Field(default=None, allow_inf_nan=False)
+    input_std: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     inputs: Histogram | None = None  # INPUT_BUCKETS, over a sample of the window's inputs
     # Shadow mode: the model ran on mirrored inputs, unserved; `agreements` counts the
     # inferences whose top class matched the served model's.
     shadow: bool = False
-    agreements: int | None = Field(default=None, ge=0)
+    agreements: int | None = Field(default=None, ge=0, le=MAX_WINDOW_COUNT)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TelemetryWindow:
+        _check_histogram("latencyMs", self.latency_ms, LATENCY_BUCKETS_MS, signed=False)
+        _check_histogram("confidence", self.confidence, CONFIDENCE_BUCKETS, signed=False)
+        if self.inputs is not None:
+            _check_histogram("inputs", self.inputs, INPUT_BUCKETS, signed=True)
+        if self.errors > self.count:
+            raise ValueError("errors exceed the window's count")
+        if self.agreements is not None and self.agreements > self.count:
+            raise ValueError("agreements exceed the window's count")
+        if self.window_end < self.window_start:
+            raise ValueError("the window ends before it starts")
+        return self
 
 
 # ---------------------------------------------------------------- controller → all

@@ -206,14 +206,29 @@ def backoff_delays(
         attempt = min(attempt + 1, 30)
 
 
-def raise_if_cancelled() -> None:
+def raise_if_cancelled(baseline: int = 0) -> None:
     """Honour a cancellation that an aiomqtt call swallowed.
 
     aiomqtt waits through `asyncio.wait_for`, which on Python 3.11 returns the
     result and drops the cancellation when both happen at once (CPython
     gh-86296). A loop that published calls this before waiting again, so that
-    cancelling it always stops it.
+    cancelling it always stops it. `baseline` is the task's `cancelling()`
+    count that is not a request to stop (see `forget_group_cancellation`).
     """
     task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    if task is not None and task.cancelling() > baseline:
         raise asyncio.CancelledError
+
+
+def forget_group_cancellation(baseline: int) -> None:
+    """Undo the cancel request a failed TaskGroup left on the current task.
+
+    When a child of an `asyncio.TaskGroup` fails while its parent already waits
+    in `__aexit__`, Python 3.11 cancels the parent and never uncancels it, so
+    `cancelling()` stays raised after the group's error was handled: a
+    reconnect loop would then take its own disconnect for a shutdown. Call it
+    in the handler with the count read before entering the group.
+    """
+    task = asyncio.current_task()
+    while task is not None and task.cancelling() > baseline:
+        task.uncancel()

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.durations import parse_duration
+
 DEFAULT_MQTT_URL = "mqtt://127.0.0.1:1883"
+
+# Seconds, written as `300`, `30s`, `5m` or `1h` in the environment.
+Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class Settings(BaseSettings):
@@ -33,6 +39,12 @@ class Settings(BaseSettings):
     presign_ttl_s: int = Field(3600, description="lifetime of presigned artifact URLs")
     data_dir: Path = Field(Path("hotswap-data"), description="agent/broker data directory")
     telemetry_interval_s: float = Field(5.0, description="agent telemetry window length")
+    download_budget: Duration = Field(
+        300.0,
+        gt=0,
+        description="agent: time one download may take, retries and their backoff included "
+        "(never past the deploy command's expiry)",
+    )
     command_ttl_s: int = Field(3600, description="message expiry of device commands")
     request_timeout_s: float = Field(10.0, description="CLI wait for a controller answer")
     log_level: str = Field("info", description="debug, info, warning or error")

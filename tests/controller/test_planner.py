@@ -392,18 +392,32 @@ def test_rollback_waits_for_rollback_answers_and_times_them_out() -> None:
     ]
 
 
-def test_rollback_finishes_rolled_back_once_every_answer_is_final() -> None:
-    """All activated devices answered (rolled_back/failed/timed_out) → FinishRollout RolledBack."""
+def test_rollback_finishes_rolled_back_once_every_device_confirmed() -> None:
+    """Every activated device answered rolled_back (the rest never served it) → RolledBack."""
     members = [
         a("a", "activated", 1, rollback_state="rolled_back", rollback_sent_at=1.0),
-        a("b", "activated", 1, rollback_state="failed", rollback_sent_at=1.0),
-        a("c", "activated", 1, rollback_state="timed_out", rollback_sent_at=1.0),
         a("d", "failed", 1),
         a("e", "timed_out", 1),
         a("f", "pending"),
     ]
     assert plan_next_actions(rb(), TWO_STAGES, members, FAIL, 500.0) == [
         FinishRollout("RolledBack", None)
+    ]
+
+
+def test_rollback_refused_or_unanswered_by_a_device_finishes_failed_naming_it() -> None:
+    """A device that answered failed (not_resident) or never answered still runs the candidate:
+    the rollout ends Failed, not RolledBack, and says which devices and why."""
+    members = [
+        a("a", "activated", 1, rollback_state="rolled_back", rollback_sent_at=1.0),
+        a("b", "activated", 1, reason="not_resident", rollback_state="failed"),
+        a("c", "activated", 1, rollback_state="timed_out", rollback_sent_at=1.0),
+    ]
+    assert plan_next_actions(rb(), TWO_STAGES, members, FAIL, 500.0) == [
+        FinishRollout(
+            "Failed",
+            "rollback failed on 2 device(s), 1 rolled back: b: not_resident, c: no answer",
+        )
     ]
 
 
@@ -475,9 +489,10 @@ def test_inactive_rollouts_plan_nothing(status: str) -> None:
 
 
 def test_advances_never_reopens_final_states() -> None:
-    """From a final state no event applies (a late success after a timeout changes nothing)."""
+    """From a final state no event applies, except a timed-out device's late final answer."""
     for current, new in itertools.product(sorted(FINAL_DEVICE_STATES), DEVICE_STATES):
-        assert not advances(current, new), (current, new)
+        late = current == "timed_out" and new in ("staged", "activated", "failed")
+        assert advances(current, new) == late, (current, new)
 
 
 def test_advances_never_moves_backwards_or_repeats() -> None:
@@ -496,7 +511,9 @@ def test_advances_examples() -> None:
     assert advances("downloading", "timed_out")
     assert not advances("verified", "received")
     assert not advances("received", "received")
-    assert not advances("timed_out", "activated")
+    assert advances("timed_out", "activated")  # it did activate: the record says so
+    assert not advances("timed_out", "received")
+    assert not advances("cancelled", "activated")
     assert not advances("sent", "bogus")
 
 

@@ -110,7 +110,7 @@ def test_events_move_forward_only_and_ignore_stale_commands(
     model = store.register_model(_signed(tmp_path, model_v1), "k", 1.0)
     r = store.create_rollout(
         StartRollout(model="m", version="1.0", devices=("a",)), model, ["a"], 1.0
-    )
+    ).rollout
     store.mark_sent(r.rollout_id, "a", "c-1", 2.0)
 
     def ev(phase: str, command: str = "c-1") -> DeviceEvent:
@@ -120,9 +120,13 @@ def test_events_move_forward_only_and_ignore_stale_commands(
     assert store.apply_event(ev("received"), 3.1) is None  # out of order
     assert store.apply_event(ev("activated", "c-old"), 3.2) is None  # stale command
     assert store.mark_timed_out(r.rollout_id, "a", 4.0)
-    assert store.apply_event(ev("activated"), 5.0) is None  # late success after timeout
+    assert store.apply_event(ev("received"), 4.5) is None  # late progress changes nothing
     [row] = store.assignments(r.rollout_id)
     assert (row.state, row.reason) == ("timed_out", "timeout")
+    # A late final answer to the same command: the record shows what the device runs.
+    assert store.apply_event(ev("activated"), 5.0) is not None
+    [row] = store.assignments(r.rollout_id)
+    assert (row.state, row.reason, row.detail) == ("activated", None, "answered after its timeout")
 
 
 def test_last_will_keeps_the_known_model(store: Store) -> None:
@@ -196,3 +200,119 @@ def test_cohort_stats_merge_served_and_shadow_windows_apart(store: Store) -> Non
     assert (mirrored.devices, mirrored.count, mirrored.agreements) == (1, 10, 7)
     assert mirrored.agreement == 0.7
     assert store.avg_latency_ms("clf", "2", ["d1", "d2"], since) == 1.0
+
+
+def _start(store: Store, model, devices: tuple[str, ...], *, supersede: bool = False):
+    req = StartRollout(model="m", version="1.0", devices=devices, supersede=supersede)
+    return store.create_rollout(req, model, list(devices), 1.0)
+
+
+def test_a_device_belongs_to_one_active_rollout(store: Store, tmp_path, model_v1: bytes) -> None:
+    """An overlapping start is refused naming the active rollout and the overlap; none is
+    half-written; once the first rollout ends its devices are free again."""
+    for d in ("a", "b", "c"):
+        store.upsert_device(_state(d), 1.0)
+    model = store.register_model(_signed(tmp_path, model_v1), "k", 1.0)
+    first = _start(store, model, ("a", "b")).rollout
+    with pytest.raises(RequestError, match=rf"2 device\(s\) in active rollout {first.rollout_id}"):
+        _start(store, model, ("a", "b", "c"))
+    assert [r.rollout_id for r in store.list_rollouts()] == [first.rollout_id]  # nothing partial
+    store.set_rollout_status(first.rollout_id, "Succeeded", None, 2.0, final=True)
+    assert _start(store, model, ("a", "b", "c")).rollout.rollout_id != first.rollout_id
+
+
+def test_supersede_closes_the_older_rollouts_overlap(
+    store: Store, tmp_path, model_v1: bytes
+) -> None:
+    """--supersede: the older rollout's shared devices close `cancelled`/`superseded`; it ends
+    Aborted when no device is left to it."""
+    for d in ("a", "b", "c"):
+        store.upsert_device(_state(d), 1.0)
+    model = store.register_model(_signed(tmp_path, model_v1), "k", 1.0)
+    partly = _start(store, model, ("a", "b")).rollout
+    wholly = _start(store, model, ("c",)).rollout
+    created = _start(store, model, ("b", "c"), supersede=True)
+    by_id = {x.rollout_id: x for x in created.superseded}
+    assert by_id[partly.rollout_id].devices == ("b",) and not by_id[partly.rollout_id].ended
+    assert by_id[wholly.rollout_id].ended
+    states = {a.device_id: (a.state, a.reason) for a in store.assignments(partly.rollout_id)}
+    assert states == {"a": ("pending", None), "b": ("cancelled", "superseded")}
+    ended = store.get_rollout(wholly.rollout_id)
+    assert ended.status == "Aborted" and ended.reason == f"superseded by {created.rollout.rollout_id}"
+
+
+def test_starts_racing_from_two_controllers_never_both_win(
+    store: Store, tmp_path, model_v1: bytes
+) -> None:
+    """Two stores on one database start rollouts for the same device at the same instant,
+    round after round: exactly one wins each time, the other gets the clear refusal."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = store.register_model(_signed(tmp_path, model_v1), "k", 1.0)
+    other = Store(store.engine.url.render_as_string(hide_password=False))
+    for round_ in range(8):
+        device = f"d{round_}"
+        store.upsert_device(_state(device), 1.0)
+        barrier = threading.Barrier(2)
+
+        def start(on: Store, device: str = device, barrier: threading.Barrier = barrier) -> str:
+            barrier.wait(5)
+            try:
+                return _start(on, model, (device,)).rollout.rollout_id
+            except RequestError as exc:
+                assert exc.reason == "rollout_conflict", exc
+                return "refused"
+
+        with ThreadPoolExecutor(2) as pool:
+            results = sorted(pool.map(start, (store, other)))
+        assert results[1] == "refused" and results[0].startswith("r-"), results
+    other.engine.dispose()
+
+
+def test_revocation_closes_open_assignments_and_excludes_the_device(
+    store: Store, tmp_path, model_v1: bytes
+) -> None:
+    """A revocation record: offline, revoked, open assignments `cancelled`/`revoked`, claim
+    released, never a target again (by id: refused; by selector: left out)."""
+    from shared.messages import DeviceRecord
+
+    for d in ("a", "b"):
+        store.upsert_device(_state(d), 1.0)
+    model = store.register_model(_signed(tmp_path, model_v1), "k", 1.0)
+    r = _start(store, model, ("a", "b")).rollout
+    assert store.devices_online() == 2
+    assert store.apply_record(DeviceRecord(device_id="a", revoked=True), 2.0) == [r.rollout_id]
+    assert store.devices_online() == 1
+    row = {d.device_id: d for d in store.list_devices()}["a"]
+    assert (row.online, row.revoked) == (False, True)
+    states = {a.device_id: (a.state, a.reason) for a in store.assignments(r.rollout_id)}
+    assert states["a"] == ("cancelled", "revoked")
+    store.upsert_device(_state("a"), 3.0)  # a retained online state arriving late
+    assert store.devices_online() == 1
+    with pytest.raises(RequestError, match="revoked: a"):
+        store.resolve_targets(StartRollout(model="m", version="1.0", devices=("a",)), model)
+    assert store.resolve_targets(StartRollout(model="m", version="1.0", region="eu"), model) == [
+        "b"
+    ]
+
+
+def test_the_provisioned_identity_outranks_the_devices_claim(store: Store) -> None:
+    """After a provisioning record, a state claiming another region keeps the provisioned one
+    (and is reported); what the device may say of itself still updates."""
+    from shared.messages import Capabilities, DeviceRecord
+
+    store.apply_record(DeviceRecord(device_id="a", region="r2", device_type="cam"), 1.0)
+    claim = DeviceState(
+        device_id="a",
+        region="r1",
+        device_type="cam",
+        online=True,
+        capabilities=Capabilities(memory_mb=512),
+        agent_version="9.9",
+    )
+    refused = store.upsert_device(claim, 2.0)
+    assert refused is not None and "'r1'" in refused and "'r2'" in refused
+    [row] = store.list_devices()
+    assert (row.region, row.memory_mb, row.agent_version, row.online) == ("r2", 512, "9.9", True)
+    assert store.upsert_device(_state("a", region="r2"), 3.0) is None

@@ -22,6 +22,7 @@ from shared.messages import (
     Selector,
     StartRollout,
     SwitchCommand,
+    TelemetryWindow,
 )
 from shared.tflite import read_signature
 
@@ -163,3 +164,50 @@ def test_start_rollout_refuses_incomplete_strategies(kwargs: dict[str, object]) 
     """Progressive needs stages ending at 100, A/B a different B, regional safe regions."""
     with pytest.raises(ValidationError):
         StartRollout(model="m", version="1", **kwargs)
+
+
+def _window(**changes: object) -> bytes:
+    """A valid telemetry window as the agent sends it, with some fields replaced (raw JSON)."""
+    body: dict[str, object] = {
+        "v": 1,
+        "kind": "telemetry",
+        "deviceId": "cam-1",
+        "model": {"name": "m", "version": "1", "sha256": "a" * 64},
+        "windowStart": "2026-01-01T00:00:00Z",
+        "windowEnd": "2026-01-01T00:00:05Z",
+        "count": 10,
+        "errors": 0,
+        "latencyMs": {"counts": [0] * 4 + [10] + [0] * 10, "total": 8.0},
+        "confidence": {"counts": [0] * 9 + [10], "total": 9.5},
+    }
+    text = json.dumps(body | changes)
+    return text.replace('"__inf__"', "Infinity").replace('"__nan__"', "NaN").encode()
+
+
+def test_a_valid_telemetry_window_is_accepted() -> None:
+    """The reference window the hostile variants below start from is itself valid."""
+    assert TelemetryWindow.model_validate_json(_window()).count == 10
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"latencyMs": {"counts": [5, 5, 5], "total": 1.0}},  # wrong bucket layout
+        {"confidence": {"counts": [1] * 3, "total": 1.0}},
+        {"latencyMs": {"counts": [0] * 4 + [10] + [0] * 10, "total": "__inf__"}},
+        {"latencyMs": {"counts": [0] * 4 + [10] + [0] * 10, "total": "__nan__"}},
+        {"latencyMs": {"counts": [0] * 4 + [10] + [0] * 10, "total": -1.0}},
+        {"latencyMs": {"counts": [0] * 4 + [-10] + [0] * 10, "total": 1.0}},
+        {"count": 10**30},
+        {"latencyMs": {"counts": [0] * 4 + [10**30] + [0] * 10, "total": 1.0}},
+        {"errors": 11},
+        {"agreements": 11},
+        {"inputMean": "__nan__"},
+        {"inputs": {"counts": [1, 2], "total": 0.0}},
+        {"windowEnd": "2025-12-31T00:00:00Z"},
+    ],
+)
+def test_hostile_telemetry_windows_are_refused_at_the_edge(changes: dict[str, object]) -> None:
+    """Wrong bucket counts, negative or huge counts, non-finite totals: refused on arrival."""
+    with pytest.raises(ValidationError):
+        TelemetryWindow.model_validate_json(_window(**changes))

@@ -1,0 +1,80 @@
+"""`hotswap agent run` flags reach the agent's configuration (the agent itself is not run)."""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+import edge_agent.cli
+from edge_agent.agent import AgentConfig
+from shared.keys import init_keys
+
+
+def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> AgentConfig:
+    """The AgentConfig `agent run FLAGS` builds, captured instead of running the agent."""
+    seen: list[AgentConfig] = []
+
+    class Captured:
+        def __init__(self, config: AgentConfig) -> None:
+            seen.append(config)
+
+        async def run(self) -> None:
+            pass
+
+    def run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
+        coro.close()
+
+    monkeypatch.setattr(edge_agent.cli, "Agent", Captured)
+    monkeypatch.setattr(edge_agent.cli, "run_until_signalled", run_until_signalled)
+    result = invoke(monkeypatch, tmp_path, *flags)
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> Result:
+    """`agent run` for cam-1 with `flags`, leaving the test process's logging alone."""
+    monkeypatch.setattr(edge_agent.cli, "configure_logging", lambda *a, **kw: None)
+    _, public = init_keys(tmp_path / "keys")
+    identity = ["--device-id", "cam-1", "--region", "eu-west", "--device-type", "camera"]
+    args = [*identity, "--trusted-key", str(public), "--data-dir", str(tmp_path / "d")]
+    return CliRunner().invoke(edge_agent.cli.app, [*args, *flags])
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "budget_s"),
+    [
+        ((), None, 300.0),
+        (("--download-budget", "10m"), None, 600.0),
+        ((), "45s", 45.0),
+        (("--download-budget", "2m"), "45s", 120.0),
+        (("--download-timeout", "90"), None, 90.0),
+    ],
+)
+def test_download_budget_comes_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    flags: tuple[str, ...],
+    env: str | None,
+    budget_s: float,
+) -> None:
+    """--download-budget (or HOTSWAP_DOWNLOAD_BUDGET; the flag wins) sets the fetch budget;
+    the old --download-timeout still works."""
+    if env is None:
+        monkeypatch.delenv("HOTSWAP_DOWNLOAD_BUDGET", raising=False)
+    else:
+        monkeypatch.setenv("HOTSWAP_DOWNLOAD_BUDGET", env)
+    assert configured(monkeypatch, tmp_path, *flags).fetch_limits.budget_s == budget_s
+
+
+@pytest.mark.parametrize("bad", ["5x", "0"])
+def test_a_download_budget_that_cannot_work_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bad: str
+) -> None:
+    """Not a duration, or no time at all: exit 2 before anything starts, saying why."""
+    result = invoke(monkeypatch, tmp_path, "--download-budget", bad)
+    assert result.exit_code == 2, result.output
+    assert ("invalid duration" if bad == "5x" else "budget must be positive") in result.output
