@@ -80,8 +80,17 @@ def _read(topic: str, *, pattern: bool = True) -> tuple[Acl, Acl]:
 
 
 def admin_role() -> Role:
+    """The dynamic-security API; the device registry; clearing a revoked device's state."""
     control = "$CONTROL/dynamic-security/#"
-    return Role(ADMIN, (Acl("publishClientSend", control), *_read(control)))
+    return Role(
+        ADMIN,
+        (
+            Acl("publishClientSend", control),
+            *_read(control),
+            Acl("publishClientSend", topics.ALL_DEVICE_REGISTRY),
+            Acl("publishClientSend", topics.ALL_DEVICE_STATES),
+        ),
+    )
 
 
 def controller_role() -> Role:
@@ -90,7 +99,12 @@ def controller_role() -> Role:
         topics.ALL_DEVICE_STATES,
         topics.ALL_DEVICE_EVENTS,
         topics.ALL_DEVICE_TELEMETRY,
+        topics.ALL_DEVICE_REGISTRY,
         topics.CONTROLLER_REQUESTS,
+        # Its start-up probe (is another controller answering?) reads the retained
+        # controller state and the answer to its ping.
+        topics.CONTROLLER_STATE,
+        f"{topics.RESPONSES_PREFIX}/+",
     ):
         acls += _read(topic)
     for topic in (
@@ -99,6 +113,7 @@ def controller_role() -> Role:
         topics.ALL_ROLLOUT_STATUS,
         topics.CONTROLLER_STATE,
         f"{topics.RESPONSES_PREFIX}/+",
+        topics.CONTROLLER_REQUESTS,  # the start-up probe's ping
     ):
         acls.append(Acl("publishClientSend", topic))
     return Role(CONTROLLER, tuple(acls))
@@ -110,10 +125,17 @@ def operator_role() -> Role:
         f"{topics.RESPONSES_PREFIX}/+",
         topics.ALL_ROLLOUT_STATUS,
         topics.ALL_DEVICE_STATES,
+        topics.ALL_DEVICE_REGISTRY,
         topics.CONTROLLER_STATE,
     ):
         acls += _read(topic)
     return Role(OPERATOR, tuple(acls))
+
+
+def service_roles() -> dict[str, Role]:
+    """The broker's own roles by name (SERVICE_IDENTITIES' order)."""
+    roles = (admin_role(), controller_role(), operator_role())
+    return {role.name: role for role in roles}
 
 
 def device_role_name(device_id: str) -> str:
@@ -165,7 +187,7 @@ def initial_config(logins: dict[str, MqttLogin]) -> bytes:
 
     `logins` maps each of SERVICE_IDENTITIES to its login.
     """
-    roles = {ADMIN: admin_role(), CONTROLLER: controller_role(), OPERATOR: operator_role()}
+    roles = service_roles()
     config = {
         "defaultACLAccess": DEFAULT_ACL_ACCESS,
         "clients": [client_json(logins[name], (name,)) for name in SERVICE_IDENTITIES],
@@ -184,6 +206,28 @@ def create_role(role: Role) -> dict[str, Any]:
 
 def delete_role(name: str) -> dict[str, Any]:
     return {"command": "deleteRole", "rolename": name}
+
+
+def get_role(name: str) -> dict[str, Any]:
+    return {"command": "getRole", "rolename": name}
+
+
+def add_role_acl(role: str, acl: Acl) -> dict[str, Any]:
+    return {"command": "addRoleACL", "rolename": role, **acl.to_json()}
+
+
+def missing_acls(role: Role, stored: dict[str, Any]) -> list[Acl]:
+    """The ACLs of `role` that `stored` (the plugin's getRole `role` object) lacks.
+
+    A broker keeps the roles its data directory was created with; roles that
+    gained ACLs since are brought up to date with these.
+    """
+    have = {
+        (str(a.get("acltype")), str(a.get("topic")), bool(a.get("allow")))
+        for a in stored.get("acls", [])
+        if isinstance(a, dict)
+    }
+    return [a for a in role.acls if (a.acltype, a.topic, a.allow) not in have]
 
 
 def create_client(login: MqttLogin, roles: tuple[str, ...]) -> dict[str, Any]:

@@ -3,9 +3,14 @@
 `DynsecAdmin` sends commands on `$CONTROL/dynamic-security/v1` as the broker's
 admin identity and waits for their answers. `provision_device` creates a
 device's role (its ACLs, see broker.dynsec) and its client (a random
-password, client id bound to the device id) and writes the device's
-credentials directory; `revoke_device` deletes both, which disconnects the
-device at once. The broker applies both without a restart.
+password, client id bound to the device id), publishes the device's retained
+registry record (`hotswap/v1/registry/{id}`: its region and type, which the
+controller trusts over what the device says) and writes the device's
+credentials directory; `revoke_device` marks the record revoked, deletes
+client and role, which disconnects the device at once, and clears its
+retained state. The broker applies all of it without a restart. Both first
+bring the broker's own roles up to date (a broker keeps the roles its data
+directory was created with).
 
 Does network (MQTT) and file I/O; the requests themselves are built in
 broker.dynsec.
@@ -26,6 +31,7 @@ import aiomqtt
 
 from broker import dynsec
 from broker.tls import add_client_cert
+from shared import topics
 from shared.credentials import (
     CA_FILE,
     CLIENT_CERT_FILE,
@@ -47,6 +53,7 @@ from shared.credentials import (
 )
 from shared.errors import BrokerError, HotswapError
 from shared.keys import load_public_key, public_pem, write_atomic
+from shared.messages import DeviceRecord
 from shared.mqtt import ListeningSession, connection_error, make_client
 from shared.settings import MqttEndpoint
 
@@ -116,6 +123,64 @@ class DynsecAdmin(ListeningSession):
         client = answer.data.get("client")
         return client if isinstance(client, dict) else {}
 
+    async def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Publish `payload` retained at QoS 1 (an empty payload clears the topic)."""
+        try:
+            await self._client.publish(topic, payload, qos=1, retain=True, timeout=self.timeout)
+        except aiomqtt.MqttError as exc:
+            raise connection_error(self.endpoint, exc) from exc
+
+    async def missing_service_acls(self) -> dict[str, list[dynsec.Acl]]:
+        """The ACLs each of the broker's own roles lacks (roles with none left out)."""
+        roles = dynsec.service_roles()
+        answers = await self.run([dynsec.get_role(name) for name in roles])
+        missing: dict[str, list[dynsec.Acl]] = {}
+        for role, answer in zip(roles.values(), answers, strict=True):
+            stored = answer.data.get("role")
+            if answer.error is not None or not isinstance(stored, dict):
+                raise BrokerError(f"getRole {role.name}: {answer.error or 'no role in the answer'}")
+            if lacking := dynsec.missing_acls(role, stored):
+                missing[role.name] = lacking
+        return missing
+
+    async def send(self, commands: list[dict[str, Any]]) -> None:
+        """Send `commands` without waiting for answers (QoS 0: nor for the broker's ack)."""
+        try:
+            await self._client.publish(
+                dynsec.CONTROL_TOPIC, dynsec.request_body(commands, uuid.uuid4().hex), qos=0
+            )
+        except aiomqtt.MqttError as exc:
+            raise connection_error(self.endpoint, exc) from exc
+
+
+async def update_service_roles(admin: MqttEndpoint) -> None:
+    """Add the ACLs the broker's own roles gained since its data directory was created.
+
+    mosquitto disconnects every client of a role whose ACLs change (the
+    controller and operators reconnect with the new ACLs), the admin included,
+    and then sends it no answer: the admin role's additions go last, unanswered,
+    and a new session checks that they took.
+    """
+    async with DynsecAdmin(admin) as api:
+        missing = await api.missing_service_acls()
+        others = [
+            dynsec.add_role_acl(name, acl)
+            for name, acls in missing.items()
+            if name != dynsec.ADMIN
+            for acl in acls
+        ]
+        if others:
+            _check_answers(await api.run(others))
+        if dynsec.ADMIN not in missing:
+            return
+        await api.send([dynsec.add_role_acl(dynsec.ADMIN, a) for a in missing[dynsec.ADMIN]])
+    for delay in (0.0, 0.2, 0.5, 1.0):
+        await asyncio.sleep(delay)
+        async with DynsecAdmin(admin) as api:
+            if dynsec.ADMIN not in await api.missing_service_acls():
+                return
+    raise BrokerError(f"the broker at {admin} did not add the admin role's new ACLs")
+
 
 def _role_names(client: dict[str, Any]) -> set[str]:
     roles = client.get("roles", [])
@@ -174,12 +239,15 @@ async def provision_device(
         raise ProvisionError(f"{out} already holds credentials (pass --force to replace them)")
     login = MqttLogin(device.device_id, dynsec.new_password(), client_id=device.device_id)
     role = dynsec.device_role(device.device_id, device.region)
+    await update_service_roles(admin)
     async with DynsecAdmin(admin) as api:
         existing = await api.get_client(device.device_id)
         if existing is not None:
             if role.name not in _role_names(existing):
                 raise ProvisionError(f"{device.device_id!r} is a broker identity, not a device")
             if kept is not None:
+                # Devices provisioned before the registry existed get their record here.
+                await _publish_record(api, device)
                 return Provisioned(kept, "kept")
             if not force:
                 raise ProvisionError(
@@ -193,6 +261,7 @@ async def provision_device(
             dynsec.create_client(login, (role.name,)),
         ]
         _check_answers(await api.run(commands), tolerated=("deleteRole",))
+        await _publish_record(api, device)
     _write_device_dir(out, device, login, admin_dir, names)
     if tls_dir is not None:
         issued = add_client_cert(tls_dir, device.device_id, force=True)
@@ -232,14 +301,32 @@ def _write_device_dir(
         write_atomic(trusted_dir / name, source.read_bytes())
 
 
+async def _publish_record(api: DynsecAdmin, device: DeviceIdentity) -> None:
+    record = DeviceRecord(
+        device_id=device.device_id, region=device.region, device_type=device.device_type
+    )
+    await api.publish_retained(topics.device_registry(device.device_id), record.to_wire())
+
+
 async def revoke_device(admin: MqttEndpoint, device_id: str) -> None:
-    """Delete the device's client and role: it is disconnected and cannot log in again."""
+    """Mark the device revoked, delete its client and role, clear its retained state.
+
+    The device is disconnected and cannot log in again; the controller reads the
+    revocation from the registry. The record is written first, so that a revoke
+    interrupted before the deletion leaves the device refused by the controller,
+    and `revoke` again completes it. The state is cleared last, once the device
+    can no longer publish it (its last will went out as it was disconnected).
+    """
     role = dynsec.device_role_name(device_id)
+    await update_service_roles(admin)
     async with DynsecAdmin(admin) as api:
         existing = await api.get_client(device_id)
         if existing is None:
             raise ProvisionError(f"unknown device {device_id!r}", reason="unknown_device")
         if role not in _role_names(existing):
             raise ProvisionError(f"{device_id!r} is a broker identity, not a device")
+        revoked = DeviceRecord(device_id=device_id, revoked=True)
+        await api.publish_retained(topics.device_registry(device_id), revoked.to_wire())
         answers = await api.run([dynsec.delete_client(device_id), dynsec.delete_role(role)])
         _check_answers(answers, tolerated=("deleteRole",))
+        await api.publish_retained(topics.device_state(device_id), b"")

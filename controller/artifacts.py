@@ -1,12 +1,19 @@
-"""Artifacts in S3: upload a model and its signed manifest, check, presign GETs.
+"""Artifacts in S3: upload a model and its signed manifest, check, presign GETs, find orphans.
 
-Does network I/O (boto3, blocking: the async service calls it in a thread).
-Credentials follow boto3's usual environment variables; devices never get any,
-only presigned URLs.
+Keys are content-addressed: `models/{name}/{version}/{sha256}.tflite` and
+`models/{name}/{version}/{sha256}.manifest.json`, so that no upload can change
+the bytes behind a registered version (other bytes land under another key).
+`find_orphans` is pure; `ArtifactStore` does network I/O (boto3, blocking: the
+async service calls it in a thread). Credentials follow boto3's usual
+environment variables; devices never get any, only presigned URLs.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -16,13 +23,67 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from shared.errors import StorageError
 from shared.manifest import SignedManifest
 
+MODELS_PREFIX = "models/"
+# Keys of the layout before content addressing (one fixed name per version).
+LEGACY_ARTIFACT = "model.tflite"
+LEGACY_MANIFEST = "manifest.json"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
 
-def artifact_key(name: str, version: str) -> str:
-    return f"models/{name}/{version}/model.tflite"
+
+def _checked_sha256(sha256: str) -> str:
+    if not _SHA256.match(sha256):
+        raise ValueError(f"invalid sha256 {sha256!r}: expected 64 lowercase hex digits")
+    return sha256
 
 
-def manifest_key(name: str, version: str) -> str:
-    return f"models/{name}/{version}/manifest.json"
+def artifact_key(name: str, version: str, sha256: str) -> str:
+    return f"{MODELS_PREFIX}{name}/{version}/{_checked_sha256(sha256)}.tflite"
+
+
+def manifest_key(name: str, version: str, sha256: str) -> str:
+    return f"{MODELS_PREFIX}{name}/{version}/{_checked_sha256(sha256)}.manifest.json"
+
+
+def manifest_key_of(artifact: str) -> str:
+    """The key of the manifest uploaded beside the artifact `artifact` (either layout)."""
+    head, _, leaf = artifact.rpartition("/")
+    if leaf == LEGACY_ARTIFACT:
+        return f"{head}/{LEGACY_MANIFEST}"
+    return artifact.removesuffix(".tflite") + ".manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One object of the bucket, as listed."""
+
+    key: str
+    size: int
+    last_modified: datetime
+
+
+def find_orphans(
+    objects: Iterable[StoredObject], registered: Iterable[str], *, before: datetime
+) -> list[StoredObject]:
+    """Objects under `models/` that no registered artifact key (`registered`) refers to.
+
+    An artifact refers to itself and to its manifest. Only objects last modified
+    before `before` count, so that a push between its upload and its
+    registration is not taken for an orphan. Sorted by key.
+    """
+    referenced: set[str] = set()
+    for key in registered:
+        referenced |= {key, manifest_key_of(key)}
+    return sorted(
+        (
+            o
+            for o in objects
+            if o.key.startswith(MODELS_PREFIX)
+            and o.key not in referenced
+            and o.last_modified < before
+        ),
+        key=lambda o: o.key,
+    )
 
 
 class ArtifactStore:
@@ -69,21 +130,61 @@ class ArtifactStore:
             raise self._fail("head bucket", exc) from exc
 
     def put_model(self, name: str, version: str, data: bytes, signed: SignedManifest) -> str:
-        """Upload artifact, then manifest; return the artifact's key."""
-        key = artifact_key(name, version)
+        """Upload artifact, then manifest, under the manifest's sha256; return the artifact's key.
+
+        The keys name the sha256 the manifest promises: `hotswap model push`
+        builds the manifest from `data`, so they are the bytes' own.
+        """
+        sha256 = signed.unverified().sha256
+        key = artifact_key(name, version, sha256)
         try:
             self._s3.put_object(
                 Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream"
             )
             self._s3.put_object(
                 Bucket=self.bucket,
-                Key=manifest_key(name, version),
+                Key=manifest_key(name, version, sha256),
                 Body=signed.model_dump_json(by_alias=True).encode(),
                 ContentType="application/json",
             )
         except (ClientError, BotoCoreError) as exc:
             raise self._fail("upload", exc) from exc
         return key
+
+    def list_objects(self, prefix: str = MODELS_PREFIX) -> list[StoredObject]:
+        """Every object whose key starts with `prefix`."""
+        found: list[StoredObject] = []
+        try:
+            for page in self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            ):
+                found += [
+                    StoredObject(str(o["Key"]), int(o["Size"]), o["LastModified"])
+                    for o in page.get("Contents", [])
+                ]
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("list objects", exc) from exc
+        return found
+
+    def delete_objects(self, keys: Sequence[str]) -> None:
+        """Delete `keys`; StorageError naming the first key S3 would not delete."""
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            try:
+                answer = self._s3.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise self._fail("delete objects", exc) from exc
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"delete {first.get('Key')} failed in {self._where()}: "
+                    f"{first.get('Code') or first.get('Message')}"
+                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                )
 
     def object_size(self, key: str) -> int:
         try:

@@ -1,19 +1,21 @@
 """Controller and operator commands: `controller run`, `model`, `device`, `rollout`.
 
 Thin typer wrappers: parse flags (each with a `HOTSWAP_*` env var), call the
-service or the operator client, print a table or `--json`. Does terminal I/O.
+service, the operator client or the artifact store, print a table or `--json`.
+Does terminal I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from controller.artifacts import ArtifactStore
+from controller.artifacts import ArtifactStore, find_orphans
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller, ControllerConfig
 from shared.console import cli_errors, emit_json, fail, print_table, progress, run_until_signalled
@@ -166,6 +168,7 @@ def model_push(
                 endpoint=_endpoint(mqtt_url, credentials),
                 artifacts=ArtifactStore(s3_endpoint, s3_bucket, _DEFAULTS.s3_region),
                 device_types=tuple(device_type or ()),
+                request_timeout_s=_DEFAULTS.request_timeout_s,
             )
         )
     if as_json:
@@ -199,6 +202,73 @@ def model_list(
             ("DEVICE TYPES", "deviceTypes"),
         ],
     )
+
+
+@model_app.command("orphans")
+def model_orphans(
+    delete: Annotated[bool, typer.Option("--delete", help="delete the orphans listed")] = False,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="only objects older than this (90, 30s, 5m, 1h): a push in flight "
+            "between upload and registration is not an orphan",
+        ),
+    ] = "10m",
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+    s3_endpoint: S3Endpoint = _DEFAULTS.s3_endpoint,
+    s3_bucket: S3Bucket = _DEFAULTS.s3_bucket,
+    as_json: Json = False,
+) -> None:
+    """List (or --delete) objects under models/ that no registered version refers to.
+
+    They are left by pushes that stopped between upload and registration, or
+    were refused after uploading. Nothing serves them: the controller presigns
+    only the key of a registered version. Needs the controller (it says what is
+    registered); the bucket is listed before asking it, so that nothing
+    registered meanwhile is taken for an orphan.
+    """
+    with cli_errors():
+        min_age = parse_duration(older_than)
+        artifacts = ArtifactStore(s3_endpoint, s3_bucket, _DEFAULTS.s3_region)
+        objects = artifacts.list_objects()
+        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListModels()))
+        before = datetime.now(UTC) - timedelta(seconds=min_age)
+        orphans = find_orphans(objects, (str(r["s3Key"]) for r in rows), before=before)
+        if delete and orphans:
+            artifacts.delete_objects([o.key for o in orphans])
+    if as_json:
+        emit_json(
+            [
+                {
+                    "key": o.key,
+                    "size": o.size,
+                    "lastModified": o.last_modified.isoformat(),
+                    "deleted": delete,
+                }
+                for o in orphans
+            ]
+        )
+        return
+    if delete:
+        for o in orphans:
+            print(f"deleted {o.key} ({o.size} bytes)")
+        print(f"deleted {len(orphans)} orphaned objects from bucket {s3_bucket}")
+        return
+    print_table(
+        [
+            {
+                "key": o.key,
+                "size": o.size,
+                "modified": o.last_modified.isoformat(timespec="seconds"),
+            }
+            for o in orphans
+        ],
+        [("KEY", "key"), ("SIZE", "size"), ("LAST MODIFIED", "modified")],
+    )
+    if orphans:
+        progress(f"{len(orphans)} orphaned objects; `hotswap model orphans --delete` removes them")
 
 
 @device_app.command("list")
@@ -283,6 +353,16 @@ def rollout_start(
     device_type: Annotated[
         str | None, typer.Option("--device-type", help="every device of a type")
     ] = None,
+    all_devices: Annotated[
+        bool, typer.Option("--all", help="the whole fleet (instead of a selector)")
+    ] = False,
+    supersede: Annotated[
+        bool,
+        typer.Option(
+            "--supersede",
+            help="cancel older active rollouts on the devices this one shares with them",
+        ),
+    ] = False,
     device_timeout: Annotated[
         float, typer.Option("--device-timeout", help="seconds a device may take")
     ] = 600.0,
@@ -364,7 +444,10 @@ def rollout_start(
     credentials: CredentialsDir = None,
     as_json: Json = False,
 ) -> None:
-    """Start a rollout; prints its id."""
+    """Start a rollout on the devices named (--devices, --region, --device-type, or --all).
+
+    Prints its id.
+    """
     if strategy not in STRATEGY_NAMES:
         fail(f"unknown strategy {strategy!r} (available: {', '.join(STRATEGY_NAMES)})", 2)
     ids = _ids(devices)
@@ -372,6 +455,13 @@ def rollout_start(
         fail("--devices names no device", 2)
     if ids and (region or device_type):
         fail("--devices cannot be combined with --region or --device-type", 2)
+    if all_devices and (devices is not None or region or device_type):
+        fail("--all cannot be combined with --devices, --region or --device-type", 2)
+    if not (all_devices or ids or region or device_type):
+        fail(
+            "name the devices: --devices, --region or --device-type, or --all for the whole fleet",
+            2,
+        )
     with cli_errors():
         request = StartRollout.model_validate(
             {
@@ -381,6 +471,8 @@ def rollout_start(
                 "devices": ids,
                 "region": region,
                 "device_type": device_type,
+                "all_devices": all_devices,
+                "supersede": supersede,
                 "device_timeout_s": device_timeout,
                 "retries": retries,
                 "canary_percent": canary_percent,

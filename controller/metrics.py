@@ -24,7 +24,10 @@ REQUESTS = Counter(
 )  # fmt: skip
 DROPPED = Counter(
     "hotswap_device_messages_dropped_total",
-    "Device messages dropped before parsing, by reason (rate_limited, too_large)",
+    "Device messages dropped, by reason: rate_limited, too_large (before parsing), malformed "
+    "(fails the contract), identity_mismatch (payload names another device), identity_claim "
+    "(contradicts the provisioned region/type; the rest of the state is kept), db_error "
+    "(could not be stored)",
     ["reason"],
     registry=REGISTRY,
 )

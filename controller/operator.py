@@ -2,14 +2,17 @@
 
 `OperatorClient` sends a request on `hotswap/v1/controller/requests` with a
 response topic and correlation data, and waits for the matching answer.
-`push_model` checks, signs and uploads a model, then registers it. Does
-network and file I/O; used by the CLI, the demo and tests.
+`push_model` checks and signs a model, asks the controller whether its version
+is taken, uploads it under content-addressed keys, then registers it
+(`registered_key` is the pure decision). Does network and file I/O; used by
+the CLI, the demo and tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from shared import topics
 from shared.errors import BrokerError, RequestError
 from shared.keys import load_private_key
 from shared.manifest import build_manifest, sign_manifest
-from shared.messages import RegisterModel, Request, Response, RolloutStatus
+from shared.messages import ListModels, RegisterModel, Request, Response, RolloutStatus
 from shared.mqtt import (
     ListeningSession,
     connection_error,
@@ -148,6 +151,27 @@ class PushResult:
     registered: dict[str, Any]
 
 
+def registered_key(
+    rows: Sequence[dict[str, Any]], name: str, version: str, sha256: str
+) -> str | None:
+    """The S3 key of `name@version` if the controller's `rows` hold it with these bytes.
+
+    None when the version is not registered; RequestError when it is, with other
+    bytes: a registered version never changes.
+    """
+    for row in rows:
+        if row.get("name") != name or row.get("version") != version:
+            continue
+        if row.get("sha256") != sha256:
+            raise RequestError(
+                f"model {name}@{version} is already registered with another sha256 "
+                f"({str(row.get('sha256'))[:12]}…); push a new version instead",
+                reason="bad_request",
+            )
+        return str(row["s3Key"])
+    return None
+
+
 async def push_model(
     data: bytes,
     *,
@@ -161,7 +185,12 @@ async def push_model(
 ) -> PushResult:
     """Check the file is a TFLite model, sign its manifest, upload both, register.
 
-    Everything local (file, model, key) is checked before anything is uploaded.
+    Everything local (file, model, key) is checked before anything is uploaded,
+    and so is the controller's answer: a version registered with other bytes is
+    refused with S3 untouched, the same bytes again upload nothing. Uploads go to
+    content-addressed keys, which no other bytes can overwrite; a push that
+    stops between upload and registration leaves objects that nothing serves
+    (`hotswap model orphans` lists and deletes them).
     """
     signature = read_signature(data)
     key = load_private_key(signing_key)
@@ -172,8 +201,26 @@ async def push_model(
     except ValueError as exc:
         raise RequestError(str(exc).splitlines()[-1].strip()) from exc
     signed = sign_manifest(manifest, key)
-    # Fail fast on an unreachable broker before uploading anything.
     async with OperatorClient(endpoint, timeout=request_timeout_s) as op:
-        s3_key = await asyncio.to_thread(artifacts.put_model, name, version, data, signed)
-        registered = await op.request(RegisterModel(manifest=signed, s3_key=s3_key))
+        try:
+            rows = await op.request(ListModels())
+        except RequestError as exc:
+            if exc.reason != "controller_unavailable":
+                raise
+            raise RequestError(f"{exc}; nothing was uploaded", reason=exc.reason) from None
+        s3_key = registered_key(rows, name, version, manifest.sha256)
+        uploaded = s3_key is None
+        if s3_key is None:
+            s3_key = await asyncio.to_thread(artifacts.put_model, name, version, data, signed)
+        try:
+            registered = await op.request(RegisterModel(manifest=signed, s3_key=s3_key))
+        except RequestError as exc:
+            if exc.reason != "controller_unavailable" or not uploaded:
+                raise
+            raise RequestError(
+                f"{exc}; {s3_key} was uploaded but not registered: push again once the "
+                "controller answers (nothing serves it meanwhile; `hotswap model orphans` "
+                "lists it)",
+                reason=exc.reason,
+            ) from None
     return PushResult(name, version, manifest.sha256, manifest.size, s3_key, registered)

@@ -252,7 +252,7 @@ async def test_signed_models_roll_out_directly_and_bad_ones_are_refused(
 
         # Bad input: one line, non-zero exit; the controller keeps serving.
         for args, code, message in (
-            (("rollout", "start", "--model", "clf", "--version", "9"), 2, "unknown model clf@9"),
+            (("rollout", "start", "--model", "clf", "--version", "9", "--all"), 2, "unknown model clf@9"),
             (("rollout", "start", "--model", "clf", "--version", "2.0.0", "--devices", "nope"), 2, "not registered: nope"),
             (("model", "push", str(tmp_path / "missing.tflite"), "--name", "x", "--version", "1"), 2, "cannot read"),
             (("model", "push", str(signing_keys.public_path), "--name", "x", "--version", "1"), 2, "TFL3"),

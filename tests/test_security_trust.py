@@ -345,7 +345,9 @@ async def test_tampered_artifact_is_refused_the_old_model_serves_and_the_control
         with pytest.raises(RequestError, match="only for device types"):
             await trust.rollout("2.0.0")
         # ... and the device refuses it too, from a controller that would not.
-        url = trust.artifacts.presign_get(artifact_key("clf", "2.0.0"), 600)
+        url = trust.artifacts.presign_get(
+            artifact_key("clf", "2.0.0", signed.unverified().sha256), 600
+        )
         command_id = (cmd := deploy(signed, url, expires_at=soon())).command_id
         await trust.send(cmd)
     else:

@@ -238,7 +238,9 @@ def test_supersede_closes_the_older_rollouts_overlap(
     states = {a.device_id: (a.state, a.reason) for a in store.assignments(partly.rollout_id)}
     assert states == {"a": ("pending", None), "b": ("cancelled", "superseded")}
     ended = store.get_rollout(wholly.rollout_id)
-    assert ended.status == "Aborted" and ended.reason == f"superseded by {created.rollout.rollout_id}"
+    assert (
+        ended.status == "Aborted" and ended.reason == f"superseded by {created.rollout.rollout_id}"
+    )
 
 
 def test_starts_racing_from_two_controllers_never_both_win(
