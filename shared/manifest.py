@@ -17,12 +17,19 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from shared.errors import ArtifactError, SignatureError
@@ -39,35 +46,119 @@ class _Wire(BaseModel):
     )
 
 
+class Quantization(_Wire):
+    """Affine quantization of a tensor: real = scale * (q - zero_point).
+
+    One scale and zero point per tensor, or one per slice along `dimension`
+    (per-channel). Read from the model file itself.
+    """
+
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    dimension: int = 0
+
+    def describe(self) -> str:
+        if len(self.scale) == 1:
+            return f"q(scale={self.scale[0]:.6g}, zero_point={self.zero_point[0]})"
+        return f"q(per-channel x{len(self.scale)} on dim {self.dimension})"
+
+
 class TensorSpec(_Wire):
-    """One input or output tensor: what a model promises its callers."""
+    """One input or output tensor: what a model promises its callers.
+
+    `shape` is the shape signature: -1 marks a dimension the model takes at any
+    size (resized on first use or by the caller).
+    """
 
     name: str = Field(max_length=256)
     shape: tuple[int, ...]
     dtype: str = Field(max_length=32)
+    quantization: Quantization | None = None
 
-    def compatible_with(self, other: TensorSpec) -> bool:
-        # Names are labels chosen by the exporter; callers depend on shape and type.
-        return self.shape == other.shape and self.dtype == other.dtype
+    def difference(self, other: TensorSpec) -> str | None:
+        """How `other` (a candidate's tensor) differs from this one, or None if it is the same.
+
+        Same name, dtype, shape signature and quantization: an application that
+        feeds or reads this tensor by name, with these bytes, keeps working.
+        """
+        for what, mine, theirs in (
+            ("name", self.name, other.name),
+            ("dtype", self.dtype, other.dtype),
+            ("shape", list(self.shape), list(other.shape)),
+            ("quantization", self._quant(), other._quant()),
+        ):
+            if mine != theirs:
+                return f"{what} {theirs} instead of {mine}"
+        return None
+
+    def _quant(self) -> str:
+        return self.quantization.describe() if self.quantization else "none"
+
+    def describe(self) -> str:
+        quant = f" {self.quantization.describe()}" if self.quantization else ""
+        return f"{self.name}:{self.dtype}{list(self.shape)}{quant}"
 
 
 class TensorSignature(_Wire):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Named signature runners of the model (its SignatureDefs), if it has any.
+    signature_keys: tuple[str, ...] = ()
+
+    def difference(self, candidate: TensorSignature) -> str | None:
+        """The first way `candidate` cannot stand in for this interface, or None.
+
+        Compatible means: the same inputs and the same outputs, in the same order,
+        each with the same name, dtype, shape signature and quantization. The
+        answer names the first differing tensor.
+        """
+        for side, mine, theirs in (
+            ("input", self.inputs, candidate.inputs),
+            ("output", self.outputs, candidate.outputs),
+        ):
+            if len(mine) != len(theirs):
+                return f"{len(theirs)} {side}s instead of {len(mine)}"
+            for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+                diff = a.difference(b)
+                if diff is not None:
+                    return f"{side} {i} ({a.name!r}): {diff}"
+        return None
 
     def compatible_with(self, other: TensorSignature) -> bool:
-        return (
-            len(self.inputs) == len(other.inputs)
-            and len(self.outputs) == len(other.outputs)
-            and all(a.compatible_with(b) for a, b in zip(self.inputs, other.inputs, strict=True))
-            and all(a.compatible_with(b) for a, b in zip(self.outputs, other.outputs, strict=True))
-        )
+        return self.difference(other) is None
 
     def describe(self) -> str:
         def side(specs: tuple[TensorSpec, ...]) -> str:
             return ",".join(f"{s.dtype}{list(s.shape)}" for s in specs)
 
         return f"({side(self.inputs)}) -> ({side(self.outputs)})"
+
+
+TaskKind = Literal["classifier", "detector", "none"]
+
+
+class ModelTask(_Wire):
+    """What the model's outputs mean, so that telemetry knows what "confidence" is.
+
+    - `classifier`: `output` holds class scores (probabilities or logits) along
+      its last axis; confidence is the top score per inference.
+    - `detector`: `output` holds per-candidate scores; confidence is the mean
+      score of the candidates above `score_threshold` (none above: no sample).
+    - `none`: no confidence (landmarks, regressors, embeddings, ...): confidence
+      gates report `not applicable`.
+    """
+
+    kind: TaskKind
+    output: str | None = Field(default=None, max_length=256)
+    score_threshold: float | None = Field(default=None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ModelTask:
+        if self.kind != "none" and not self.output:
+            raise ValueError(f"a {self.kind} task names its output tensor")
+        if self.kind == "detector" and self.score_threshold is None:
+            raise ValueError("a detector task has a score threshold")
+        return self
 
 
 class Manifest(_Wire):
@@ -81,6 +172,11 @@ class Manifest(_Wire):
     signature: TensorSignature
     created_at: datetime
     device_types: tuple[str, ...] = ()
+    # What the outputs mean (telemetry's confidence); None: inferred from the signature.
+    task: ModelTask | None = None
+    # The operator means this version to change the tensor interface of the one it
+    # replaces (`model push --interface-change`): devices accept the difference.
+    interface_change: bool = False
 
     @field_validator("name")
     @classmethod
@@ -136,7 +232,8 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def sign_manifest(manifest: Manifest, private_key: Ed25519PrivateKey) -> SignedManifest:
-    payload = canonical_json(manifest.model_dump(mode="json", by_alias=True))
+    # Defaults left out: a manifest that uses no newer field reads on older agents.
+    payload = canonical_json(manifest.model_dump(mode="json", by_alias=True, exclude_defaults=True))
     sig = private_key.sign(payload)
     return SignedManifest(
         signed=payload.decode(),
@@ -197,8 +294,12 @@ def build_manifest(
     signature: TensorSignature,
     device_types: Iterable[str] = (),
     created_at: datetime | None = None,
+    task: ModelTask | None = None,
+    interface_change: bool = False,
 ) -> Manifest:
     return Manifest(
+        task=task,
+        interface_change=interface_change,
         name=name,
         version=version,
         sha256=hashlib.sha256(data).hexdigest(),

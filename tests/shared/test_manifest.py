@@ -103,19 +103,27 @@ def test_validly_signed_invalid_manifest_is_manifest_invalid(key) -> None:
     assert err.value.reason == "manifest_invalid"
 
 
-def test_tensor_signatures_compare_shape_and_type_not_names() -> None:
-    """Renamed tensors are compatible; another shape or dtype is not."""
+def test_tensor_signatures_compare_names_shapes_types_and_quantization() -> None:
+    """A candidate must take and give the same tensors: name, shape signature, dtype and
+    quantization; the difference names the first tensor that differs."""
+    from shared.manifest import Quantization
+
     a = TensorSignature(inputs=(TensorSpec(name="in", shape=(1, 4), dtype="float32"),),
                         outputs=(TensorSpec(name="out", shape=(1, 3), dtype="float32"),))  # fmt: skip
-    renamed = TensorSignature(
-        inputs=(TensorSpec(name="x", shape=(1, 4), dtype="float32"),), outputs=a.outputs
+
+    def with_input(**kw: object) -> TensorSignature:
+        spec = TensorSpec.model_validate({"name": "in", "shape": (1, 4), "dtype": "float32"} | kw)
+        return TensorSignature(inputs=(spec,), outputs=a.outputs)
+
+    assert a.difference(with_input()) is None and a.compatible_with(with_input())
+    assert a.difference(with_input(name="x")) == "input 0 ('in'): name x instead of in"
+    assert a.difference(with_input(shape=(1, 5))) == (
+        "input 0 ('in'): shape [1, 5] instead of [1, 4]"
     )
-    wider = TensorSignature(
-        inputs=(TensorSpec(name="in", shape=(1, 5), dtype="float32"),), outputs=a.outputs
-    )
-    ints = TensorSignature(
-        inputs=(TensorSpec(name="in", shape=(1, 4), dtype="int8"),), outputs=a.outputs
-    )
-    assert a.compatible_with(renamed)
-    assert not a.compatible_with(wider) and not a.compatible_with(ints)
+    assert a.difference(with_input(shape=(-1, 4))) is not None  # dynamic is not static
+    assert a.difference(with_input(dtype="int8")) == "input 0 ('in'): dtype int8 instead of float32"
+    q = Quantization(scale=(0.5,), zero_point=(3,))
+    assert "quantization" in (a.difference(with_input(quantization=q)) or "")
+    two_out = TensorSignature(inputs=a.inputs, outputs=a.outputs * 2)
+    assert a.difference(two_out) == "2 outputs instead of 1"
     assert a.describe() == "(float32[1, 4]) -> (float32[1, 3])"
