@@ -1154,6 +1154,7 @@ class Controller:
             self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
         )
         devices = cohort if region is not None else (str(device_id),)
+        spec = self._spec(rollout)
         command = DeployCommand(
             **self._envelope(rollout, command_id, region, devices, since=since),
             manifest=SignedManifest.model_validate_json(model.signed_manifest),
@@ -1162,7 +1163,8 @@ class Controller:
             shadow_s=shadow_s,
             # Anti-rollback override: an A/B winner may be the lower version; otherwise
             # only when the operator started the rollout with allow_downgrade.
-            allow_downgrade=rollout.strategy == "ab" or self._spec(rollout).allow_downgrade,
+            allow_downgrade=rollout.strategy == "ab" or spec.allow_downgrade,
+            allow_interface_change=spec.allow_interface_change,
         )
         await self._send(command, region=region, devices=devices)
 

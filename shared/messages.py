@@ -91,6 +91,9 @@ class DeployCommand(_Command):
     # the device has activated for this model. Trusted because the command is signed by
     # the controller, which sets it for A/B tests and operator-approved downgrades only.
     allow_downgrade: bool = False
+    # Install even if the model's tensor interface differs from the active model's
+    # (`rollout start --allow-interface-change`); otherwise the device refuses it.
+    allow_interface_change: bool = False
 
 
 class SwitchCommand(_Command):
@@ -474,6 +477,8 @@ class StartRollout(WireModel):
     manual_approval: bool = False
     # Deploys may go below the version a device has activated (anti-rollback override).
     allow_downgrade: bool = False
+    # Devices may take a model whose tensor interface differs from the one they serve.
+    allow_interface_change: bool = False
     max_failure_percent: float = Field(default=0.0, ge=0, le=100)  # abort threshold
     min_executed: int = Field(default=1, ge=1)  # ...counted after this many devices finished
 
