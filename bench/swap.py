@@ -2,10 +2,16 @@
 
     python bench/swap.py --model-a A.tflite --model-b B.tflite --swaps 100 --json
 
-Without model files it generates two heavy ones: a dense network of 9.5 MB
-whose invoke takes about 1 ms on the 2-vCPU machines here (3 ms on slower
-ones); `--batch 64` gives the same weights four times the compute per invoke.
-In one run it measures:
+A and B are any two models with the same tensor interface (the agent refuses
+anything else): any number of inputs and outputs, any dtypes, quantized or
+not, dynamic dimensions (sized as `ModelSlot.sample_inputs` sizes them). Every
+call feeds every input with random values of its dtype and range
+(`ModelSlot.sample_inputs`) and reads every output. Given the same file twice,
+B is A with 64 zero bytes appended (`model_b_padded`): another file and sha256,
+the same model, so that every deploy swaps. Without model files it generates
+two heavy ones: a dense network of 9.5 MB whose invoke takes about 1 ms on the
+2-vCPU machines here (3 ms on slower ones); `--batch 64` gives the same
+weights four times the compute per invoke. In one run it measures:
 
 * the bare baseline for the same files: read the file + build the interpreter
   + allocate + one invoke (load). The ratio's denominator
@@ -63,22 +69,51 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.agent import Agent, AgentConfig
+from edge_agent.runtime import ModelSlot
 from shared import tflite
 from shared.logs import configure_logging
 from shared.manifest import build_manifest, sign_manifest
-from shared.messages import DeployCommand
+from shared.messages import DeployCommand, ModelRef
 from shared.model_builder import build_dense_model
 from shared.settings import parse_mqtt_url
-from shared.tflite import make_interpreter, read_signature, uses_c_api
+from shared.tflite import Interpreter, make_interpreter, read_signature, uses_c_api
 
 HEAVY = {"input_size": 256, "hidden": (1024, 1024, 1024), "output_size": 10, "batch": 16}
+# A call's inputs: the array of a single-input, single-output model (the agent's
+# shorthand, what such an application passes), else the tuple in input order.
+Call = np.ndarray | tuple[np.ndarray, ...]
 
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
-def bare_load_ms(path: Path, x: np.ndarray, *, c_api: bool = True, mapped: bool = False) -> float:
+def as_tuple(x: Call) -> tuple[np.ndarray, ...]:
+    return (x,) if isinstance(x, np.ndarray) else x
+
+
+def bare_ready(interp: Interpreter, x: Call) -> tuple[list[int], list[int]]:
+    """Size `interp` for the inputs `x` (dynamic dimensions) and allocate it if need be:
+    (input indices, output indices)."""
+    xs = as_tuple(x)
+    details = interp.get_input_details()
+    ins = [int(d["index"]) for d in details]
+    if any(tuple(d["shape"]) != v.shape for d, v in zip(details, xs, strict=True)):
+        for i, v in zip(ins, xs, strict=True):
+            interp.resize_tensor_input(i, v.shape, strict=True)
+        interp.allocate_tensors()
+    return ins, [int(d["index"]) for d in interp.get_output_details()]
+
+
+def bare_invoke(interp: Interpreter, ins: list[int], outs: list[int], x: Call) -> list[np.ndarray]:
+    """Set every input, invoke, read every output (one copy each, as the agent reads them)."""
+    for i, v in zip(ins, as_tuple(x), strict=True):
+        interp.set_tensor(i, v)
+    interp.invoke()
+    return [interp.get_tensor(o) for o in outs]
+
+
+def bare_load_ms(path: Path, x: Call, *, c_api: bool = True, mapped: bool = False) -> float:
     """Read the file, build and allocate an interpreter, invoke once: the bare load.
 
     `mapped`: map the file instead of reading it, as the agent does.
@@ -90,19 +125,17 @@ def bare_load_ms(path: Path, x: np.ndarray, *, c_api: bool = True, mapped: bool 
     else:
         data = path.read_bytes()
     interp = make_interpreter(data, c_api=c_api)
-    interp.set_tensor(interp.get_input_details()[0]["index"], x)
-    interp.invoke()
+    bare_invoke(interp, *bare_ready(interp, x), x)
     return (time.perf_counter() - t0) * 1e3
 
 
-def bare_invoke_latencies(data: bytes, x: np.ndarray, n: int) -> list[float]:
+def bare_invoke_latencies(data: bytes, x: Call, n: int) -> list[float]:
     interp = make_interpreter(data)
-    i_in = interp.get_input_details()[0]["index"]
+    ins, outs = bare_ready(interp, x)
     out: list[float] = []
     for _ in range(n):
         t0 = time.perf_counter()
-        interp.set_tensor(i_in, x)
-        interp.invoke()
+        bare_invoke(interp, ins, outs, x)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
@@ -127,7 +160,7 @@ def max_gaps_during_ms(stamps: list[list[float]], spans: list[tuple[float, float
     return out
 
 
-def run_load(call: Any, x: np.ndarray, threads: int, seconds: float) -> tuple[int, int, float]:
+def run_load(call: Any, x: Call, threads: int, seconds: float) -> tuple[int, int, float]:
     """`threads` threads calling `call(x)` for `seconds`: (completed, failed, max gap ms).
 
     Each thread makes one call before the clock starts (the bare caller builds its
@@ -168,19 +201,12 @@ def bare_caller(data: bytes, threads: int) -> Any:
     """One interpreter per calling thread, no lock: the fastest bare way to use `threads`."""
     local = threading.local()
 
-    def call(x: np.ndarray) -> np.ndarray:
+    def call(x: Call) -> list[np.ndarray]:
         interp = getattr(local, "interp", None)
         if interp is None:
             interp = local.interp = make_interpreter(data)
-            local.io = (
-                interp.get_input_details()[0]["index"],
-                interp.get_output_details()[0]["index"],
-            )
-        i_in, i_out = local.io
-        interp.set_tensor(i_in, x)
-        interp.invoke()
-        out: np.ndarray = interp.get_tensor(i_out).copy()
-        return out
+            local.io = bare_ready(interp, x)
+        return bare_invoke(interp, *local.io, x)
 
     return call
 
@@ -210,11 +236,17 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     else:
         shape = {**HEAVY, "batch": args.batch}
         a, b = build_dense_model(seed=1, **shape), build_dense_model(seed=2, **shape)  # type: ignore[arg-type]
-    probe_interp = make_interpreter(a)
-    c_api = uses_c_api(probe_interp)
-    probe = probe_interp.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(tuple(probe["shape"])).astype(probe["dtype"])
+    padded = a == b
+    if padded:  # the same model in another file: a deploy of the active file would not swap
+        b = a + bytes(64)
+    difference = read_signature(a).difference(read_signature(b))
+    if difference is not None:
+        raise SystemExit(f"error: B cannot replace A (the agent would refuse it): {difference}")
+    probe = ModelSlot.load(ModelRef(name="probe", version="0", sha256="0" * 64), a)
+    c_api = uses_c_api(probe.interpreter)
+    xs = probe.sample_inputs(np.random.default_rng(0))
+    # What an application passes: the array itself for a single-input, single-output model.
+    x: Call = xs[0] if probe.single else xs
 
     files = [work / "a.tflite", work / "b.tflite"]
     files[0].write_bytes(a)
@@ -339,6 +371,8 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         spans.append((t0, t1))
         assert final is not None
         phases[final.phase] = phases.get(final.phase, 0) + 1
+        if final.phase != "activated":
+            print(f"bench: swap {i}: {final.phase} {final.reason}: {final.detail}", file=sys.stderr)
         swap_ms.append((agent.runtime.swapped_at - t0) * 1e3)
         confirm_ms.append((t1 - t0) * 1e3)
         await asyncio.sleep(args.settle_ms / 1e3)
@@ -407,6 +441,9 @@ async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if round_ratios
         else None,
         "model_bytes": len(a),
+        "model_b_bytes": len(b),
+        "model_b_padded": padded,
+        "signature": probe.signature.describe(),
         "outcomes": phases,
     }
     result["targets"] = {

@@ -20,9 +20,11 @@ from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller, ControllerConfig
 from shared.console import cli_errors, emit_json, fail, print_table, progress, run_until_signalled
 from shared.credentials import apply_credentials, endpoint_for, load_credentials
+from shared.durations import parse_duration
 from shared.errors import HotswapError
 from shared.keys import load_private_key
 from shared.logs import configure_logging
+from shared.manifest import ModelTask
 from shared.messages import (
     ControlRollout,
     GateSpec,
@@ -147,6 +149,21 @@ def model_push(
         list[str] | None,
         typer.Option("--device-type", help="compatible device type (repeat; default: any)"),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="what the outputs mean: classifier:OUTPUT, detector:OUTPUT:THRESHOLD or "
+            "none (default: the agent infers it)",
+        ),
+    ] = None,
+    interface_change: Annotated[
+        bool,
+        typer.Option(
+            "--interface-change",
+            help="this version changes the tensor interface on purpose (devices accept it)",
+        ),
+    ] = False,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
     credentials: CredentialsDir = None,
     s3_endpoint: S3Endpoint = _DEFAULTS.s3_endpoint,
@@ -155,6 +172,7 @@ def model_push(
 ) -> None:
     """Sign a .tflite model, upload it to S3 and register it with the controller."""
     with cli_errors():
+        model_task = parse_task(task) if task is not None else None
         try:
             data = file.read_bytes()
         except OSError as exc:
@@ -168,6 +186,8 @@ def model_push(
                 endpoint=_endpoint(mqtt_url, credentials),
                 artifacts=ArtifactStore(s3_endpoint, s3_bucket, _DEFAULTS.s3_region),
                 device_types=tuple(device_type or ()),
+                task=model_task,
+                interface_change=interface_change,
                 request_timeout_s=_DEFAULTS.request_timeout_s,
             )
         )
@@ -299,23 +319,6 @@ def device_list(
     )
 
 
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `30s`, `5m`, `1h` → seconds; ValueError on anything else."""
-    t = text.strip().lower()
-    unit = _UNITS.get(t[-1:]) if t else None
-    number = t[:-1] if unit else t
-    try:
-        value = float(number) * (unit or 1.0)
-    except ValueError:
-        raise ValueError(f"invalid duration {text!r}: use 90, 30s, 5m or 1h") from None
-    if value < 0:
-        raise ValueError(f"invalid duration {text!r}: negative")
-    return value
-
-
 def parse_stages(text: str) -> tuple[StageSpec, ...]:
     """`10:5m,25:5m,100:0` → cumulative percent and bake time per stage."""
     stages = []
@@ -329,6 +332,39 @@ def parse_stages(text: str) -> tuple[StageSpec, ...]:
             raise ValueError(f"invalid stage {part!r}: {percent!r} is not a percentage") from None
         stages.append(StageSpec(percent=share, duration_s=parse_duration(duration)))
     return tuple(stages)
+
+
+_TASK_FORMS = "use classifier:OUTPUT, detector:OUTPUT:THRESHOLD or none"
+
+
+def parse_task(text: str) -> ModelTask:
+    """`classifier:OUTPUT`, `detector:OUTPUT:THRESHOLD` or `none` -> ModelTask; ValueError else.
+
+    OUTPUT is a tensor name and may itself hold colons (`StatefulPartitionedCall:0`):
+    a classifier's is everything after the first colon, a detector's everything
+    up to the last one.
+    """
+    kind, _, rest = text.strip().partition(":")
+    if kind == "none":
+        if rest:
+            raise ValueError(f"invalid --task {text!r}: none names no output")
+        return ModelTask(kind="none")
+    if kind == "classifier" and rest:
+        return ModelTask(kind="classifier", output=rest)
+    if kind == "detector":
+        output, _, threshold = rest.rpartition(":")
+        if output and threshold:
+            try:
+                score = float(threshold)
+            except ValueError:
+                score = -1.0
+            if not 0.0 <= score <= 1.0:
+                raise ValueError(
+                    f"invalid --task {text!r}: the score threshold {threshold!r} is not a "
+                    "number from 0 to 1"
+                )
+            return ModelTask(kind="detector", output=output, score_threshold=score)
+    raise ValueError(f"invalid --task {text!r}: {_TASK_FORMS}")
 
 
 def _ids(text: str | None) -> tuple[str, ...]:
@@ -434,6 +470,13 @@ def rollout_start(
             "--allow-downgrade", help="devices may go below the version they have activated"
         ),
     ] = False,
+    allow_interface_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-interface-change",
+            help="devices may take a model whose tensor interface differs from the one they serve",
+        ),
+    ] = False,
     max_failure_percent: Annotated[
         float, typer.Option("--max-failure-percent", help="abort: failed devices, percent")
     ] = 0.0,
@@ -498,6 +541,7 @@ def rollout_start(
                 ),
                 "manual_approval": manual_approval,
                 "allow_downgrade": allow_downgrade,
+                "allow_interface_change": allow_interface_change,
                 "max_failure_percent": max_failure_percent,
                 "min_executed": min_executed,
             }
@@ -559,13 +603,23 @@ def _print_status(status: RolloutStatus) -> None:
     print(f"latency   {latency}")
     if status.stage:
         print(f"stage     {status.stage}")
+    if status.task:
+        print(f"task      {status.task}")
+    if status.agreement_rule:
+        print(f"agreement {status.agreement_rule}")
     for label, cohort in (("candidate", status.candidate), ("baseline", status.baseline)):
         if cohort is not None and cohort.inferences:
+            by_tensor = cohort.input_psi_by_tensor or {}
+            psi = ", ".join(f"{name} {value:.3f}" for name, value in by_tensor.items())
+            if not psi and cohort.input_psi is not None:
+                psi = f"{cohort.input_psi:.3f}"
+            confidence = (
+                "n/a" if cohort.mean_confidence is None else f"{cohort.mean_confidence:.3f}"
+            )
             print(
                 f"{label:<9} {cohort.devices} devices, {cohort.inferences} inferences, "
                 f"errors {cohort.error_rate or 0:.2%}, p95 {cohort.latency_p95_ms} ms, "
-                f"confidence {cohort.mean_confidence or 0:.3f}"
-                + (f", input PSI {cohort.input_psi:.3f}" if cohort.input_psi is not None else "")
+                f"confidence {confidence}" + (f", input PSI {psi}" if psi else "")
             )
     if status.ab is not None:
         ab = status.ab
@@ -576,7 +630,8 @@ def _print_status(status: RolloutStatus) -> None:
     for gate in status.gates:
         observed = "-" if gate.observed is None else f"{gate.observed:.4g}"
         print(
-            f"gate      {gate.gate}: {gate.verdict} ({observed} vs {gate.threshold}) {gate.detail}"
+            f"gate      {gate.gate}: {gate.verdict.replace('_', ' ')} "
+            f"({observed} vs {gate.threshold}) {gate.detail}"
         )
     print_table(
         [d.model_dump() for d in status.devices],

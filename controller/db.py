@@ -129,9 +129,14 @@ class TelemetryWindowRow(SQLModel, table=True):
     confidence_total: float = 0.0
     input_counts: str = ""  # JSON list, INPUT_BUCKETS (a sample of the inputs); "" if none
     shadow: bool = False  # mirrored, unserved inferences of a shadow model
-    agreements: int = 0  # shadow: inferences with the served model's top class
+    agreements: int = 0  # shadow: inferences agreeing with the served model's outputs
     input_mean: float | None = None
     input_std: float | None = None
+    # JSON list of {"counts": [...], "total": x}, one per input tensor in input order, on
+    # shared.tasks.input_bounds of each; "" if the agent sent none (an older agent).
+    input_histograms: str = ""
+    task: str = ""  # the task the agent computed confidence by (describe()); "" if unsaid
+    agreement_rule: str = ""  # shadow: how the agent counted agreements; "" if unsaid
 
 
 def make_engine(url: str) -> Engine:

@@ -23,7 +23,7 @@ from controller.artifacts import ArtifactStore
 from shared import topics
 from shared.errors import BrokerError, RequestError
 from shared.keys import load_private_key
-from shared.manifest import build_manifest, sign_manifest
+from shared.manifest import ModelTask, TensorSignature, build_manifest, sign_manifest
 from shared.messages import ListModels, RegisterModel, Request, Response, RolloutStatus
 from shared.mqtt import (
     ListeningSession,
@@ -33,7 +33,7 @@ from shared.mqtt import (
     subscribe_checked,
 )
 from shared.settings import MqttEndpoint
-from shared.tflite import read_signature
+from shared.tflite_schema import read_signature
 
 RETAINED_GRACE_S = 3.0
 
@@ -172,6 +172,17 @@ def registered_key(
     return None
 
 
+def check_task(task: ModelTask, signature: TensorSignature) -> None:
+    """RequestError unless the task's output is one of the model's outputs."""
+    names = [spec.name for spec in signature.outputs]
+    if task.output is not None and task.output not in names:
+        raise RequestError(
+            f"--task names output {task.output!r}, which the model does not have "
+            f"(its outputs: {', '.join(map(repr, names))})",
+            reason="bad_request",
+        )
+
+
 async def push_model(
     data: bytes,
     *,
@@ -181,9 +192,16 @@ async def push_model(
     endpoint: MqttEndpoint,
     artifacts: ArtifactStore,
     device_types: tuple[str, ...] = (),
+    task: ModelTask | None = None,
+    interface_change: bool = False,
     request_timeout_s: float = 10.0,
 ) -> PushResult:
     """Check the file is a TFLite model, sign its manifest, upload both, register.
+
+    The tensor signature is read from the file itself (no interpreter needed
+    here); `task` says what the outputs mean (None: the agent infers it) and
+    must name one of them; `interface_change` marks a version meant to change
+    the tensor interface of the one it replaces.
 
     Everything local (file, model, key) is checked before anything is uploaded,
     and so is the controller's answer: a version registered with other bytes is
@@ -193,10 +211,18 @@ async def push_model(
     (`hotswap model orphans` lists and deletes them).
     """
     signature = read_signature(data)
+    if task is not None:
+        check_task(task, signature)
     key = load_private_key(signing_key)
     try:
         manifest = build_manifest(
-            name=name, version=version, data=data, signature=signature, device_types=device_types
+            name=name,
+            version=version,
+            data=data,
+            signature=signature,
+            device_types=device_types,
+            task=task,
+            interface_change=interface_change,
         )
     except ValueError as exc:
         raise RequestError(str(exc).splitlines()[-1].strip()) from exc

@@ -1207,15 +1207,27 @@ class Controller:
         if rollout.rolling_back:
             stage = f"rollback ({stage})" if stage else "rollback"
         comparison = self._comparison(rollout, spec, assignments)
+        summary = candidate.summary(baseline)
         return status.model_copy(
             update={
                 "stage": stage,
                 "gates": gates,
-                "candidate": candidate.summary(baseline),
+                "candidate": summary,
                 "baseline": baseline.summary(),
                 "ab": comparison,
+                "task": self._task_text(rollout),
+                "agreement_rule": summary.agreement_rule,
             }
         )
+
+    def _task_text(self, rollout: RolloutRow) -> str | None:
+        """The candidate's task as the telemetry reads it (both sides' in an A/B test)."""
+        task = self.store.model_task(rollout.model, rollout.version)
+        if rollout.strategy == "ab" and rollout.version_b:
+            task_b = self.store.model_task(rollout.model, rollout.version_b)
+            if task_b != task:
+                return f"A: {task or '-'}; B: {task_b or '-'}"
+        return task
 
     async def _publish_status(self, rollout: RolloutRow) -> None:
         status = self._status(rollout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
@@ -26,11 +26,11 @@ from controller.db import (
     TelemetryWindowRow,
     make_engine,
 )
-from controller.gates import CohortStats
+from controller.gates import CohortStats, TensorInputs
 from controller.planner import FINAL_DEVICE_STATES, advances
 from controller.strategies import ab_split
-from shared.errors import RequestError
-from shared.manifest import SignedManifest
+from shared.errors import ArtifactError, RequestError
+from shared.manifest import Manifest, ModelTask, SignedManifest
 from shared.messages import (
     CONFIDENCE_BUCKETS,
     INPUT_BUCKETS,
@@ -42,6 +42,14 @@ from shared.messages import (
     StartRollout,
     TelemetryWindow,
 )
+from shared.tasks import (
+    LEGACY_AGREEMENT_RULE,
+    describe_effective,
+    effective_task,
+    input_bounds,
+    input_layout,
+)
+from shared.tasks import describe as describe_task
 
 OPEN_STATUSES = ("Pending", "InProgress", "Paused")
 
@@ -61,11 +69,70 @@ class Created:
     superseded: tuple[Superseded, ...] = field(default=())
 
 
+@dataclass(frozen=True, slots=True)
+class _Meaning:
+    """What the telemetry of one registered model version means (from its manifest)."""
+
+    task: ModelTask
+    task_text: str  # shared.tasks.describe(task): what an agent names in its windows
+    origin: str  # shared.tasks.describe_effective: the task, declared or inferred
+    legacy_confidence: bool  # an agent naming no task computed this very confidence
+    inputs: tuple[tuple[str, str, tuple[float, ...]], ...]  # per input: name, layout, bounds
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> _Meaning:
+        task = effective_task(manifest)
+        outputs = manifest.signature.outputs
+        return cls(
+            task=task,
+            task_text=describe_task(task),
+            origin=describe_effective(manifest),
+            # Older agents took the first output's top class (softmax if need be).
+            legacy_confidence=task.kind == "classifier"
+            and bool(outputs)
+            and outputs[0].name == task.output
+            and outputs[0].quantization is None,
+            inputs=tuple(
+                (spec.name, input_layout(spec), input_bounds(spec))
+                for spec in manifest.signature.inputs
+            ),
+        )
+
+    def reads_confidence_of(self, reported_task: str | None) -> bool:
+        if reported_task is None:
+            return self.legacy_confidence
+        return reported_task == self.task_text
+
+    def tensor_inputs(self, stored: str, first: list[int] | None) -> tuple[TensorInputs, ...]:
+        """A row's per-input histograms that fit the signature, tensor by tensor.
+
+        An older agent's first-input histogram (INPUT_BUCKETS) stands for the first
+        tensor when that is a float one: the same buckets over the same values.
+        """
+        if not stored:
+            if first is None or not self.inputs or self.inputs[0][2] != INPUT_BUCKETS:
+                return ()
+            name, layout, _ = self.inputs[0]
+            return (TensorInputs(name, layout, Histogram(counts=tuple(first))),)
+        try:
+            hists = [Histogram.model_validate(h) for h in json.loads(stored)]
+        except (ValueError, TypeError):
+            return ()  # a damaged row: its other numbers still count
+        if len(hists) != len(self.inputs):
+            return ()  # another interface than the registered one: not comparable
+        return tuple(
+            TensorInputs(name, layout, h)
+            for (name, layout, bounds), h in zip(self.inputs, hists, strict=True)
+            if bounds and len(h.counts) == len(bounds)
+        )
+
+
 class Store:
     def __init__(self, url_or_engine: str | Engine) -> None:
         self.engine = (
             make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
+        self._meanings: dict[tuple[str, str], _Meaning] = {}
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -617,6 +684,13 @@ class Store:
                     agreements=window.agreements or 0,
                     input_mean=window.input_mean,
                     input_std=window.input_std,
+                    input_histograms=json.dumps(
+                        [{"counts": list(h.counts), "total": h.total} for h in hists]
+                    )
+                    if (hists := window.input_histograms) is not None
+                    else "",
+                    task=window.task or "",
+                    agreement_rule=window.agreement_rule or "",
                 )
             )
             s.commit()
@@ -634,6 +708,11 @@ class Store:
         """Merged telemetry of some devices since a time, for one version or all but one.
 
         Served inferences by default; `shadow=True`: the mirrored ones of shadow models.
+        What the numbers mean comes from each version's registered manifest
+        (`_meaning`): its task, and its inputs' names, layouts and bucket counts. A
+        window's confidence counts only if the agent computed it by that task (an
+        older agent's, which names none, only for a classifier on the first output);
+        its per-input histograms only if they fit the signature, tensor by tensor.
         """
         if not devices:
             return CohortStats()
@@ -649,9 +728,9 @@ class Store:
             query = query.where(TelemetryWindowRow.version != not_version)
         with self.session() as s:
             rows = s.exec(query).all()
+        meanings: dict[str, _Meaning | None] = {}
         stats = CohortStats()
         seen: set[str] = set()
-        agreements = 0
         for r in rows:
             latency = json.loads(r.latency_counts)
             confidence = json.loads(r.confidence_counts)
@@ -662,29 +741,62 @@ class Store:
                 or (inputs is not None and len(inputs) != len(INPUT_BUCKETS))
             ):
                 continue  # stored before inbound telemetry was checked: not comparable
+            if r.version not in meanings:
+                meanings[r.version] = self._meaning(model, r.version)
+            meaning = meanings[r.version]
             seen.add(r.device_id)
-            agreements += r.agreements
+            conf = Histogram(counts=tuple(confidence), total=r.confidence_total)
+            if meaning is not None and not meaning.reads_confidence_of(r.task or None):
+                conf = Histogram.empty(CONFIDENCE_BUCKETS)  # computed by another rule
+            first = (
+                Histogram(counts=tuple(inputs))
+                if inputs is not None
+                else Histogram.empty(INPUT_BUCKETS)
+            )
             stats = stats.merged(
                 CohortStats(
                     0,
                     r.count,
                     r.errors,
                     Histogram(counts=tuple(latency), total=r.latency_total_ms),
-                    Histogram(counts=tuple(confidence), total=r.confidence_total),
-                    Histogram(counts=tuple(inputs))
-                    if inputs is not None
-                    else Histogram.empty(INPUT_BUCKETS),
+                    conf,
+                    first,
+                    r.agreements,
+                    meaning.tensor_inputs(r.input_histograms, inputs) if meaning else (),
+                    frozenset({meaning.task}) if meaning else frozenset(),
+                    frozenset({r.agreement_rule or LEGACY_AGREEMENT_RULE})
+                    if shadow
+                    else frozenset(),
                 )
             )
-        return CohortStats(
-            len(seen),
-            stats.count,
-            stats.errors,
-            stats.latency,
-            stats.confidence,
-            stats.inputs,
-            agreements,
-        )
+        return replace(stats, devices=len(seen))
+
+    def model_task(self, model: str, version: str) -> str | None:
+        """The task a registered version's telemetry is read by, saying where it came from
+        ("classifier on 'out' (inferred from the signature)"); None if unregistered."""
+        meaning = self._meaning(model, version)
+        return meaning.origin if meaning is not None else None
+
+    def _meaning(self, model: str, version: str) -> _Meaning | None:
+        """What telemetry of a registered version means (cached: versions never change)."""
+        key = (model, version)
+        cached = self._meanings.get(key)
+        if cached is not None:
+            return cached
+        with self.session() as s:
+            row = s.exec(
+                select(ModelVersionRow.signed_manifest).where(
+                    ModelVersionRow.name == model, ModelVersionRow.version == version
+                )
+            ).first()
+        if row is None:
+            return None  # not registered here: read as before tasks (and not cached)
+        try:
+            manifest = SignedManifest.model_validate_json(row).unverified()
+        except (ValueError, ArtifactError):
+            return None
+        meaning = self._meanings[key] = _Meaning.of(manifest)
+        return meaning
 
     def avg_latency_ms(
         self, model: str, version: str, devices: Sequence[str], since: float

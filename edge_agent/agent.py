@@ -6,8 +6,9 @@ it before anything touches the network, then keeps an MQTT 5 session (client id
 `online: false`, jittered capped backoff on reconnect). Commands from the
 device's and its region's `cmd` topics are queued and handled one at a time:
 
-    deploy:   received → verify manifest → downloading → verify bytes → load
-              into standby + warm up → verified → swap → health probes →
+    deploy:   received → verify manifest → check its interface against the
+              active model's → downloading → verify bytes → load into
+              standby + warm up → verified → swap → health probes →
               activated (or rolled_back / failed with a reason code)
     rollback: swap back to the resident previous model → rolled_back
 
@@ -19,8 +20,16 @@ does the work once (the final event is sent again, so a restarted controller
 gets its answer); ids are remembered until their command expires, so a replay
 never runs again. A deploy below the highest version activated for that model
 is refused (`downgrade`) unless the signed command allows it; a deploy of the
-active model answers `activated` at once. Network, disk and thread I/O around
-the pure checks of `verify`, `shared.command_auth` and the runtime of `runtime`.
+active model answers `activated` at once. A candidate whose tensor interface
+differs from the active model's is refused (`incompatible`, naming the first
+differing tensor) before it is downloaded, unless its manifest or the command
+allows the interface change.
+
+Telemetry and shadow mode read every input and output of a call
+(`runtime.Observer`, `runtime.Mirror`), by the task of each model's manifest
+(`shared.tasks.effective_task`), registered with telemetry as the model loads.
+Network, disk and thread I/O around the pure checks of `verify`,
+`shared.command_auth` and the runtime of `runtime`.
 """
 
 from __future__ import annotations
@@ -31,9 +40,11 @@ import mmap
 import os
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import overload
 
 import aiomqtt
 import numpy as np
@@ -44,13 +55,21 @@ from pydantic import ValidationError
 from edge_agent.faults import crash_point
 from edge_agent.fetch import FetchLimits, UrlExpiredError, fetch_artifact
 from edge_agent.health import health_problem
-from edge_agent.runtime import DoubleBufferedRuntime, HealthSample, ModelSlot, NoModelError
+from edge_agent.runtime import (
+    DoubleBufferedRuntime,
+    HealthSample,
+    Inputs,
+    ModelSlot,
+    NoModelError,
+    Outputs,
+)
 from edge_agent.shadow import ShadowMirror
 from edge_agent.store import UNEXPIRING_COMMAND_KEEP_S, CommandRecord, ModelStore, StoreState
 from edge_agent.telemetry import TelemetryRecorder
 from edge_agent.verify import (
     raised_floor,
     verify_digest,
+    verify_interface,
     verify_manifest,
     verify_not_downgrade,
     verify_size,
@@ -65,7 +84,7 @@ from shared.command_auth import (
     verify_command,
 )
 from shared.errors import CommandAuthError, DownloadError, HotswapError
-from shared.manifest import Manifest, TensorSignature, trusted_keyring
+from shared.manifest import Manifest, ModelTask, TensorSignature, trusted_keyring
 from shared.messages import (
     COMMAND,
     MAX_MESSAGE_BYTES,
@@ -83,6 +102,7 @@ from shared.messages import (
 )
 from shared.mqtt import backoff_delays, make_client, raise_if_cancelled, refused_code
 from shared.settings import MqttEndpoint
+from shared.tasks import effective_task
 from shared.tflite import RUNTIME_NAME, ModelBytes, c_api_loads
 
 log = structlog.get_logger("hotswap.agent")
@@ -153,9 +173,20 @@ class Agent:
 
     # ------------------------------------------------------------ the application's API
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """Run one inference on the active model (any thread; never blocked by a swap)."""
-        return self.runtime.infer(x)
+    @overload
+    def infer(self, inputs: np.ndarray) -> np.ndarray: ...
+    @overload
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    @overload
+    def infer(self, inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]: ...
+    def infer(self, inputs: Inputs) -> Outputs:
+        """Run one inference on the active model (any thread; never blocked by a swap).
+
+        One array for a single-input, single-output model gives one array; a
+        sequence in input order gives a tuple in output order; a mapping by input
+        name gives a dict by output name (`DoubleBufferedRuntime.infer`).
+        """
+        return self.runtime.infer(inputs)
 
     @property
     def active(self) -> ModelRef | None:
@@ -205,9 +236,9 @@ class Agent:
                 return None
             try:
                 data, signed = self.store.read(sha)
-                slot = ModelSlot.load(
-                    _ref(signed.unverified()), data, num_threads=self.config.num_threads
-                )
+                manifest = signed.unverified()
+                slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
+                self.telemetry.register(slot.ref, slot.signature, effective_task(manifest))
                 slot.warm_up(self._rng)
                 return slot
             except (HotswapError, ValueError, OSError) as exc:
@@ -531,9 +562,14 @@ class Agent:
         # of an outdated model unless the controller's signed command says otherwise.
         verify_not_downgrade(manifest, self._state.highest, allow_downgrade=command.allow_downgrade)
         active_sig = active.signature if active else None
+        # The signed interface against the served one, before any download or load.
+        allow_change = command.allow_interface_change
+        verify_interface(manifest, active_sig, allow_interface_change=allow_change)
         if standby is not None and standby.ref.sha256 == manifest.sha256:
             slot = standby  # still resident: no download, no load
-            verify_tensor_signature(manifest, slot.signature, active_sig)
+            verify_tensor_signature(
+                manifest, slot.signature, active_sig, allow_interface_change=allow_change
+            )
         else:
             slot = await self._obtain(command, manifest, active_sig, bound)
         self._check_not_cancelled(command)
@@ -543,7 +579,7 @@ class Agent:
             if command.shadow_s is None:
                 self._state.staged = slot.ref.sha256  # survives a restart, for the switch
             if command.shadow_s is not None:
-                self._start_shadow(slot, command.shadow_s)
+                self._start_shadow(slot, command.shadow_s, effective_task(manifest))
                 return self._event(
                     command, "staged", model=ref, detail=f"shadowing for {command.shadow_s:g}s"
                 )
@@ -551,7 +587,7 @@ class Agent:
         await self._emit(self._event(command, "verified", model=ref))
         return await self._activate(command, slot, active, standby)
 
-    def _start_shadow(self, slot: ModelSlot, seconds: float) -> None:
+    def _start_shadow(self, slot: ModelSlot, seconds: float, task: ModelTask) -> None:
         """Mirror live inputs to `slot` for `seconds`; its outputs are never served."""
         previous = self.runtime.shadow
         if isinstance(previous, ShadowMirror):
@@ -562,8 +598,14 @@ class Agent:
                 self.runtime.shadow = None
             self.log.info("shadow_ended", model=mirror.slot.ref.ref, skipped=mirror.skipped)
 
+        active = self.runtime.active
         self.runtime.shadow = ShadowMirror(
-            slot, seconds=seconds, observer=self.telemetry.observe_shadow, on_end=ended
+            slot,
+            seconds=seconds,
+            observer=self.telemetry.observe_shadow,
+            task=task,
+            served=active.signature if active is not None else None,
+            on_end=ended,
         ).start()
         self.log.info("shadow_started", model=slot.ref.ref, seconds=seconds)
 
@@ -621,7 +663,9 @@ class Agent:
                 crash_point("downloaded")
                 # fetch_artifact hashed the file against the signed sha256 (IntegrityError
                 # otherwise): hashing the same bytes again would only cost time.
-                slot = await asyncio.to_thread(self._load_file, manifest, dest, active_sig)
+                slot = await asyncio.to_thread(
+                    self._load_file, manifest, dest, active_sig, command.allow_interface_change
+                )
                 crash_point("verified")
                 await asyncio.to_thread(self.store.adopt, command.manifest, manifest, dest)
                 crash_point("stored")
@@ -635,13 +679,25 @@ class Agent:
         # Stored files were verified (sha256) before they entered the store, are only
         # ever written atomically, and are re-hashed when the agent starts; a hot deploy
         # from the store checks the size and skips the digest (16 ms for 10 MB here).
-        return await asyncio.to_thread(self._load_stored, manifest, active_sig)
+        return await asyncio.to_thread(
+            self._load_stored, manifest, active_sig, command.allow_interface_change
+        )
 
-    def _load_stored(self, manifest: Manifest, active_sig: TensorSignature | None) -> ModelSlot:
-        return self._load_file(manifest, self.store.model_path(manifest.sha256), active_sig)
+    def _load_stored(
+        self,
+        manifest: Manifest,
+        active_sig: TensorSignature | None,
+        allow_interface_change: bool = False,
+    ) -> ModelSlot:
+        path = self.store.model_path(manifest.sha256)
+        return self._load_file(manifest, path, active_sig, allow_interface_change)
 
     def _load_file(
-        self, manifest: Manifest, path: Path, active_sig: TensorSignature | None
+        self,
+        manifest: Manifest,
+        path: Path,
+        active_sig: TensorSignature | None,
+        allow_interface_change: bool = False,
     ) -> ModelSlot:
         """Size, load + warm-up, tensor signature: one worker-thread hop for all of it
         (each hop costs milliseconds of hand-over when inference threads keep the cores
@@ -657,7 +713,9 @@ class Agent:
                 else f.read()
             )
         slot = self._load(manifest, data)
-        verify_tensor_signature(manifest, slot.signature, active_sig)
+        verify_tensor_signature(
+            manifest, slot.signature, active_sig, allow_interface_change=allow_interface_change
+        )
         return slot
 
     async def _fresh_url(self, command: DeployCommand) -> str:
@@ -682,7 +740,12 @@ class Agent:
 
     def _load(self, manifest: Manifest, data: ModelBytes) -> ModelSlot:
         slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
-        slot.warm_up(self._rng)
+        self.telemetry.register(slot.ref, slot.signature, effective_task(manifest))
+        active = self.runtime.active
+        # Warmed up on the shapes the application uses (dynamic dimensions), where the
+        # interface is the served one: its first interpreter is then sized for them.
+        same = active is not None and active.signature.inputs == slot.signature.inputs
+        slot.warm_up(self._rng, shapes=active.sample_shapes if active and same else None)
         return slot
 
     def _check_not_cancelled(self, command: Command) -> None:
@@ -773,20 +836,34 @@ class Agent:
 
     def _probe(self, slot: ModelSlot, n: int, sample: HealthSample) -> HealthSample:
         """`sample` plus `n` inferences on random inputs run directly on `slot`."""
-        errors, nonfinite, latencies = sample.errors, sample.nonfinite, list(sample.latencies_ms)
+        errors, nonfinite, malformed = sample.errors, sample.nonfinite, sample.malformed
+        latencies, problem = list(sample.latencies_ms), sample.problem
         for _ in range(n):
-            x = slot.sample_input(self._rng)
+            xs = slot.sample_inputs(self._rng)
             t0 = time.perf_counter()
             try:
-                out = slot.run(x)
+                outs = slot.run(xs)
             except (RuntimeError, ValueError):
                 errors += 1
                 continue
-            if np.isfinite(out).all():
+            bad = slot.output_problem(outs)
+            if bad is None:
                 latencies.append((time.perf_counter() - t0) * 1e3)
-            else:
+                continue
+            problem = bad.detail
+            if bad.nonfinite:
                 nonfinite += 1
-        return HealthSample(sample.count + n, errors, nonfinite, tuple(latencies), time.monotonic())
+            else:
+                malformed += 1
+        return HealthSample(
+            sample.count + n,
+            errors,
+            nonfinite,
+            tuple(latencies),
+            time.monotonic(),
+            malformed,
+            problem,
+        )
 
     async def _rollback(self, command: RollbackCommand) -> DeviceEvent:
         active, standby = self.runtime.active, self.runtime.standby

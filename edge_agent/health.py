@@ -2,8 +2,9 @@
 
 The agent watches the new model's first live inferences (topped up with probe
 inferences when traffic is thin) and compares them with the previous model's
-recent ones: any error or non-finite output, or a median latency many times
-the previous model's, means swap back. No I/O.
+recent ones: any error, any output (of all a model has) with a NaN/inf or of
+another shape than its signature's, or a median latency many times the
+previous model's, means swap back. No I/O.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ def health_problem(
     """Why `new` is unhealthy, or None when it may be confirmed."""
     if new.errors:
         return f"{new.errors} of {new.count} inferences failed"
+    where = f" ({new.problem})" if new.problem else ""
     if new.nonfinite:
-        return f"{new.nonfinite} of {new.count} inferences produced non-finite outputs"
+        return f"{new.nonfinite} of {new.count} inferences produced non-finite outputs{where}"
+    if new.malformed:
+        return (
+            f"{new.malformed} of {new.count} inferences produced outputs of the wrong shape{where}"
+        )
     if not new.latencies_ms or old is None or not old.latencies_ms:
         return None
     new_p50 = statistics.median(new.latencies_ms)

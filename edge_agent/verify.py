@@ -6,6 +6,17 @@ in `fetch`) the size limit, then the sha256 of the whole file, and last the
 tensor signature of the loaded model against the manifest's promise and against
 the model it would replace. Callers fetch, store and load around these checks.
 
+Interface compatibility protects the application that calls the served model:
+a candidate must take exactly the inputs the active model takes and give the
+outputs the application reads (same tensors in the same order, each with the
+same name, dtype, shape signature and quantization). The signed manifest says
+what the file holds, so `verify_interface` refuses an incompatible candidate
+before it is downloaded or loaded, naming the first differing tensor; after the
+load, the file must be exactly what the manifest says (`verify_tensor_signature`,
+always strict). An operator who means to change the interface says so: a
+manifest pushed with `interface_change`, or a deploy command with
+`allow_interface_change`.
+
 Anti-rollback (TUF / Uptane): a device remembers, per model name, the highest
 version it has activated, and refuses a manifest below it unless the (signed)
 command allows a downgrade. Versions are ordered as PEP 440 versions
@@ -71,22 +82,51 @@ def verify_digest(manifest: Manifest, sha256: str) -> None:
         )
 
 
-def verify_tensor_signature(
-    manifest: Manifest, loaded: TensorSignature, active: TensorSignature | None
+def verify_interface(
+    manifest: Manifest, active: TensorSignature | None, *, allow_interface_change: bool = False
 ) -> None:
-    """The loaded model keeps the manifest's promise and can replace the active model."""
-    if not loaded.compatible_with(manifest.signature):
+    """The candidate's signed interface can stand in for the active model's.
+
+    CompatibilityError `incompatible` naming the first differing tensor, e.g.
+    "output 1 ('Identity_1'): shape [1, 2] instead of [1, 1]", unless the manifest
+    or the command says the interface is meant to change.
+    """
+    if active is None or allow_interface_change or manifest.interface_change:
+        return
+    diff = active.difference(manifest.signature)
+    if diff is not None:
         raise CompatibilityError(
-            f"{manifest.ref}: the file's tensors {loaded.describe()} are not the signed "
-            f"{manifest.signature.describe()}",
-            reason="incompatible_manifest_mismatch",
-        )
-    if active is not None and not loaded.compatible_with(active):
-        raise CompatibilityError(
-            f"{manifest.ref}: tensor signature {loaded.describe()} is incompatible with "
-            f"the active model's {active.describe()}",
+            f"{manifest.ref} cannot replace the active model: {diff} "
+            "(an interface change must be allowed: `model push --interface-change` or "
+            "`rollout start --allow-interface-change`)",
             reason="incompatible",
         )
+
+
+def verify_tensor_signature(
+    manifest: Manifest,
+    loaded: TensorSignature,
+    active: TensorSignature | None,
+    *,
+    allow_interface_change: bool = False,
+) -> None:
+    """The loaded model is exactly what the manifest promises, and can replace the active model.
+
+    The manifest check is always strict (tensors and signature keys); the active
+    check is `verify_interface`'s.
+    """
+    diff = manifest.signature.difference(loaded)
+    if diff is None and set(manifest.signature.signature_keys) != set(loaded.signature_keys):
+        diff = (
+            f"signature keys {sorted(loaded.signature_keys)} instead of "
+            f"{sorted(manifest.signature.signature_keys)}"
+        )
+    if diff is not None:
+        raise CompatibilityError(
+            f"{manifest.ref}: the file's tensors are not the signed ones: {diff}",
+            reason="incompatible_manifest_mismatch",
+        )
+    verify_interface(manifest, active, allow_interface_change=allow_interface_change)
 
 
 def parse_version(version: str) -> Version | None:

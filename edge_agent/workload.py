@@ -1,9 +1,11 @@
 """A synthetic inference source for demos, simulation and benchmarks.
 
 Runs real inferences through the agent's runtime at a target rate from its own
-thread (like an application's camera loop would), with random inputs of the
-active model's shape. Errors are counted, never raised: the load keeps going
-across swaps. Does no I/O besides the inferences.
+thread (like an application's camera loop would), with random inputs for every
+input of the active model, each of its dtype, shape and value range
+(`ModelSlot.sample_inputs`: quantized inputs across their quantized range).
+Errors are counted, never raised: the load keeps going across swaps. Does no
+I/O besides the inferences.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class SyntheticWorkload:
     def __init__(
         self,
         runtime: DoubleBufferedRuntime,
-        infer: Callable[[np.ndarray], np.ndarray],
+        infer: Callable[[tuple[np.ndarray, ...]], object],
         *,
         hz: float,
         seed: int = 0,
@@ -53,7 +55,7 @@ class SyntheticWorkload:
             slot = self._runtime.active
             if slot is not None:
                 try:
-                    self._infer(slot.sample_input(self._rng))
+                    self._infer(slot.sample_inputs(self._rng))
                     self.completed += 1
                 except (NoModelError, ValueError, RuntimeError):
                     self.failed += 1

@@ -1,7 +1,7 @@
 """Human-written durations for flags and settings: `90`, `30s`, `5m`, `1h` → seconds.
 
-Pure: no I/O. (The controller's CLI keeps its own copy of the same grammar;
-the edge agent may not import the controller.)
+Pure: no I/O. Shared by the controller's and the agent's flags (the agent may not
+import the controller).
 """
 
 from __future__ import annotations

@@ -10,12 +10,18 @@ call, so loading (`LiteRtCreateCompiledModel`) and running
 
 `CompiledInterpreter` has the `Interpreter` surface the project uses
 (`get_input_details`, `set_tensor`, `invoke`, `get_tensor`, ...) with the
-same tensor names, indices, shapes and dtypes as the Python interpreter. Its
-tensors live in 64-byte aligned numpy arrays handed to LiteRT as host-memory
-tensor buffers: `set_tensor` is a copy into the input array, `invoke` one C
-call. One CPU thread per model (the C API's default: CPU options, thread count
+same tensor names, indices, shapes, dtypes, quantization parameters and
+signature list as the Python interpreter, for any number of inputs and outputs.
+It serves the model's `serving_default` signature where it has one, else its
+first (the signature runner of that key, which must run the main subgraph).
+Its tensors live in 64-byte aligned numpy arrays handed to LiteRT as
+host-memory tensor buffers: `set_tensor` is a copy into the input array,
+`invoke` one C call. One CPU thread per model (the C API's default: CPU options, thread count
 included, only travel as an opaque TOML payload, not bound here), one call at a
-time per interpreter.
+time per interpreter. Fixed shapes only: a model with a dynamic dimension (-1),
+an element type without a numpy dtype, block-wise quantization or a served
+signature on another subgraph is `UnsupportedModel`, and `shared.tflite` runs
+it on the Python interpreter instead.
 
 The C API's ABI has changed between releases (2.3 added the environment to
 `LiteRtCreateModelFromBuffer`), so `load_c_api` only binds the releases it was
@@ -49,6 +55,12 @@ _ENV_AUTO_REGISTER_ACCELERATORS = 24  # kLiteRtEnvOptionTagAutoRegisterAccelerat
 _ENV_MIN_LOGGER_SEVERITY = 25  # kLiteRtEnvOptionTagMinLoggerSeverity
 _ANY_INT = 2  # kLiteRtAnyTypeInt
 _SEVERITY_WARNING = 2  # per-model "INFO" lines on stderr would follow every load otherwise
+_QUANTIZATION_PER_TENSOR = 1  # LiteRtQuantizationTypeId
+_QUANTIZATION_PER_CHANNEL = 2
+# The key LiteRT gives the signature it makes up for a model that has none (the Python
+# interpreter lists no signature for such a model).
+PLACEHOLDER_SIGNATURE = "<placeholder signature>"
+SERVING_SIGNATURE = "serving_default"
 
 # LiteRtElementType -> numpy dtype (the values are TfLiteType's).
 _DTYPES: dict[int, np.dtype[Any]] = {
@@ -94,8 +106,27 @@ class _EnvOption(ctypes.Structure):
     _fields_ = (("tag", ctypes.c_int), ("value", _Any))
 
 
+class _PerTensor(ctypes.Structure):
+    _fields_ = (("scale", ctypes.c_float), ("zero_point", ctypes.c_int64))
+
+
+class _PerChannel(ctypes.Structure):
+    _fields_ = (
+        ("quantized_dimension", ctypes.c_int32),
+        ("num_channels", ctypes.c_uint64),
+        ("scales", ctypes.POINTER(ctypes.c_float)),
+        ("zero_points", ctypes.POINTER(ctypes.c_int64)),
+    )
+
+
 # The header's static_asserts (x86-64 and aarch64): other sizes mean other structs.
-_STRUCTS_MATCH = ctypes.sizeof(_RankedTensorType) == 72 and ctypes.sizeof(_EnvOption) == 24
+_STRUCTS_MATCH = (
+    ctypes.sizeof(_RankedTensorType) == 72
+    and ctypes.sizeof(_EnvOption) == 24
+    and ctypes.sizeof(_PerTensor) == 16
+    and ctypes.sizeof(_PerChannel) == 32
+)
+_NAME = ctypes.POINTER(ctypes.c_char_p)
 
 # name -> (argument types, result type); every one must be exported.
 _SIGNATURES: dict[str, tuple[tuple[Any, ...], Any]] = {
@@ -120,10 +151,16 @@ _SIGNATURES: dict[str, tuple[tuple[Any, ...], Any]] = {
     "LiteRtGetSignatureInputTensorByIndex": ((_P, _SIZE, _PP), ctypes.c_int),
     "LiteRtGetNumSignatureOutputs": ((_P, ctypes.POINTER(_SIZE)), ctypes.c_int),
     "LiteRtGetSignatureOutputTensorByIndex": ((_P, _SIZE, _PP), ctypes.c_int),
-    "LiteRtGetTensorName": ((_P, ctypes.POINTER(ctypes.c_char_p)), ctypes.c_int),
+    "LiteRtGetSignatureKey": ((_P, _NAME), ctypes.c_int),
+    "LiteRtGetSignatureInputName": ((_P, _SIZE, _NAME), ctypes.c_int),
+    "LiteRtGetSignatureOutputName": ((_P, _SIZE, _NAME), ctypes.c_int),
+    "LiteRtGetTensorName": ((_P, _NAME), ctypes.c_int),
     "LiteRtGetTensorIndex": ((_P, ctypes.POINTER(ctypes.c_uint32)), ctypes.c_int),
     "LiteRtGetTensorTypeId": ((_P, ctypes.POINTER(ctypes.c_int)), ctypes.c_int),
     "LiteRtGetRankedTensorType": ((_P, ctypes.POINTER(_RankedTensorType)), ctypes.c_int),
+    "LiteRtGetQuantizationTypeId": ((_P, ctypes.POINTER(ctypes.c_int)), ctypes.c_int),
+    "LiteRtGetPerTensorQuantization": ((_P, ctypes.POINTER(_PerTensor)), ctypes.c_int),
+    "LiteRtGetPerChannelQuantization": ((_P, ctypes.POINTER(_PerChannel)), ctypes.c_int),
     "LiteRtGetCompiledModelInputBufferRequirements": ((_P, _SIZE, _SIZE, _PP), ctypes.c_int),
     "LiteRtGetCompiledModelOutputBufferRequirements": ((_P, _SIZE, _SIZE, _PP), ctypes.c_int),
     "LiteRtGetTensorBufferRequirementsBufferSize": ((_P, ctypes.POINTER(_SIZE)), ctypes.c_int),
@@ -153,6 +190,11 @@ class UnsupportedModel(Exception):  # noqa: N818 - a verdict, not a failure of t
     """A valid model this binding does not run (dynamic shapes, string tensors, ...)."""
 
 
+# (scales, zero points, quantized dimension), as the Python interpreter's
+# `quantization_parameters` hold them.
+QuantizationParameters = tuple[tuple[float, ...], tuple[int, ...], int]
+
+
 @dataclass(frozen=True, slots=True)
 class _Tensor:
     name: str
@@ -160,6 +202,7 @@ class _Tensor:
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
     type_: _RankedTensorType
+    quantization: QuantizationParameters | None
 
 
 def _release(
@@ -253,7 +296,7 @@ class CompiledInterpreter:
         # Until the finalizer owns them, a failure releases what was created.
         try:
             call("LiteRtCreateModelFromBuffer", env, address, len(data), ctypes.byref(model))
-            signature, inputs, outputs = self._describe(int(model.value or 0))
+            served, signature, inputs, outputs, listed = self._describe(int(model.value or 0))
             call("LiteRtCreateOptions", ctypes.byref(options))
             call("LiteRtSetOptionsHardwareAccelerators", options, _HW_ACCELERATOR_CPU)
             call("LiteRtCreateCompiledModel", env, model, options, ctypes.byref(compiled))
@@ -263,7 +306,7 @@ class CompiledInterpreter:
                 requirements = f"LiteRtGetCompiledModel{kind}BufferRequirements"
                 for pos, t in enumerate(signature[kind]):
                     req = ctypes.c_void_p()
-                    call(requirements, compiled, 0, pos, ctypes.byref(req))
+                    call(requirements, compiled, served, pos, ctypes.byref(req))
                     size = ctypes.c_size_t()
                     call("LiteRtGetTensorBufferRequirementsBufferSize", req, ctypes.byref(size))
                     arr, host_bytes = _aligned(t.shape, t.dtype, size.value)
@@ -285,6 +328,7 @@ class CompiledInterpreter:
             )
             raise
         self._inputs, self._outputs = inputs, outputs
+        self._signature_list = listed
         self._arrays = arrays
         self._input_arrays = {t.index: arrays[t.index] for t in inputs}
         in_handles = (ctypes.c_void_p * len(signature["Input"]))(
@@ -294,10 +338,11 @@ class CompiledInterpreter:
             *(handles[t.index] for t in signature["Output"])
         )
         self._compiled = int(compiled.value or 0)
-        # The arguments of every run, converted once (signature 0, all inputs, all outputs).
+        # The arguments of every run, converted once (the served signature, all inputs,
+        # all outputs).
         self._run_args = (
             ctypes.c_void_p(self._compiled),
-            ctypes.c_size_t(0),
+            ctypes.c_size_t(served),
             ctypes.c_size_t(len(in_handles)),
             in_handles,
             ctypes.c_size_t(len(out_handles)),
@@ -318,22 +363,41 @@ class CompiledInterpreter:
 
     def _describe(
         self, model: int
-    ) -> tuple[dict[str, list[_Tensor]], list[_Tensor], list[_Tensor]]:
-        """(signature 0's tensors in run order, main subgraph inputs, outputs in its order)."""
+    ) -> tuple[
+        int,
+        dict[str, list[_Tensor]],
+        list[_Tensor],
+        list[_Tensor],
+        dict[str, dict[str, list[str]]],
+    ]:
+        """(the served signature's index, its tensors in run order, the main subgraph's
+        inputs and outputs in its order, the signature list as the Python interpreter's)."""
         call = self._api.call
         n = ctypes.c_size_t()
         call("LiteRtGetNumModelSignatures", model, ctypes.byref(n))
         if n.value < 1:
             raise UnsupportedModel("the model has no signature")
-        sig = ctypes.c_void_p()
-        call("LiteRtGetModelSignature", model, 0, ctypes.byref(sig))
+        listed: dict[str, dict[str, list[str]]] = {}
+        handles: list[ctypes.c_void_p] = []
+        for i in range(n.value):
+            sig = ctypes.c_void_p()
+            call("LiteRtGetModelSignature", model, i, ctypes.byref(sig))
+            handles.append(sig)
+            key = _text(call, "LiteRtGetSignatureKey", sig)
+            if key != PLACEHOLDER_SIGNATURE:
+                listed[key] = {
+                    "inputs": _names(call, sig, "Input"),
+                    "outputs": _names(call, sig, "Output"),
+                }
+        served = list(listed).index(SERVING_SIGNATURE) if SERVING_SIGNATURE in listed else 0
+        sig = handles[served]
         sub, main = ctypes.c_void_p(), ctypes.c_void_p()
         call("LiteRtGetSignatureSubgraph", sig, ctypes.byref(sub))
         call("LiteRtGetMainModelSubgraphIndex", model, ctypes.byref(n))
         call("LiteRtGetModelSubgraph", model, n.value, ctypes.byref(main))
         if sub.value != main.value:
-            # The Python interpreter describes the main subgraph; signature 0 runs another.
-            raise UnsupportedModel("signature 0 does not run the main subgraph")
+            # The Python interpreter describes the main subgraph; this signature runs another.
+            raise UnsupportedModel("the served signature does not run the main subgraph")
 
         def tensors(count_fn: str, get_fn: str, owner: ctypes.c_void_p) -> list[_Tensor]:
             count = ctypes.c_size_t()
@@ -357,18 +421,18 @@ class CompiledInterpreter:
         outputs = tensors("LiteRtGetNumSubgraphOutputs", "LiteRtGetSubgraphOutput", main)
         for kind, mine in (("Input", inputs), ("Output", outputs)):
             if sorted(t.index for t in by_signature[kind]) != sorted(t.index for t in mine):
-                raise UnsupportedModel(f"signature 0's {kind.lower()}s are not the subgraph's")
-        return by_signature, inputs, outputs
+                raise UnsupportedModel(
+                    f"the served signature's {kind.lower()}s are not the subgraph's"
+                )
+        return served, by_signature, inputs, outputs, listed
 
     def _tensor(self, tensor: ctypes.c_void_p) -> _Tensor:
         call = self._api.call
-        name = ctypes.c_char_p()
-        call("LiteRtGetTensorName", tensor, ctypes.byref(name))
+        label = _text(call, "LiteRtGetTensorName", tensor)
         index = ctypes.c_uint32()
         call("LiteRtGetTensorIndex", tensor, ctypes.byref(index))
         type_id = ctypes.c_int()
         call("LiteRtGetTensorTypeId", tensor, ctypes.byref(type_id))
-        label = (name.value or b"").decode("utf-8", "replace")
         if type_id.value != 0:  # kLiteRtRankedTensorType
             raise UnsupportedModel(f"{label}: unranked tensor")
         ranked = _RankedTensorType()
@@ -379,7 +443,28 @@ class CompiledInterpreter:
             raise UnsupportedModel(f"{label}: element type {ranked.element_type}")
         if any(d < 0 for d in shape) or ranked.layout.has_strides:
             raise UnsupportedModel(f"{label}: dynamic or strided shape {shape}")
-        return _Tensor(label, int(index.value), shape, dtype, ranked)
+        return _Tensor(label, int(index.value), shape, dtype, ranked, self._quantization(tensor))
+
+    def _quantization(self, tensor: ctypes.c_void_p) -> QuantizationParameters | None:
+        call = self._api.call
+        kind = ctypes.c_int()
+        call("LiteRtGetQuantizationTypeId", tensor, ctypes.byref(kind))
+        if kind.value == _QUANTIZATION_PER_TENSOR:
+            one = _PerTensor()
+            call("LiteRtGetPerTensorQuantization", tensor, ctypes.byref(one))
+            return (float(one.scale),), (int(one.zero_point),), 0
+        if kind.value == _QUANTIZATION_PER_CHANNEL:
+            many = _PerChannel()
+            call("LiteRtGetPerChannelQuantization", tensor, ctypes.byref(many))
+            n = int(many.num_channels)
+            return (
+                tuple(float(many.scales[i]) for i in range(n)),
+                tuple(int(many.zero_points[i]) for i in range(n)),
+                int(many.quantized_dimension),
+            )
+        if kind.value != 0:  # block-wise: no Python interpreter field to report it the same way
+            raise UnsupportedModel(f"quantization type {kind.value}")
+        return None
 
     # ---- the Interpreter surface
 
@@ -387,22 +472,48 @@ class CompiledInterpreter:
         """Nothing to do: compiling allocated everything (kept for the Interpreter API)."""
 
     def _details(self, tensors: list[_Tensor]) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": t.name,
-                "index": t.index,
-                "shape": np.array(t.shape, dtype=np.int32),
-                "shape_signature": np.array(t.shape, dtype=np.int32),
-                "dtype": t.dtype.type,
-            }
-            for t in tensors
-        ]
+        out = []
+        for t in tensors:
+            scales, zero_points, dimension = t.quantization or ((), (), 0)
+            out.append(
+                {
+                    "name": t.name,
+                    "index": t.index,
+                    "shape": np.array(t.shape, dtype=np.int32),
+                    "shape_signature": np.array(t.shape, dtype=np.int32),
+                    "dtype": t.dtype.type,
+                    "quantization": (scales[0], zero_points[0]) if len(scales) == 1 else (0.0, 0),
+                    "quantization_parameters": {
+                        "scales": np.array(scales, dtype=np.float32),
+                        "zero_points": np.array(zero_points, dtype=np.int32),
+                        "quantized_dimension": dimension,
+                    },
+                }
+            )
+        return out
 
     def get_input_details(self) -> list[dict[str, Any]]:
         return self._details(self._inputs)
 
     def get_output_details(self) -> list[dict[str, Any]]:
         return self._details(self._outputs)
+
+    def get_signature_list(self) -> dict[str, dict[str, list[str]]]:
+        """The model's signatures: key -> input and output names (none made up by LiteRT)."""
+        return {
+            k: {side: list(v) for side, v in io.items()} for k, io in self._signature_list.items()
+        }
+
+    def resize_tensor_input(self, input_index: int, tensor_size: Any, strict: bool = False) -> None:
+        """Only to the shape the input has: this binding takes fixed shapes (see the module)."""
+        target = self._input_arrays.get(input_index)
+        if target is None:
+            raise ValueError(f"tensor {input_index} is not an input of this model")
+        if tuple(int(d) for d in tensor_size) != target.shape:
+            raise ValueError(
+                f"input {input_index} has the fixed shape {list(target.shape)}; "
+                f"cannot resize it to {list(tensor_size)}"
+            )
 
     def set_tensor(self, tensor_index: int, value: Any) -> None:
         target = self._input_arrays.get(tensor_index)
@@ -441,6 +552,20 @@ class CompiledInterpreter:
         """Release the compiled model now instead of when it is garbage collected."""
         self._closed = True
         self._finalizer()
+
+
+def _text(call: Any, fn: str, *args: Any) -> str:
+    """The string a LiteRT getter `fn(*args, const char**)` returns (owned by the model)."""
+    value = ctypes.c_char_p()
+    call(fn, *args, ctypes.byref(value))
+    return (value.value or b"").decode("utf-8", "replace")
+
+
+def _names(call: Any, signature: ctypes.c_void_p, kind: str) -> list[str]:
+    """A signature's input (`kind` "Input") or output names, in its order."""
+    count = ctypes.c_size_t()
+    call(f"LiteRtGetNumSignature{kind}s", signature, ctypes.byref(count))
+    return [_text(call, f"LiteRtGetSignature{kind}Name", signature, i) for i in range(count.value)]
 
 
 def _wheel_library() -> Path | None:

@@ -205,7 +205,13 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = (
 )  # fmt: skip
 CONFIDENCE_BUCKETS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
 # Input values (a sample of the inferences), for drift: population stability index.
+# Float inputs; other dtypes have their own buckets (`shared.tasks.input_bounds`).
 INPUT_BUCKETS: tuple[float, ...] = (-3.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0, math.inf)
+# Limits of a window's per-input histograms: the controller does not know a message's
+# dtypes when it parses it, so it bounds them here and checks the bucket layouts against
+# the model's registered signature when it merges windows.
+MAX_INPUT_TENSORS = 64
+MAX_INPUT_BUCKETS = 64
 
 
 class Histogram(WireModel):
@@ -252,8 +258,14 @@ class Histogram(WireModel):
 MAX_WINDOW_COUNT = 10**12
 
 
-def _check_histogram(name: str, h: Histogram, bounds: Sequence[float], *, signed: bool) -> None:
-    if len(h.counts) != len(bounds):
+def _check_histogram(
+    name: str, h: Histogram, bounds: Sequence[float] | None, *, signed: bool
+) -> None:
+    """Bucket layout (`bounds`; None: at most MAX_INPUT_BUCKETS), counts, total."""
+    if bounds is None:
+        if len(h.counts) > MAX_INPUT_BUCKETS:
+            raise ValueError(f"{name}: {len(h.counts)} buckets, at most {MAX_INPUT_BUCKETS}")
+    elif len(h.counts) != len(bounds):
         raise ValueError(f"{name}: {len(h.counts)} buckets, the contract has {len(bounds)}")
     if any(c < 0 or c > MAX_WINDOW_COUNT for c in h.counts):
         raise ValueError(f"{name}: bucket counts must be integers in 0..{MAX_WINDOW_COUNT}")
@@ -266,7 +278,12 @@ class TelemetryWindow(WireModel):
 
     Checked completely on arrival (one device's bad window must never reach the
     gates): the contract's bucket layouts, non-negative bounded integer counts,
-    finite totals, errors and agreements within the count.
+    finite totals, errors and agreements within the count. Per-input histograms
+    are bounded here (their layouts depend on dtypes the message does not carry)
+    and matched against the registered signature when the controller merges them.
+
+    Added fields are optional: a window of an older agent (no task, no per-input
+    histograms, no agreement rule) still parses and counts.
     """
 
     kind: Literal["telemetry"] = "telemetry"
@@ -280,11 +297,23 @@ class TelemetryWindow(WireModel):
     confidence: Histogram
     input_mean: float | None = Field(default=None, allow_inf_nan=False)
     input_std: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    inputs: Histogram | None = None  # INPUT_BUCKETS, over a sample of the window's inputs
+    # The first input's values on INPUT_BUCKETS, over a sample of the window's inferences
+    # (what controllers before per-input histograms read).
+    inputs: Histogram | None = None
+    # One histogram per input tensor, in input order, on `shared.tasks.input_bounds` of
+    # that tensor (empty counts for a tensor with no buckets), over the same sample.
+    input_histograms: tuple[Histogram, ...] | None = Field(
+        default=None, max_length=MAX_INPUT_TENSORS
+    )
+    # `shared.tasks.describe` of the task the confidence was computed by ("none": the
+    # confidence histogram stays empty). None: an agent that predates tasks.
+    task: str | None = Field(default=None, max_length=512)
     # Shadow mode: the model ran on mirrored inputs, unserved; `agreements` counts the
-    # inferences whose top class matched the served model's.
+    # inferences whose outputs agreed with the served model's by `agreement_rule`
+    # (None: an older agent, which compared the first output's top class).
     shadow: bool = False
     agreements: int | None = Field(default=None, ge=0, le=MAX_WINDOW_COUNT)
+    agreement_rule: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _consistent(self) -> TelemetryWindow:
@@ -292,6 +321,8 @@ class TelemetryWindow(WireModel):
         _check_histogram("confidence", self.confidence, CONFIDENCE_BUCKETS, signed=False)
         if self.inputs is not None:
             _check_histogram("inputs", self.inputs, INPUT_BUCKETS, signed=True)
+        for i, h in enumerate(self.input_histograms or ()):
+            _check_histogram(f"inputHistograms[{i}]", h, None, signed=True)
         if self.errors > self.count:
             raise ValueError("errors exceed the window's count")
         if self.agreements is not None and self.agreements > self.count:
@@ -309,9 +340,15 @@ RolloutState = Literal[
 FINAL_ROLLOUT_STATES: frozenset[str] = frozenset({"Succeeded", "Failed", "RolledBack", "Aborted"})
 
 
+GateOutcome = Literal["pass", "fail", "inconclusive", "not_applicable"]
+
+
 class GateVerdict(WireModel):
+    """One gate's reading. `not_applicable`: the gate measures something the model does
+    not have (confidence of a model with no confidence); it neither passes nor fails."""
+
     gate: str
-    verdict: Literal["pass", "fail", "inconclusive"]
+    verdict: GateOutcome
     observed: float | None = None
     threshold: float | None = None
     detail: str = ""
@@ -333,8 +370,13 @@ class CohortSummary(WireModel):
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
     mean_confidence: float | None = None
-    input_psi: float | None = None  # population stability index of inputs vs the baseline
-    agreement: float | None = None  # shadow: share of inferences with the served top class
+    # Population stability index of the inputs vs the baseline: the largest of the
+    # tensors' (or, from agents without per-input histograms, the first input's).
+    input_psi: float | None = None
+    input_psi_by_tensor: dict[str, float] | None = None  # input tensor name -> PSI
+    agreement: float | None = None  # shadow: share of inferences agreeing with the served
+    task: str | None = None  # the task(s) the cohort's confidence means ("; " between)
+    agreement_rule: str | None = None  # shadow: how agreement was counted
 
 
 class ABComparison(WireModel):
@@ -370,6 +412,10 @@ class RolloutStatus(WireModel):
     candidate: CohortSummary | None = None
     baseline: CohortSummary | None = None
     ab: ABComparison | None = None
+    # The candidate's task (declared in its manifest or inferred from its signature) and,
+    # for shadow rollouts, how its agreement with the served model was counted.
+    task: str | None = None
+    agreement_rule: str | None = None
     devices: tuple[DeviceProgress, ...] = ()
     reason: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -412,7 +458,8 @@ class GateSpec(WireModel):
     max_latency_increase: float | None = Field(default=None, ge=0)  # cand p95 / base p95 - 1
     max_confidence_drop: float | None = Field(default=None, ge=0, le=1)
     max_input_psi: float | None = Field(default=None, gt=0)  # input drift vs the baseline
-    min_agreement: float | None = Field(default=None, ge=0, le=1)  # shadow: same top class
+    # shadow: share agreeing with the served outputs (same top class for classifiers)
+    min_agreement: float | None = Field(default=None, ge=0, le=1)
     min_samples: int = Field(default=20, ge=1)  # inferences per cohort before a verdict
 
     @property

@@ -7,6 +7,9 @@ Connect as one of its identities with `mosquitto.endpoint("controller")`,
 `provision(...)` for its whole credentials directory, e.g. for a
 `hotswap agent run --credentials` process); `observer_endpoint(mosquitto)` is a
 test-only identity that may read every hotswap topic (command spies).
+Real third-party models (pinned wheels, `tests.thirdparty`) are session
+fixtures of bytes: `face_detector`, `hand_landmarker`, `wakeword_int8`,
+`wakeword_int8_b`, `melspectrogram` and `unloadable_model`.
 `running_task` runs a controller's or agent's `run()` for the length of a block,
 `controller_config` is the test controller's configuration, and `final_event`
 waits for a command's last word in a list of recorded device events.
@@ -49,6 +52,7 @@ from shared.keys import init_keys, load_private_key
 from shared.messages import FINAL_PHASES, DeviceEvent
 from shared.model_builder import build_dense_model
 from shared.settings import MqttEndpoint, parse_mqtt_url
+from tests.thirdparty import model_bytes
 
 T = TypeVar("T")
 
@@ -177,6 +181,44 @@ def model_v2() -> bytes:
 def model_other_signature() -> bytes:
     """Same family, different tensor signature (5 inputs instead of 4)."""
     return build_dense_model(input_size=5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def face_detector() -> bytes:
+    """MediaPipe's short-range face detector: float32 [1,128,128,3] -> regressors
+    [1,896,16] and classificators [1,896,1] (per-anchor scores)."""
+    return model_bytes("face_detector")
+
+
+@pytest.fixture(scope="session")
+def hand_landmarker() -> bytes:
+    """MediaPipe's hand landmark model (lite): one float32 input, four outputs."""
+    return model_bytes("hand_landmarker")
+
+
+@pytest.fixture(scope="session")
+def wakeword_int8() -> bytes:
+    """A quantized, stateful wake word model: int8 [1,3,40] -> uint8 [1,1], with a
+    `serving_default` signature runner."""
+    return model_bytes("wakeword_int8")
+
+
+@pytest.fixture(scope="session")
+def wakeword_int8_b() -> bytes:
+    """Another wake word with wakeword_int8's exact interface: its next version, say."""
+    return model_bytes("wakeword_int8_b")
+
+
+@pytest.fixture(scope="session")
+def melspectrogram() -> bytes:
+    """A dynamic-shape model: float32 [-1,-1] -> [-1,1,-1,32]."""
+    return model_bytes("melspectrogram")
+
+
+@pytest.fixture(scope="session")
+def unloadable_model() -> bytes:
+    """A valid TFLite file that no stock interpreter loads (an unresolved custom op)."""
+    return model_bytes("unloadable_model")
 
 
 @contextlib.asynccontextmanager

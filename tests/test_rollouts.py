@@ -28,6 +28,7 @@ from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.errors import RequestError
 from shared.keys import load_public_key
+from shared.manifest import ModelTask
 from shared.messages import (
     COMMAND,
     ControlRollout,
@@ -386,6 +387,8 @@ async def test_shadow_rollout_reads_agreement_without_serving_the_candidate(
     status = await fleet.final(rid)
     assert status.status == "Succeeded", (status.reason, status.candidate, status.gates)
     assert status.candidate is not None and status.candidate.agreement == 1.0
+    assert status.agreement_rule == "same top class of 'output'"
+    assert status.task == "classifier on 'output' (inferred from the signature)"
     assert fleet.versions() == {"1.0.0"}
 
     other = build_dense_model(seed=11, hidden=(16, 16))
@@ -399,3 +402,36 @@ async def test_shadow_rollout_reads_agreement_without_serving_the_candidate(
     assert status.reason and "min_agreement" in status.reason
     assert fleet.versions() == {"1.0.0"}
     np.testing.assert_allclose(fleet.agents[0].infer(X), reference(model_v1), atol=1e-6)
+
+
+async def test_confidence_gate_of_a_model_without_confidence_is_not_applicable(
+    fleet: Fleet,
+) -> None:
+    """A version whose manifest declares task none: its confidence gate says not applicable
+    and neither fails nor holds the canary; input drift is read per input tensor; the
+    status names the task."""
+    twin = build_dense_model(seed=1, description="v1 read as a regressor")
+    await push_model(
+        twin, name="clf", version="1.2.0", signing_key=fleet.keys.private_path,
+        endpoint=fleet.endpoint, artifacts=fleet.artifacts, task=ModelTask(kind="none"),
+    )  # fmt: skip
+    rid = await fleet.start(
+        version="1.2.0", strategy="canary", canary_percent=50, canary_duration_s=3,
+        gates=GateSpec(max_confidence_drop=0.01, max_input_psi=5.0, min_samples=20),
+    )  # fmt: skip
+    by_tensor = None
+    async with asyncio.timeout(90):
+        while True:
+            status = await fleet.status(rid)
+            if status.candidate is not None and status.candidate.input_psi_by_tensor:
+                by_tensor = status.candidate.input_psi_by_tensor
+            if status.final:
+                break
+            await asyncio.sleep(0.2)
+    assert status.status == "Succeeded", (status.reason, status.gates)
+    assert status.task == "none (declared)"
+    verdicts = {g.gate: g for g in status.gates}
+    assert verdicts["max_confidence_drop"].verdict == "not_applicable"
+    assert "no confidence (task none)" in verdicts["max_confidence_drop"].detail
+    assert by_tensor is not None and set(by_tensor) == {"input"}
+    assert fleet.versions() == {"1.2.0"}

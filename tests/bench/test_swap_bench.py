@@ -58,3 +58,38 @@ def test_swap_benchmark_refuses_a_missing_file(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "cannot read" in out.stderr
+
+
+@pytest.mark.timeout(180)
+def test_swap_benchmark_runs_on_a_third_party_multi_output_model(
+    tmp_path: Path, face_detector: bytes
+) -> None:
+    """MediaPipe's face detector (two outputs) given as A and B: B becomes the same model in
+    another file, every swap activates, nothing is dropped."""
+    a, b = tmp_path / "a.tflite", tmp_path / "b.tflite"
+    a.write_bytes(face_detector)
+    b.write_bytes(face_detector)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "swap.py"), "--model-a", str(a), "--model-b", str(b),
+         "--swaps", "4", "--seconds", "0.2", "--rounds", "2", "--json"],
+        capture_output=True, text=True, check=True, timeout=170,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert result["signature"] == (
+        "(float32[1, 128, 128, 3]) -> (float32[1, 896, 16],float32[1, 896, 1])"
+    )
+    assert result["model_b_padded"] is True
+    assert result["outcomes"] == {"activated": 4} and result["dropped"] == 0
+
+
+def test_swap_benchmark_refuses_a_pair_the_agent_would_refuse(tmp_path: Path) -> None:
+    """A and B with other interfaces: one line naming the tensor, non-zero exit."""
+    a, b = tmp_path / "a.tflite", tmp_path / "b.tflite"
+    a.write_bytes(build_dense_model(output_size=3))
+    b.write_bytes(build_dense_model(output_size=2))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "swap.py"), "--model-a", str(a), "--model-b", str(b)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "output 0 ('output'): shape [1, 2] instead of [1, 3]" in out.stderr

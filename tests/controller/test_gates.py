@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import pytest
 
-from controller.gates import CohortStats, compare_ab, describe_failures, evaluate_gates, overall
+from controller.gates import (
+    CohortStats,
+    TensorInputs,
+    compare_ab,
+    describe_failures,
+    evaluate_gates,
+    merge_tensor_inputs,
+    overall,
+    psi,
+)
+from shared.manifest import ModelTask
 from shared.messages import (
     CONFIDENCE_BUCKETS,
     LATENCY_BUCKETS_MS,
@@ -14,6 +25,7 @@ from shared.messages import (
     GateVerdict,
     Histogram,
 )
+from shared.tasks import LEGACY_AGREEMENT_RULE
 
 
 def hist(bounds: Sequence[float], by_bound: Mapping[float, int], total: float) -> Histogram:
@@ -272,7 +284,6 @@ def test_thresholds_are_inclusive() -> None:
 
 def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> None:
     """Input drift: identical histograms give 0, a population moved two buckets gives > 0.25."""
-    from controller.gates import psi
     from shared.messages import INPUT_BUCKETS
 
     base = Histogram(counts=(0, 5, 15, 15, 15, 15, 15, 15, 5, 0))
@@ -293,3 +304,158 @@ def test_input_psi_gate_fails_on_drift_and_passes_without() -> None:
     assert [v.verdict for v in evaluate_gates(spec, same, base)] == ["pass"]
     assert [v.verdict for v in evaluate_gates(spec, moved, base)] == ["fail"]
     assert moved.summary(base).input_psi == evaluate_gates(spec, moved, base)[0].observed
+
+
+# ---------------------------------------------------------------- tasks: not applicable
+
+CLF = ModelTask(kind="classifier", output="out")
+DET = ModelTask(kind="detector", output="scores", score_threshold=0.5)
+NONE = ModelTask(kind="none")
+
+
+def with_task(stats: CohortStats, *tasks: ModelTask, rules: tuple[str, ...] = ()) -> CohortStats:
+    return replace(stats, tasks=frozenset(tasks), agreement_rules=frozenset(rules))
+
+
+def test_confidence_gate_is_not_applicable_for_a_model_without_confidence() -> None:
+    """Task none on either side: not_applicable, no observed number, the reason in detail."""
+    spec = GateSpec(max_confidence_drop=0.1, min_samples=10)
+    cand = with_task(cohort(100, 1.0, confidence=0.1), NONE)
+    v = by_gate(spec, cand, with_task(BASE, NONE))["max_confidence_drop"]
+    assert (v.verdict, v.observed) == ("not_applicable", None)
+    assert "candidate model has no confidence (task none)" in v.detail
+    v = by_gate(spec, with_task(cohort(100, 1.0), CLF), with_task(BASE, NONE))
+    assert v["max_confidence_drop"].verdict == "not_applicable"
+    assert "baseline model has no confidence" in v["max_confidence_drop"].detail
+
+
+def test_confidence_gate_does_not_compare_confidences_that_mean_different_things() -> None:
+    """A classifier's top score vs a detector's mean detection score: not applicable;
+    the same kind on another output name still compares."""
+    spec = GateSpec(max_confidence_drop=0.1, min_samples=10)
+    v = by_gate(spec, with_task(cohort(100, 1.0), DET), with_task(BASE, CLF))
+    assert v["max_confidence_drop"].verdict == "not_applicable"
+    assert "mean different things" in v["max_confidence_drop"].detail
+    renamed = ModelTask(kind="classifier", output="probs")
+    v = by_gate(spec, with_task(cohort(100, 1.0), renamed), with_task(BASE, CLF))
+    assert v["max_confidence_drop"].verdict == "pass"
+
+
+def test_detector_confidence_gate_counts_the_inferences_that_have_a_confidence() -> None:
+    """100 inferences of which 5 detected something: 5 of 10 confidence samples."""
+    spec = GateSpec(max_confidence_drop=0.1, min_samples=10)
+    few = CohortStats(
+        1, 100, 0, hist(LATENCY_BUCKETS_MS, {1.0: 100}, 100.0),
+        hist(CONFIDENCE_BUCKETS, {0.9: 5}, 4.5), tasks=frozenset({DET}),
+    )  # fmt: skip
+    v = by_gate(spec, few, with_task(BASE, DET))["max_confidence_drop"]
+    assert v.verdict == "inconclusive" and v.detail == "5 of 10 confidence samples"
+
+
+def test_overall_treats_not_applicable_as_absent() -> None:
+    """not_applicable never fails, never makes an inconclusive reading pass; alone it is
+    what no gate at all is."""
+    na = GateVerdict(gate="max_confidence_drop", verdict="not_applicable")
+    ok = GateVerdict(gate="max_latency_ms", verdict="pass")
+    unsure = GateVerdict(gate="max_error_rate", verdict="inconclusive")
+    bad = GateVerdict(gate="max_error_rate", verdict="fail")
+    assert overall([na]) == overall([]) == "pass"
+    assert overall([na, ok]) == "pass"
+    assert overall([na, unsure]) == "inconclusive"
+    assert overall([na, bad]) == "fail"
+    assert describe_failures([na, ok]) == ""
+
+
+def test_status_summary_names_the_task_and_the_agreement_rule() -> None:
+    s = with_task(cohort(10, 1.0), DET, rules=("all outputs within rtol=0.01, atol=0.001",))
+    summary = s.summary()
+    assert summary.task == "detector on 'scores' (threshold 0.5)"
+    assert summary.agreement_rule == "all outputs within rtol=0.01, atol=0.001"
+    assert CohortStats().summary().task is None
+
+
+def test_ab_on_confidence_is_not_decided_for_models_without_one() -> None:
+    """winner_metric confidence with task none: no winner, the reading says why."""
+    a, b = with_task(cohort(100, 1.0), NONE), with_task(cohort(100, 1.0, confidence=0.99), NONE)
+    r = compare_ab("confidence", 0.1, a, b, 20)
+    assert r.winner is None and "not applicable" in r.detail
+
+
+# ---------------------------------------------------------------- shadow agreement rules
+
+
+def shadow(agreements: int, *tasks: ModelTask, rule: str) -> CohortStats:
+    return replace(cohort(100, 1.0), agreements=agreements, tasks=frozenset(tasks),
+                   agreement_rules=frozenset({rule}))  # fmt: skip
+
+
+def test_min_agreement_names_the_rule_it_read() -> None:
+    spec = GateSpec(min_agreement=0.9, min_samples=10)
+    numeric = "all outputs within rtol=0.01, atol=0.001"
+    v = by_gate(spec, shadow(95, NONE, rule=numeric), BASE)["min_agreement"]
+    assert v.verdict == "pass" and v.detail == f"shadow agreement: {numeric}"
+    v = by_gate(spec, shadow(50, CLF, rule="same top class of 'out'"), BASE)["min_agreement"]
+    assert v.verdict == "fail" and "same top class of 'out'" in v.detail
+
+
+def test_top_class_agreement_of_a_non_classifier_is_not_applicable() -> None:
+    """Older agents compared the first output's top class: for landmarks that is noise."""
+    spec = GateSpec(min_agreement=0.9, min_samples=10)
+    v = by_gate(spec, shadow(10, NONE, rule=LEGACY_AGREEMENT_RULE), BASE)["min_agreement"]
+    assert v.verdict == "not_applicable" and "no classifier" in v.detail
+    ok = by_gate(spec, shadow(95, CLF, rule=LEGACY_AGREEMENT_RULE), BASE)["min_agreement"]
+    assert ok.verdict == "pass"
+
+
+# ---------------------------------------------------------------- input PSI per tensor
+
+SPREAD = Histogram(counts=(0, 5, 15, 15, 15, 15, 15, 15, 5, 0))
+MOVED = Histogram(counts=(0, 0, 0, 5, 15, 15, 15, 15, 15, 20))
+U8 = Histogram(counts=(10, 10, 10, 10, 10, 10, 10, 10))
+U8_DARK = Histogram(counts=(70, 10, 0, 0, 0, 0, 0, 0))
+
+
+def tensors(**by_name: Histogram) -> tuple[TensorInputs, ...]:
+    layouts = {8: "uint8, no quantization", 10: "float32, no quantization"}
+    return tuple(TensorInputs(n, layouts[len(h.counts)], h) for n, h in by_name.items())
+
+
+def with_inputs(*items: TensorInputs) -> CohortStats:
+    return CohortStats(1, 100, 0, input_tensors=items)
+
+
+def test_input_psi_gate_fails_when_any_tensor_drifts_and_names_it() -> None:
+    """Two inputs: the image drifted, the features did not → fail on the image's PSI."""
+    spec = GateSpec(max_input_psi=0.2, min_samples=10)
+    base = with_inputs(*tensors(image=U8, features=SPREAD))
+    cand = with_inputs(*tensors(image=U8_DARK, features=SPREAD))
+    (v,) = evaluate_gates(spec, cand, base)
+    assert v.verdict == "fail" and v.observed == psi(U8_DARK, U8)
+    assert v.detail.startswith("input PSI of 'image', the worst of 2 ('features' 0")
+    summary = cand.summary(base)
+    assert summary.input_psi == v.observed
+    assert summary.input_psi_by_tensor == {"image": psi(U8_DARK, U8), "features": 0.0}
+    (ok,) = evaluate_gates(spec, with_inputs(*tensors(image=U8, features=SPREAD)), base)
+    assert ok.verdict == "pass" and ok.observed == 0.0
+
+
+def test_input_psi_compares_a_tensor_only_within_one_layout() -> None:
+    """A candidate whose input quantizes differently has nothing to compare per tensor: the
+    first-input histogram of older agents is the fallback, and says so."""
+    spec = GateSpec(max_input_psi=0.2, min_samples=10)
+    base = replace(with_inputs(*tensors(image=U8)), inputs=SPREAD)
+    other = TensorInputs("image", "uint8, q(scale=0.5, zero_point=0)", U8_DARK)
+    cand = replace(with_inputs(other), inputs=MOVED)
+    (v,) = evaluate_gates(spec, cand, base)
+    assert v.observed == psi(MOVED, SPREAD) and v.verdict == "fail"
+    assert v.detail == "input PSI of the first input, candidate vs baseline"
+    assert cand.summary(base).input_psi_by_tensor is None
+
+
+def test_tensor_inputs_merge_by_name_and_layout() -> None:
+    a = with_inputs(*tensors(image=U8, features=SPREAD))
+    b = with_inputs(*tensors(image=U8_DARK))
+    m = a.merged(b)
+    assert [t.name for t in m.input_tensors] == ["image", "features"]
+    assert m.input_tensors[0].histogram.counts == (80, 20, 10, 10, 10, 10, 10, 10)
+    assert merge_tensor_inputs((), m.input_tensors) == m.input_tensors

@@ -318,3 +318,148 @@ def test_the_provisioned_identity_outranks_the_devices_claim(store: Store) -> No
     [row] = store.list_devices()
     assert (row.region, row.memory_mb, row.agent_version, row.online) == ("r2", 512, "9.9", True)
     assert store.upsert_device(_state("a", region="r2"), 3.0) is None
+
+
+# ------------------------------------------------------------ telemetry by task and tensor
+
+
+def _register(store: Store, version: str, signature, task=None) -> None:
+    """Register `m@version` with this tensor signature (and declared task, if any)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    m = build_manifest(
+        name="m", version=version, data=version.encode(), signature=signature, task=task
+    )
+    store.register_model(sign_manifest(m, Ed25519PrivateKey.generate()), f"k{version}", 1.0)
+
+
+def _two_inputs(first_dtype: str = "uint8"):
+    from shared.manifest import TensorSignature, TensorSpec
+
+    return TensorSignature(
+        inputs=(
+            TensorSpec(name="image", shape=(1, 8, 8, 3), dtype=first_dtype),
+            TensorSpec(name="features", shape=(1, 4), dtype="float32"),
+        ),
+        outputs=(TensorSpec(name="out", shape=(1, 3), dtype="float32"),),
+    )
+
+
+def _tw(device: str, version: str, **fields) -> TelemetryWindow:
+    now = datetime.now(UTC)
+    lat = [0] * len(LATENCY_BUCKETS_MS)
+    lat[4] = 10
+    conf = [0] * len(CONFIDENCE_BUCKETS)
+    conf[8] = 10
+    body = {
+        "device_id": device, "model": ModelRef(name="m", version=version, sha256="c" * 64),
+        "window_start": now, "window_end": now, "count": 10, "errors": 0,
+        "latency_ms": Histogram(counts=tuple(lat), total=10.0),
+        "confidence": Histogram(counts=tuple(conf), total=8.5),
+    }  # fmt: skip
+    return TelemetryWindow(**(body | fields))
+
+
+U8_HIST = Histogram(counts=(1, 2, 3, 4, 5, 6, 7, 8))
+F_HIST = Histogram(counts=(0, 0, 0, 0, 2, 2, 0, 0, 0, 0), total=1.0)
+
+
+def test_cohort_stats_merge_per_input_histograms_that_fit_the_registered_signature(
+    store: Store,
+) -> None:
+    """Per tensor, by the registered signature: fitting histograms add up; a tensor whose
+    bucket count does not fit its dtype is left out, a window with another number of
+    tensors contributes none (its other numbers still count)."""
+    _register(store, "1", _two_inputs())
+    store.record_telemetry(_tw("a", "1", input_histograms=(U8_HIST, F_HIST)))
+    store.record_telemetry(_tw("b", "1", input_histograms=(U8_HIST, F_HIST)))
+    store.record_telemetry(_tw("c", "1", input_histograms=(F_HIST, F_HIST)))  # image: 10 buckets
+    store.record_telemetry(_tw("d", "1", input_histograms=(U8_HIST,)))  # one tensor of two
+    stats = store.cohort_stats("m", ["a", "b", "c", "d"], 0, version="1")
+    assert (stats.devices, stats.count) == (4, 40)
+    by_name = {t.name: t for t in stats.input_tensors}
+    assert by_name["image"].histogram.counts == tuple(2 * c for c in U8_HIST.counts)
+    assert by_name["image"].layout == "uint8, no quantization"
+    assert by_name["features"].histogram.n == 12 and by_name["features"].histogram.total == 3.0
+
+
+def test_older_agents_first_input_histogram_stands_for_a_float_first_tensor(
+    store: Store,
+) -> None:
+    """An agent without per-input histograms: its INPUT_BUCKETS histogram is the first
+    tensor's when that is float (same buckets); for a uint8 image it is not comparable."""
+    legacy = Histogram(counts=(0, 0, 0, 0, 20, 20, 0, 0, 0, 0))
+    _register(store, "f", _two_inputs("float32"))
+    _register(store, "u", _two_inputs("uint8"))
+    store.record_telemetry(_tw("a", "f", inputs=legacy))
+    store.record_telemetry(_tw("a", "u", inputs=legacy))
+    (image,) = store.cohort_stats("m", ["a"], 0, version="f").input_tensors
+    assert (image.name, image.histogram) == ("image", legacy)
+    uint8 = store.cohort_stats("m", ["a"], 0, version="u")
+    assert uint8.input_tensors == () and uint8.inputs == legacy  # the fallback stays
+
+
+def test_cohort_confidence_counts_only_windows_computed_by_the_registered_task(
+    store: Store,
+) -> None:
+    """The version's task comes from its manifest (declared or inferred); a window that
+    names another task, or an older agent's window for a model that is not a classifier
+    on its first output, adds no confidence (its inferences still count)."""
+    from shared.manifest import ModelTask
+
+    _register(store, "1", _two_inputs())  # inferred: classifier on 'out'
+    _register(store, "2", _two_inputs(), ModelTask(kind="none"))
+    store.record_telemetry(_tw("a", "1", task="classifier on 'out'"))
+    store.record_telemetry(_tw("b", "1"))  # an older agent: the same confidence
+    store.record_telemetry(_tw("c", "1", task="detector on 'out' (threshold 0.5)"))
+    store.record_telemetry(_tw("a", "2"))  # an older agent's softmax of a task-none model
+    one = store.cohort_stats("m", ["a", "b", "c"], 0, version="1")
+    assert one.count == 30 and one.confidence.n == 20
+    assert one.tasks == frozenset({ModelTask(kind="classifier", output="out")})
+    two = store.cohort_stats("m", ["a"], 0, version="2")
+    assert two.confidence.n == 0 and two.tasks == frozenset({ModelTask(kind="none")})
+    assert store.model_task("m", "1") == "classifier on 'out' (inferred from the signature)"
+    assert store.model_task("m", "2") == "none (declared)"
+    assert store.model_task("m", "9") is None
+    unregistered = store.cohort_stats("m", ["a"], 0, version="9")
+    assert unregistered.tasks == frozenset() and unregistered.count == 0
+
+
+def test_shadow_cohorts_carry_the_agreement_rule_the_agents_used(store: Store) -> None:
+    """A window naming no rule was counted by the older agents' top-class rule."""
+    from shared.tasks import LEGACY_AGREEMENT_RULE
+
+    _register(store, "1", _two_inputs())
+    rule = "same top class of 'out'"
+    store.record_telemetry(_tw("a", "1", shadow=True, agreements=9, agreement_rule=rule))
+    store.record_telemetry(_tw("b", "1", shadow=True, agreements=4))
+    stats = store.cohort_stats("m", ["a", "b"], 0, version="1", shadow=True)
+    assert stats.agreements == 13 and stats.agreement_rules == {rule, LEGACY_AGREEMENT_RULE}
+    assert store.cohort_stats("m", ["a", "b"], 0, version="1").agreement_rules == frozenset()
+
+
+def test_a_database_of_an_older_controller_gets_the_telemetry_columns(tmp_path) -> None:
+    """Rows written before per-input histograms read back with the new columns' defaults."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = sqlalchemy.create_engine(url)
+    with old.begin() as conn:
+        conn.execute(
+            sqlalchemy.text(
+                "CREATE TABLE telemetry_windows (id INTEGER PRIMARY KEY, device_id VARCHAR,"
+                " model VARCHAR, version VARCHAR, window_start FLOAT, window_end FLOAT,"
+                " count INTEGER, errors INTEGER, latency_total_ms FLOAT, latency_counts VARCHAR,"
+                " confidence_counts VARCHAR, confidence_total FLOAT, input_counts VARCHAR,"
+                " shadow BOOLEAN, agreements INTEGER, input_mean FLOAT, input_std FLOAT)"
+            )
+        )
+        conn.execute(
+            sqlalchemy.text(
+                "INSERT INTO telemetry_windows VALUES (1, 'a', 'm', '1', 0, 5, 10, 0, 10.0,"
+                " :lat, :conf, 8.5, '', 0, 0, NULL, NULL)"
+            ),
+            {"lat": str([0] * 4 + [10] + [0] * 10), "conf": str([0] * 8 + [10, 0])},
+        )
+    old.dispose()
+    stats = Store(url).cohort_stats("m", ["a"], 0, version="1")
+    assert (stats.devices, stats.count, stats.confidence.n) == (1, 10, 10)
+    assert stats.input_tensors == ()

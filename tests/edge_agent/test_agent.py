@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
 from edge_agent.agent import Agent, AgentConfig
-from shared import topics
+from shared import tflite_schema, topics
 from shared.keys import load_public_key
 from shared.manifest import SignedManifest, build_manifest, sign_manifest
 from shared.messages import (
@@ -28,12 +30,14 @@ from shared.messages import (
     DeviceState,
     RollbackCommand,
     Selector,
+    TelemetryWindow,
 )
-from shared.model_builder import build_dense_model
+from shared.model_builder import build_dense_model, build_two_input_model
 from shared.mqtt import make_client
 from shared.tflite import make_interpreter, read_signature
 from tests.conftest import S3, KeyPair, device_endpoint, final_event, running_task
 from tests.edge_agent.artifact_server import ArtifactServer
+from tests.edge_agent.layout_models import with_other_weights
 
 VARIANT = build_dense_model(seed=7)  # same tensor signature as model_v1, other weights
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
@@ -58,14 +62,15 @@ class Harness:
     states: list[DeviceState] = field(default_factory=list)
 
     def upload(
-        self, data: bytes, version: str, device_types: tuple[str, ...] = ()
+        self, data: bytes, version: str, device_types: tuple[str, ...] = (), **manifest_kw: Any
     ) -> tuple[SignedManifest, str]:
+        """Sign a manifest of `data` (its signature read from the file unless given), store
+        both; the manifest and a presigned URL."""
+        fields: dict[str, Any] = dict(manifest_kw)
+        if "signature" not in fields:
+            fields["signature"] = read_signature(data)
         manifest = build_manifest(
-            name="clf",
-            version=version,
-            data=data,
-            signature=read_signature(data),
-            device_types=device_types,
+            name="clf", version=version, data=data, device_types=device_types, **fields
         )
         signed = sign_manifest(manifest, self.keys.private)
         key = self.artifacts.put_model("clf", version, data, signed)
@@ -404,3 +409,198 @@ async def test_staged_model_survives_a_restart_and_switches_by_reference(
 
     await with_agent(stage)
     await with_agent(switch)
+
+
+# ------------------------------------------------------------ tensor layouts
+
+
+async def test_an_incompatible_candidate_is_refused_before_download_unless_allowed(
+    harness: Harness,
+) -> None:
+    """Another output shape: `failed`/`incompatible` naming the tensor, before any download,
+    the served model untouched; the same candidate with allow_interface_change serves."""
+    served = build_two_input_model(seed=1)
+    changed = build_two_input_model(seed=2, regression=3)
+    signed, url = harness.upload(served, "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    assert (await harness.final_event(first.command_id)).phase == "activated"
+    signed2, url2 = harness.upload(changed, "2.0.0")
+    await harness.send(refused := deploy(signed2, url2))
+    final = await harness.final_event(refused.command_id)
+    assert (final.phase, final.reason) == ("failed", "incompatible")
+    assert final.detail is not None
+    assert "output 1 ('regression'): shape [1, 3] instead of [1, 2]" in final.detail
+    assert harness.phases(refused.command_id) == ["received", "failed"]  # nothing downloaded
+    assert not harness.agent.store.has(signed2.unverified().sha256)
+    inputs = {"features": np.ones((1, 4), np.float32), "context": np.ones((1, 2), np.float32)}
+    assert harness.agent.infer(inputs)["regression"].shape == (1, 2)
+    await harness.send(allowed := deploy(signed2, url2, allow_interface_change=True))
+    assert (await harness.final_event(allowed.command_id)).phase == "activated"
+    assert harness.agent.infer(inputs)["regression"].shape == (1, 3)
+
+
+async def test_a_manifest_pushed_as_an_interface_change_is_accepted(harness: Harness) -> None:
+    """`model push --interface-change` (the signed manifest says so) needs no command flag."""
+    signed, url = harness.upload(build_two_input_model(seed=1), "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    assert (await harness.final_event(first.command_id)).phase == "activated"
+    signed2, url2 = harness.upload(build_dense_model(seed=2), "2.0.0", interface_change=True)
+    await harness.send(cmd := deploy(signed2, url2))
+    assert (await harness.final_event(cmd.command_id)).phase == "activated"
+    np.testing.assert_allclose(
+        harness.agent.infer(X), reference(build_dense_model(seed=2)), atol=1e-6
+    )
+
+
+async def test_a_third_party_multi_output_model_serves_and_swaps_to_a_compatible_one(
+    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, face_detector: bytes
+) -> None:
+    """MediaPipe's face detector (two outputs) deployed, then another version of it (other
+    weights, same interface) while an application thread calls by name and the synthetic
+    workload runs: both activated, no call fails, the new model's outputs served."""
+    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto, workload_hz=50, interpreters=2))
+    v2 = with_other_weights(face_detector)
+    image = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)
+    errors: list[BaseException] = []
+    calls = 0
+    stop = threading.Event()
+
+    def application() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                out = agent.infer({"input": image})
+                assert out["classificators"].shape == (1, 896, 1)
+                calls += 1
+            except BaseException as exc:  # any failure is a dropped request
+                errors.append(exc)
+                return
+            time.sleep(0.002)
+
+    async with watching(agent, mosquitto, s3, signing_keys) as h, running(agent):
+        signed, url = h.upload(face_detector, "1.0.0")
+        await h.send(first := deploy(signed, url))
+        assert (await h.final_event(first.command_id)).phase == "activated"
+        app = threading.Thread(target=application)
+        app.start()
+        try:
+            await asyncio.sleep(0.3)
+            signed2, url2 = h.upload(v2, "2.0.0")
+            await h.send(second := deploy(signed2, url2))
+            final = await h.final_event(second.command_id, within_s=30)
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            app.join()
+        assert final.phase == "activated", final
+        assert errors == [] and calls > 0
+        regressors, _ = agent.infer([image])
+        want = make_interpreter(v2)
+        want.set_tensor(want.get_input_details()[0]["index"], image)
+        want.invoke()
+        np.testing.assert_allclose(
+            regressors, want.get_tensor(want.get_output_details()[0]["index"]), atol=1e-5
+        )
+        active = agent.runtime.active
+        assert active is not None and active.stats.snapshot().errors == 0
+
+
+async def test_a_quantized_wake_word_swaps_to_the_next_one(
+    mosquitto: Mosquitto,
+    s3: S3,
+    signing_keys: KeyPair,
+    tmp_path: Path,
+    wakeword_int8: bytes,
+    wakeword_int8_b: bytes,
+) -> None:
+    """int8 in, uint8 out, same quantization: compatible; the workload feeds it int8 frames."""
+    agent = Agent(agent_config(tmp_path, signing_keys, mosquitto, workload_hz=100))
+    async with watching(agent, mosquitto, s3, signing_keys) as h, running(agent):
+        for data, version in ((wakeword_int8, "1.0.0"), (wakeword_int8_b, "2.0.0")):
+            signed, url = h.upload(data, version)
+            await h.send(cmd := deploy(signed, url))
+            assert (await h.final_event(cmd.command_id)).phase == "activated"
+            await asyncio.sleep(0.2)
+        out = agent.infer(np.zeros((1, 3, 40), np.int8))
+        assert out.dtype == np.uint8 and out.shape == (1, 1)
+        active = agent.runtime.active
+        assert active is not None
+        stats = active.stats.snapshot()
+        assert stats.count > 5 and stats.errors == 0
+
+
+async def test_a_dynamic_shape_candidate_is_warmed_up_on_the_shapes_in_use(
+    harness: Harness, melspectrogram: bytes
+) -> None:
+    """After the application called the mel spectrogram with 1280-sample frames, the next
+    version is warmed up (and probed) at that size, not at the placeholder."""
+    signed, url = harness.upload(melspectrogram, "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    assert (await harness.final_event(first.command_id)).phase == "activated"
+    (spec,) = harness.agent.infer((np.zeros((1, 1280), np.float32),))
+    assert spec.shape == (1, 1, 5, 32)
+    signed2, url2 = harness.upload(melspectrogram + bytes(64), "2.0.0")  # another file
+    await harness.send(second := deploy(signed2, url2))
+    assert (await harness.final_event(second.command_id)).phase == "activated"
+    active = harness.agent.runtime.active
+    assert active is not None and active.ref.version == "2.0.0"
+    assert active.sample_shapes == ((1, 1280),)
+
+
+async def test_a_model_that_loads_but_does_not_run_is_refused_before_it_serves(
+    harness: Harness, model_v1: bytes, unloadable_model: bytes
+) -> None:
+    """A valid file with an unresolved custom op (its manifest from the file reader, which
+    needs no interpreter): `failed`/`not_a_model`, v1 serves on."""
+    signed, url = harness.upload(model_v1, "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    await harness.final_event(first.command_id)
+    signed2, url2 = harness.upload(
+        unloadable_model,
+        "2.0.0",
+        signature=tflite_schema.read_signature(unloadable_model),
+        interface_change=True,
+    )
+    await harness.send(bad := deploy(signed2, url2))
+    final = await harness.final_event(bad.command_id)
+    assert (final.phase, final.reason) == ("failed", "not_a_model"), final
+    np.testing.assert_allclose(harness.agent.infer(X), reference(model_v1), atol=1e-6)
+
+
+async def test_shadow_mode_of_a_multi_output_detector_compares_every_output(
+    harness: Harness, face_detector: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BlazeFace with other weights shadows the served one: its windows say it is a detector
+    and that both outputs were compared within the tolerance; the served model's outputs
+    are what the application gets."""
+    windows: list[TelemetryWindow] = []
+    drain = harness.agent.telemetry.drain
+
+    def recording(now: datetime) -> list[TelemetryWindow]:
+        out = drain(now)
+        windows.extend(out)
+        return out
+
+    monkeypatch.setattr(harness.agent.telemetry, "drain", recording)
+    signed, url = harness.upload(face_detector, "1.0.0")
+    await harness.send(first := deploy(signed, url))
+    assert (await harness.final_event(first.command_id)).phase == "activated"
+    signed2, url2 = harness.upload(with_other_weights(face_detector), "2.0.0")
+    await harness.send(cmd := deploy(signed2, url2, activate=False, shadow_s=30))
+    assert (await harness.final_event(cmd.command_id)).phase == "staged"
+    image = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)
+    served = make_interpreter(face_detector)
+    served.set_tensor(served.get_input_details()[0]["index"], image)
+    served.invoke()
+    want = served.get_tensor(served.get_output_details()[1]["index"])
+    for _ in range(30):
+        got = harness.agent.infer({"input": image})
+        np.testing.assert_allclose(got["classificators"], want, rtol=1e-5, atol=1e-5)
+        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        while sum(w.count for w in windows if w.shadow) < 30:
+            await asyncio.sleep(0.05)
+    mirrored = [w for w in windows if w.shadow]
+    assert {w.agreement_rule for w in mirrored} == {"all outputs within rtol=0.01, atol=0.001"}
+    assert {w.task for w in windows} == {"detector on 'classificators' (threshold 0.5)"}
+    assert all(w.agreements is not None and w.agreements <= w.count for w in mirrored)

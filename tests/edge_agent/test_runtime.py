@@ -57,7 +57,9 @@ def test_swaps_under_concurrent_load_drop_nothing_and_never_mix(
     a, b = slot(model_v1, "1"), slot(model_v2, "2")
     expected = {"1": a.run(X), "2": b.run(X)}
     seen: list[tuple[str, np.ndarray]] = []
-    rt = DoubleBufferedRuntime(observer=lambda ref, _ms, out, _x: seen.append((ref.version, out)))
+    rt = DoubleBufferedRuntime(
+        observer=lambda ref, _ms, outs, _x: seen.append((ref.version, outs[0] if outs else None))
+    )
     rt.activate(a)
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -99,7 +101,7 @@ def test_slot_reads_shape_and_signature_from_the_interpreter(
 ) -> None:
     """A normal model loads with its signature read from the interpreter."""
     s = slot(model_v1, "1")
-    assert s.input_shape == (1, 4)
+    assert [p.shape for p in s.inputs] == [(1, 4)]
     assert s.signature.describe() == "(float32[1, 4]) -> (float32[1, 3])"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_agent.verify import (
     raised_floor,
     verify_artifact,
+    verify_interface,
     verify_manifest,
     verify_not_downgrade,
     verify_tensor_signature,
@@ -21,12 +23,14 @@ from shared.errors import CompatibilityError, DowngradeError, IntegrityError, Si
 from shared.manifest import (
     KeySignature,
     Manifest,
+    Quantization,
     SignedManifest,
     build_manifest,
     canonical_json,
     sign_manifest,
     trusted_keyring,
 )
+from shared.model_builder import build_dense_model, build_quantized_model, build_two_input_model
 from shared.tflite import read_signature
 
 
@@ -205,3 +209,74 @@ def test_the_floor_only_goes_up() -> None:
     floors = {"clf": "2.0.0"}
     assert raised_floor(floors, "det", "0.1") == {"clf": "2.0.0", "det": "0.1"}
     assert floors == {"clf": "2.0.0"}  # not mutated
+
+
+def test_an_incompatible_interface_is_refused_naming_the_first_differing_tensor() -> None:
+    """Same inputs, another second output shape: `incompatible`, and the message says which
+    tensor differs and how (candidate's value instead of the served one's)."""
+    served = read_signature(build_two_input_model(seed=1))
+    candidate = build_two_input_model(seed=2, regression=3)
+    manifest = manifest_at("2.0.0", candidate)
+    with pytest.raises(CompatibilityError) as err:
+        verify_interface(manifest, served)
+    assert err.value.reason == "incompatible"
+    assert "output 1 ('regression'): shape [1, 3] instead of [1, 2]" in str(err.value)
+    verify_interface(manifest_at("2.0.0", build_two_input_model(seed=3)), served)  # other weights
+    verify_interface(manifest, None)  # nothing served yet: nothing to protect
+
+
+@pytest.mark.parametrize(
+    ("candidate", "message"),
+    [
+        (build_two_input_model(features=5), "input 0 ('features'): shape [1, 5] instead of [1, 4]"),
+        (build_dense_model(), "1 inputs instead of 2"),
+        (build_two_input_model(classes=4), "output 0 ('scores'): shape [1, 4] instead of [1, 3]"),
+    ],
+)
+def test_inputs_outputs_and_counts_are_all_part_of_the_interface(
+    candidate: bytes, message: str
+) -> None:
+    """An input the application feeds, an output it reads, or their number."""
+    with pytest.raises(CompatibilityError, match=re.escape(message)):
+        verify_interface(manifest_at("2", candidate), read_signature(build_two_input_model()))
+
+
+def test_quantization_is_part_of_the_interface() -> None:
+    """int8 input with another scale: the application's quantized values would mean
+    something else."""
+    served = read_signature(build_quantized_model(seed=1))
+    q = Quantization(scale=(0.5,), zero_point=(0,))
+    other = served.model_copy(
+        update={"inputs": (served.inputs[0].model_copy(update={"quantization": q}),)}
+    )
+    with pytest.raises(CompatibilityError) as err:
+        verify_interface(manifest_at("2", build_quantized_model(seed=2)), other)
+    assert (
+        "input 0 ('input'): quantization q(scale=0.0625, zero_point=0) instead of "
+        "q(scale=0.5, zero_point=0)"
+    ) in str(err.value)
+
+
+def test_an_interface_change_is_accepted_when_the_manifest_or_the_command_says_so() -> None:
+    """`interface_change` in the signed manifest, or the command's allow_interface_change."""
+    served = read_signature(build_two_input_model())
+    data = build_dense_model()
+    verify_interface(manifest_at("2", data), served, allow_interface_change=True)
+    changed = manifest_at("2", data).model_copy(update={"interface_change": True})
+    verify_interface(changed, served)
+    verify_tensor_signature(changed, read_signature(data), served)
+
+
+def test_the_file_must_be_exactly_what_the_manifest_signs_even_with_a_change_allowed() -> None:
+    """The manifest-vs-file check stays strict: tensors (named) and signature keys."""
+    data = build_two_input_model()
+    manifest = manifest_at("2", data)
+    loaded = read_signature(build_two_input_model(context=3))
+    with pytest.raises(CompatibilityError) as err:
+        verify_tensor_signature(manifest, loaded, None, allow_interface_change=True)
+    assert err.value.reason == "incompatible_manifest_mismatch"
+    assert "input 1 ('context'): shape [1, 3] instead of [1, 2]" in str(err.value)
+    keyed = read_signature(data).model_copy(update={"signature_keys": ("serving_default",)})
+    with pytest.raises(CompatibilityError, match="signature keys") as err:
+        verify_tensor_signature(manifest, keyed, None)
+    assert err.value.reason == "incompatible_manifest_mismatch"

@@ -205,9 +205,55 @@ def test_a_valid_telemetry_window_is_accepted() -> None:
         {"inputMean": "__nan__"},
         {"inputs": {"counts": [1, 2], "total": 0.0}},
         {"windowEnd": "2025-12-31T00:00:00Z"},
+        {"inputHistograms": [{"counts": [1, -1], "total": 0.0}]},  # negative count
+        {"inputHistograms": [{"counts": [10**30], "total": 0.0}]},  # beyond any window
+        {"inputHistograms": [{"counts": [1] * 65, "total": 0.0}]},  # more buckets than any dtype
+        {"inputHistograms": [{"counts": [1], "total": "__nan__"}]},
+        {"inputHistograms": [{"counts": [1], "total": "__inf__"}]},
+        {"inputHistograms": [{"counts": [1], "total": 0.0}] * 65},  # more tensors than allowed
+        {"inputHistograms": [{"counts": [1.5], "total": 0.0}]},
+        {"task": "x" * 513},
+        {"agreementRule": "x" * 257},
     ],
 )
 def test_hostile_telemetry_windows_are_refused_at_the_edge(changes: dict[str, object]) -> None:
     """Wrong bucket counts, negative or huge counts, non-finite totals: refused on arrival."""
     with pytest.raises(ValidationError):
         TelemetryWindow.model_validate_json(_window(**changes))
+
+
+def test_windows_of_older_agents_parse_without_the_per_task_fields() -> None:
+    """No task, per-input histograms or agreement rule: still a window that counts."""
+    w = TelemetryWindow.model_validate_json(_window())
+    assert (w.task, w.input_histograms, w.agreement_rule) == (None, None, None)
+
+
+def test_per_input_histograms_task_and_rule_round_trip() -> None:
+    """One histogram per input (any layout up to the limit; empty for a tensor with no
+    buckets), the task and the agreement rule, all camelCase on the wire."""
+    hists = [{"counts": [3, 0, 5], "total": -2.5}, {"counts": [], "total": 0.0}]
+    raw = _window(
+        inputHistograms=hists, task="none", agreementRule="same top class of 'out'",
+        confidence={"counts": [0] * 10, "total": 0.0}, shadow=True, agreements=3,
+    )  # fmt: skip
+    w = TelemetryWindow.model_validate_json(raw)
+    assert w.input_histograms == (Histogram(counts=(3, 0, 5), total=-2.5), Histogram(counts=()))
+    assert w.task == "none" and w.confidence.n == 0  # task none: an empty confidence histogram
+    wire = json.loads(w.to_wire())
+    assert {"inputHistograms", "task", "agreementRule"} <= wire.keys()
+    assert TelemetryWindow.model_validate_json(w.to_wire()) == w
+
+
+def test_a_not_applicable_verdict_is_on_the_wire() -> None:
+    """Rollout statuses carry not_applicable verdicts, the task and per-tensor PSI."""
+    from shared.messages import CohortSummary, GateVerdict, RolloutStatus
+
+    status = RolloutStatus(
+        rollout_id="r", model="m", version="2", strategy="canary", status="InProgress",
+        devices_targeted=1, devices_updated=1, task="none (declared)",
+        gates=(GateVerdict(gate="max_confidence_drop", verdict="not_applicable", threshold=0.1),),
+        candidate=CohortSummary(devices=1, inferences=5, input_psi_by_tensor={"image": 0.2}),
+    )  # fmt: skip
+    back = RolloutStatus.model_validate_json(status.to_wire())
+    assert back == status and back.gates[0].verdict == "not_applicable"
+    assert json.loads(status.to_wire())["candidate"]["inputPsiByTensor"] == {"image": 0.2}
