@@ -204,6 +204,7 @@ async def fleet(
             await controller.stop()
 
 
+@pytest.mark.serial  # latency verdicts: run alone, not beside 3 other tests
 async def test_canary_of_a_slow_model_is_rolled_back_by_the_latency_gate(
     fleet: Fleet, model_v1: bytes
 ) -> None:
@@ -227,6 +228,7 @@ async def test_canary_of_a_slow_model_is_rolled_back_by_the_latency_gate(
         np.testing.assert_allclose(agent.infer(X), reference(model_v1), atol=1e-6)
 
 
+@pytest.mark.serial  # latency verdicts: run alone, not beside 3 other tests
 async def test_healthy_canary_then_progressive_reach_every_device(
     fleet: Fleet, model_v2: bytes
 ) -> None:

@@ -346,6 +346,7 @@ async def test_expired_url_is_refreshed_through_the_controller_and_the_download_
     ]  # fmt: skip
 
 
+@pytest.mark.serial  # latency verdicts: run alone, not beside 3 other tests
 async def test_much_slower_model_is_swapped_back_by_the_agent(
     mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path, model_v1: bytes
 ) -> None:
