@@ -33,6 +33,7 @@ from shared.mqtt import (
     subscribe_checked,
 )
 from shared.settings import MqttEndpoint
+from shared.tasks import task_problem
 from shared.tflite_schema import read_signature
 
 RETAINED_GRACE_S = 3.0
@@ -173,14 +174,10 @@ def registered_key(
 
 
 def check_task(task: ModelTask, signature: TensorSignature) -> None:
-    """RequestError unless the task's output is one of the model's outputs."""
-    names = [spec.name for spec in signature.outputs]
-    if task.output is not None and task.output not in names:
-        raise RequestError(
-            f"--task names output {task.output!r}, which the model does not have "
-            f"(its outputs: {', '.join(map(repr, names))})",
-            reason="bad_request",
-        )
+    """RequestError unless the task can be read from the model's outputs (shared.tasks)."""
+    problem = task_problem(task, signature)
+    if problem is not None:
+        raise RequestError(f"--task: {problem}", reason="bad_request")
 
 
 async def push_model(

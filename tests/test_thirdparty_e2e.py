@@ -13,6 +13,7 @@ import pytest
 import structlog.testing
 
 from broker.launcher import Mosquitto
+from shared.model_builder import build_two_input_model
 from tests.conftest import KeyPair
 from tests.faults import conftest as faults
 from tests.faults.conftest import (
@@ -33,10 +34,25 @@ DEVICES = (("cam-1", "eu-west", "camera"), ("cam-2", "eu-west", "camera"))
 IDS = ",".join(d[0] for d in DEVICES)
 
 
+@pytest.fixture
+def two_input_v1() -> bytes:
+    """No package ships a model with two inputs: a generated one (two inputs, two outputs)."""
+    return build_two_input_model(seed=1)
+
+
+@pytest.fixture
+def two_input_v2() -> bytes:
+    return build_two_input_model(seed=2)
+
+
 @pytest.mark.parametrize(
     ("first", "second"),
-    [("face_detector", None), ("wakeword_int8", "wakeword_int8_b")],
-    ids=["multi-output-detector", "quantized-int8"],
+    [
+        ("face_detector", None),
+        ("wakeword_int8", "wakeword_int8_b"),
+        ("two_input_v1", "two_input_v2"),
+    ],
+    ids=["multi-output-detector", "quantized-int8", "two-inputs"],
 )
 async def test_a_third_party_model_rolls_out_swaps_reports_and_passes_a_canary_gate(
     controller: ControllerProcess,
@@ -127,3 +143,38 @@ async def test_a_third_party_candidate_with_another_interface_is_refused_naming_
     assert len(refusals) == len(DEVICES), logs
     for e in refusals:
         assert e["reason"] == "incompatible" and "input 0 ('input')" in e["error"], e
+
+
+async def test_a_shadow_rollout_between_two_versions_of_a_multi_output_model(
+    controller: ControllerProcess,
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    signing_keys: KeyPair,
+    face_detector: bytes,
+) -> None:
+    """The face detector's next version (same weights, re-packed) shadows the served one on
+    mirrored inputs: both outputs agree numerically, the status says which rule it used, and
+    every device keeps serving v1."""
+    v1, v2 = tmp_path / "v1.tflite", tmp_path / "v2.tflite"
+    v1.write_bytes(face_detector)
+    v2.write_bytes(face_detector + b"\0" * 64)
+    async with make_agents(mosquitto, tmp_path, signing_keys, DEVICES) as agents:
+        await devices_online(controller, len(DEVICES))
+        await push(controller.cli, v1, "faces", "1.0.0")
+        rid = await start_rollout(
+            controller, "--model", "faces", "--version", "1.0.0", "--devices", IDS
+        )
+        assert (await final_rollout(controller, rid, within_s=90))["status"] == "Succeeded"
+        await push(controller.cli, v2, "faces", "1.0.1")
+        rid = await start_rollout(
+            controller, "--model", "faces", "--version", "1.0.1", "--devices", IDS,
+            "--strategy", "shadow", "--shadow-duration", "3s", "--min-agreement", "0.9",
+            "--min-samples", "20",
+        )  # fmt: skip
+        status = await final_rollout(controller, rid, within_s=120)
+        assert {a.active.version if a.active else None for a in agents} == {"1.0.0"}
+    assert status["status"] == "Succeeded", status
+    verdicts = {g["gate"]: g["verdict"] for g in status["gates"]}
+    assert verdicts.get("min_agreement") == "pass", status["gates"]
+    assert status["candidate"]["agreement"] >= 0.9, status["candidate"]
+    assert "within" in (status.get("agreementRule") or ""), status.get("agreementRule")

@@ -125,8 +125,8 @@ def test_a_task_naming_no_output_is_refused_before_connecting(
     code, stderr = push(str(model), "--task", "detector:scores:0.5")
     assert code == 2
     assert stderr == (
-        "error: --task names output 'scores', which the model does not have "
-        "(its outputs: 'regressors', 'classificators')\n"
+        "error: --task: the detector task names output 'scores'; "
+        "the model has 'regressors', 'classificators'\n"
     )
 
 
