@@ -92,6 +92,8 @@ class AssignmentView:
     rollback_state: str | None = None
     rollback_sent_at: float | None = None
     attempts: int = 0
+    command_id: str | None = None
+    rollback_command_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,3 +425,64 @@ def _finish(assignments: Sequence[AssignmentView], gated: bool) -> FinishRollout
     summary = f"{len(failed)} of {len(remaining)} devices failed: {_failures(failed)}"
     # A gated rollout got here within its abort threshold: the fleet is on the candidate.
     return FinishRollout("Succeeded" if gated else "Failed", summary)
+
+
+# ------------------------------------------------------------ resending open commands
+
+
+@dataclass(frozen=True, slots=True)
+class ResendDeploy:
+    """The same deploy again (same command id): the device answers without redoing work."""
+
+    device_id: str
+    command_id: str
+    since: float | None
+    activate: bool = True
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResendSwitch:
+    device_id: str
+    command_id: str
+    since: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResendRollback:
+    device_id: str
+    command_id: str
+    since: float | None
+
+
+Resend = ResendDeploy | ResendSwitch | ResendRollback
+
+
+def plan_resends(strategy: str, assignments: Sequence[AssignmentView]) -> list[Resend]:
+    """Every command whose outcome is still open, to be sent again under its own id.
+
+    After the controller reconnects (what it published may have died with the
+    broker), and for one device when it comes back online (its session, and the
+    commands queued in it, may be gone). At most one command per device: a device
+    rolling back gets its rollback, not the deploy it already answered.
+    """
+    out: list[Resend] = []
+    stage_only = strategy in ("blue-green", "shadow")
+    for a in assignments:
+        if a.rollback_command_id and a.rollback_state == "sent":
+            out.append(ResendRollback(a.device_id, a.rollback_command_id, a.rollback_sent_at))
+        elif not a.command_id:
+            continue
+        elif a.state == "switching":
+            out.append(ResendSwitch(a.device_id, a.command_id, a.sent_at))
+        elif a.state not in FINAL_DEVICE_STATES and a.state not in ("staged", "pending"):
+            out.append(
+                ResendDeploy(
+                    a.device_id,
+                    a.command_id,
+                    a.sent_at,
+                    activate=not stage_only,
+                    shadow=strategy == "shadow",
+                )
+            )
+    return out

@@ -51,6 +51,8 @@ from controller.planner import (
     FinishRollout,
     GateReading,
     PauseRollout,
+    ResendRollback,
+    ResendSwitch,
     RetryDevice,
     RolloutView,
     SendDeploy,
@@ -62,6 +64,7 @@ from controller.planner import (
     TimeOutDevice,
     TimeOutRollback,
     plan_next_actions,
+    plan_resends,
 )
 from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status
@@ -348,32 +351,7 @@ class Controller:
         # Resume: re-send every command whose outcome is still open. The command id
         # is unchanged, so a device that already has it answers without redoing work.
         for rollout in self.store.open_rollouts():
-            for a in self.store.assignments(rollout.rollout_id):
-                if a.command_id and a.state == "switching":
-                    await self._publish_switch(
-                        rollout, a.command_id, region=None, devices=(a.device_id,), since=a.sent_at
-                    )
-                elif a.command_id and a.state not in FINAL_DEVICE_STATES | {"staged"}:
-                    shadow_s = (
-                        self._shadow_seconds(rollout) if rollout.strategy == "shadow" else None
-                    )
-                    await self._publish_deploy(
-                        rollout,
-                        a.device_id,
-                        a.command_id,
-                        # Blue-green and shadow rollouts only ever stage their deploys.
-                        activate=rollout.strategy not in ("blue-green", "shadow"),
-                        shadow_s=shadow_s,
-                        since=a.sent_at,
-                    )
-                if a.rollback_command_id and a.rollback_state == "sent":
-                    await self._publish_rollback(
-                        rollout,
-                        a.rollback_command_id,
-                        region=None,
-                        devices=(a.device_id,),
-                        since=a.rollback_sent_at,
-                    )
+            await self._resend(rollout, self.store.assignments(rollout.rollout_id))
         self._published.clear()
         self.connected.set()
         self._wake.set()
@@ -482,6 +460,10 @@ class Controller:
                 online=msg.online,
                 active=msg.active.ref if msg.active else None,
             )
+            # A live (not retained) online state: the device has just (re)connected or
+            # changed model. Retained copies come on our own reconnect, which resends.
+            if msg.online and not message.retain:
+                await self._device_back(msg.device_id)
         elif isinstance(msg, DeviceEvent):
             if msg.phase == "downloading" and msg.reason == "url_expired":
                 await self._represign(msg)
@@ -870,18 +852,7 @@ class Controller:
                 winner=rollout.winner,
             ),
             stages,
-            [
-                AssignmentView(
-                    a.device_id,
-                    a.state,
-                    a.sent_at,
-                    a.reason,
-                    a.rollback_state,
-                    a.rollback_sent_at,
-                    a.attempts,
-                )
-                for a in assignments
-            ],
+            [assignment_view(a) for a in assignments],
             reading,
             now,
             ab_choice,
@@ -1131,6 +1102,36 @@ class Controller:
                 )
                 await self._publish_deploy(rollout, a.device_id, a.command_id, since=a.sent_at)
 
+    async def _resend(self, rollout: RolloutRow, assignments: Sequence[AssignmentRow]) -> None:
+        """Publish again what `plan_resends` says is still open for these devices."""
+        shadow_s = self._shadow_seconds(rollout) if rollout.strategy == "shadow" else None
+        for resend in plan_resends(rollout.strategy, [assignment_view(a) for a in assignments]):
+            devices = (resend.device_id,)
+            if isinstance(resend, ResendSwitch):
+                await self._publish_switch(
+                    rollout, resend.command_id, region=None, devices=devices, since=resend.since
+                )
+            elif isinstance(resend, ResendRollback):
+                await self._publish_rollback(
+                    rollout, resend.command_id, region=None, devices=devices, since=resend.since
+                )
+            else:
+                await self._publish_deploy(
+                    rollout,
+                    resend.device_id,
+                    resend.command_id,
+                    activate=resend.activate,
+                    shadow_s=shadow_s if resend.shadow else None,
+                    since=resend.since,
+                )
+
+    async def _device_back(self, device_id: str) -> None:
+        """A device (re)connected: its session, with the commands queued in it, may be
+        new (a broker restarted without them), so what is open for it goes again."""
+        found = self.store.open_assignment(device_id)
+        if found is not None:
+            await self._resend(*found)
+
     async def _publish_deploy(
         self,
         rollout: RolloutRow,
@@ -1256,6 +1257,20 @@ class Controller:
             signature = sign_command(topic, payload, self.config.command_key)
             properties.UserProperty = [(SIGNATURE_PROPERTY, signature)]
         await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+
+
+def assignment_view(a: AssignmentRow) -> AssignmentView:
+    return AssignmentView(
+        a.device_id,
+        a.state,
+        a.sent_at,
+        a.reason,
+        a.rollback_state,
+        a.rollback_sent_at,
+        a.attempts,
+        a.command_id,
+        a.rollback_command_id,
+    )
 
 
 def model_summary(row: ModelVersionRow) -> dict[str, Any]:

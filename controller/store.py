@@ -502,6 +502,18 @@ class Store:
                 s.exec(select(RolloutRow).where(col(RolloutRow.finished_at) >= since)).all()
             )
 
+    def open_assignment(self, device_id: str) -> tuple[RolloutRow, list[AssignmentRow]] | None:
+        """The open rollout that claims a device, with that device's assignment."""
+        with self.session() as s:
+            claim = s.get(DeviceClaimRow, device_id)
+            if claim is None:
+                return None
+            rollout = s.get(RolloutRow, claim.rollout_id)
+            row = s.get(AssignmentRow, (claim.rollout_id, device_id))
+            if rollout is None or row is None or rollout.status not in OPEN_STATUSES:
+                return None
+            return rollout, [row]
+
     def assignments(self, rollout_id: str) -> list[AssignmentRow]:
         with self.session() as s:
             return list(

@@ -593,3 +593,37 @@ def test_shadow_stages_with_mirroring_and_ends_on_the_gates() -> None:
     assert isinstance(pause, PauseRollout)
     (rollback,) = plan_next_actions(baked, stages, staged, GateReading("fail", "min_agreement"), 5)
     assert isinstance(rollback, BeginRollback)
+
+
+def test_resends_are_one_open_command_per_device_under_its_own_id() -> None:
+    from controller.planner import ResendDeploy, ResendRollback, ResendSwitch, plan_resends
+
+    views = [
+        AssignmentView("a", "sent", 1.0, command_id="c-a"),
+        AssignmentView("b", "downloading", 2.0, command_id="c-b"),
+        AssignmentView("c", "activated", 1.0, command_id="c-c"),
+        AssignmentView(
+            "d",
+            "activated",
+            1.0,
+            rollback_state="sent",
+            rollback_sent_at=5.0,
+            command_id="c-d",
+            rollback_command_id="r-d",
+        ),  # fmt: skip
+        AssignmentView("e", "switching", 3.0, command_id="s-e"),
+        AssignmentView("f", "staged", 1.0, command_id="c-f"),
+        AssignmentView("g", "pending", None),
+        AssignmentView("h", "timed_out", 1.0, command_id="c-h"),
+    ]
+    resends = plan_resends("blue-green", views)
+    assert resends == [
+        ResendDeploy("a", "c-a", 1.0, activate=False),
+        ResendDeploy("b", "c-b", 2.0, activate=False),
+        ResendRollback("d", "r-d", 5.0),
+        ResendSwitch("e", "s-e", 3.0),
+    ]
+    assert plan_resends("direct", views[:1]) == [ResendDeploy("a", "c-a", 1.0)]
+    assert plan_resends("shadow", views[:1]) == [
+        ResendDeploy("a", "c-a", 1.0, activate=False, shadow=True)
+    ]

@@ -34,6 +34,9 @@ from tests.faults.conftest import (
     retained,
     start_rollout,
 )
+from tests.faults.devices import sim_fleet
+from tests.faults.rollout_steps import push_version, wait_online, wait_status
+from tests.faults.rollout_steps import start_rollout as steps_start
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -239,3 +242,34 @@ async def test_rollout_running_across_a_graceful_broker_restart_completes_with_e
         mosquitto.restart()
 
     await rollout_across_outage(controller, mosquitto, tmp_path, signing_keys, model_v1, outage)
+
+
+async def test_a_device_whose_broker_session_was_lost_gets_its_open_deploy_when_it_reconnects(
+    controller: ControllerProcess,
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    model_v1: bytes,
+) -> None:
+    """The deploy went out while the device had no session (a broker restarted without it):
+    nothing was queued for it. When it connects again, the controller resends the open
+    command under the same id and the rollout ends Succeeded, long before the device's
+    timeout."""
+    async with sim_fleet(mosquitto, [("cam-1", "eu-west", "camera")]) as (device,):
+        await wait_online(mosquitto, ["cam-1"])
+        await device.go_offline(say_goodbye=False)
+        # What a broker that lost its sessions does: no subscription, nothing queued.
+        wipe = make_client(device.endpoint, identifier="cam-1", persistent_session=False)
+        async with wipe:
+            pass
+        await push_version(controller, tmp_path, model_v1, "1.0.0")
+        rid = await steps_start(
+            controller, "--model", "clf", "--version", "1.0.0", "--devices", "cam-1",
+            "--device-timeout", "120",
+        )  # fmt: skip
+        await eventually(lambda: bool(controller.events("deploy_sent")), within_s=10)
+        await asyncio.sleep(0.5)
+        assert device.deploys == []
+        await device.start()
+        final = await wait_status(mosquitto, rid, lambda s: s.status != "InProgress", 30)
+    assert final.status == "Succeeded", final
+    assert len({c.command_id for c in device.deploys}) == 1, device.deploys
