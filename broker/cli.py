@@ -1,8 +1,8 @@
 """The `hotswap` command: mounts every sub-command and runs the broker and the demo.
 
-`hotswap broker run`, `hotswap device provision|revoke`, `hotswap keys init`
+`hotswap broker run`, `hotswap device provision|import|revoke`, `hotswap keys init`
 and `hotswap demo` live here; the controller's, operators' and agent's commands
-are mounted from their packages (provision and revoke join the controller's
+are mounted from their packages (provision, import and revoke join the controller's
 `device` group here, so that `controller` never imports `broker`).
 Does process, network, file and terminal I/O.
 """
@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from broker.launcher import Mosquitto
-from broker.provision import provision_device, revoke_device
+from broker.provision import (
+    Provisioned,
+    import_devices,
+    parse_device_list,
+    provision_device,
+    provision_devices,
+    revoke_device,
+)
 from broker.tls import DEFAULT_DAYS, DEFAULT_HOSTS, init_tls
 from controller.cli import controller_app, device_app, model_app, rollout_app
 from edge_agent.cli import app as agent_app
@@ -79,6 +87,20 @@ def broker_run(
     """
     if tls_dir is None and (data_dir / "tls" / "ca.crt").is_file():
         tls_dir = data_dir / "tls"
+    # Handlers first: a signal while mosquitto starts must stop it, not orphan it.
+    stop_requested = False
+    waiting = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        if waiting:
+            # Only leave the wait below: stopping from inside the handler would wait on
+            # the same process again while Popen.wait holds its lock (a deadlock).
+            raise _StopSignalError
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     with cli_errors():
         broker = Mosquitto(
             data_dir,
@@ -92,17 +114,13 @@ def broker_run(
     if broker.tls_port is not None:
         progress(f"TLS on {broker.tls_url}, client-certificate identity on {broker.tls_cert_url}")
     progress(f"credentials for the controller, operators and the admin in {broker.credentials_dir}")
-
-    def stop(_sig: int, _frame: object) -> None:
-        # Only leave the wait below: stopping from inside the handler would wait on
-        # the same process again while Popen.wait holds its lock (a deadlock).
-        raise _StopSignalError
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
+        waiting = True
+        if stop_requested:
+            raise _StopSignalError
         code = broker.process.wait() if broker.process else 0
     except _StopSignalError:
+        waiting = False
         broker.stop()
         return
     fail(f"mosquitto exited with code {code}; see {broker.log_path}")
@@ -173,37 +191,121 @@ AdminCredentials = Annotated[
 ]
 
 
+TrustedKeys = Annotated[
+    list[Path] | None,
+    typer.Option("--trusted-key", help="operator public key it accepts (repeat)"),
+]
+Force = Annotated[bool, typer.Option("--force", help="replace an existing device's credentials")]
+KeepExisting = Annotated[
+    bool,
+    typer.Option(
+        "--keep-existing", help="the device exists and its directory holds its credentials: exit 0"
+    ),
+]
+TlsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-dir", help="the broker's TLS dir: also issue a client certificate (CN = device id)"
+    ),
+]
+DeviceFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--from-file", help="CSV of devices, one `id,region,type` per line (OUT_DIR/<id> each)"
+    ),
+]
+OutDir = Annotated[
+    Path | None, typer.Option("--out-dir", help="with --from-file: directory of credentials dirs")
+]
+JsonFlag = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+def _read_device_file(path: Path) -> list[DeviceIdentity]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}", 2)
+    return parse_device_list(text, str(path))
+
+
+def _batch_summary(done: list[Provisioned], out_dir: Path, seconds: float) -> dict[str, Any]:
+    counts = {o: sum(1 for d in done if d.outcome == o) for o in ("created", "replaced", "kept")}
+    return {
+        "devices": [
+            {
+                "deviceId": d.credentials.login.username,
+                "credentials": str(d.credentials.directory),
+                "outcome": d.outcome,
+            }
+            for d in done
+        ],
+        "counts": counts,
+        "outDir": str(out_dir),
+        "seconds": round(seconds, 3),
+    }
+
+
+def _print_batch(summary: dict[str, Any], verb: str) -> None:
+    counts = summary["counts"]
+    print(
+        f"{verb} {len(summary['devices'])} devices in {summary['seconds']:.1f}s "
+        f"(created {counts['created']}, replaced {counts['replaced']}, kept {counts['kept']}); "
+        f"run `hotswap agent run --credentials {summary['outDir']}/<device id>` on each"
+    )
+
+
 @device_app.command("provision")
 def device_provision(
-    device_id: Annotated[str, typer.Option("--device-id", help="the device's id")],
-    region: Annotated[str, typer.Option("--region", help="its region")],
-    device_type: Annotated[str, typer.Option("--device-type", help="its device type")],
-    out: Annotated[Path, typer.Option("--out", help="credentials directory to write")],
     credentials: AdminCredentials,
-    trusted_key: Annotated[
-        list[Path] | None,
-        typer.Option("--trusted-key", help="operator public key it accepts (repeat)"),
+    device_id: Annotated[str | None, typer.Option("--device-id", help="the device's id")] = None,
+    region: Annotated[str | None, typer.Option("--region", help="its region")] = None,
+    device_type: Annotated[
+        str | None, typer.Option("--device-type", help="its device type")
     ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="replace an existing device's credentials")
-    ] = False,
-    keep_existing: Annotated[
-        bool,
-        typer.Option(
-            "--keep-existing", help="the device exists and OUT holds its credentials: exit 0"
-        ),
-    ] = False,
-    tls_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--tls-dir",
-            help="the broker's TLS dir: also issue a client certificate (CN = device id)",
-        ),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="credentials directory to write")
     ] = None,
+    from_file: DeviceFile = None,
+    out_dir: OutDir = None,
+    trusted_key: TrustedKeys = None,
+    force: Force = False,
+    keep_existing: KeepExisting = False,
+    tls_dir: TlsDir = None,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Create a device's broker identity and ACLs (no restart) and write its credentials."""
+    """Create devices' broker identities and ACLs (no restart) and write their credentials.
+
+    One device: --device-id, --region, --device-type and --out. Many: --from-file
+    and --out-dir (batched; for thousands at once see `device import`).
+    """
+    one = (device_id, region, device_type, out)
+    if from_file is not None:
+        if any(v is not None for v in one) or out_dir is None:
+            fail(
+                "--from-file takes --out-dir, and no --device-id, --region, --device-type or --out",
+                2,
+            )
+        with cli_errors():
+            devices = _read_device_file(from_file)
+            admin = endpoint_for(parse_mqtt_url(mqtt_url), credentials)
+            started = time.monotonic()
+            many = asyncio.run(
+                provision_devices(
+                    admin, credentials, devices, out_dir, trusted_keys=trusted_key or (),
+                    force=force, keep_existing=keep_existing, tls_dir=tls_dir, progress=progress,
+                )
+            )  # fmt: skip
+        summary = _batch_summary(many, out_dir, time.monotonic() - started)
+        if as_json:
+            emit_json(summary)
+        else:
+            _print_batch(summary, "provisioned")
+        return
+    if device_id is None or region is None or device_type is None or out is None:
+        fail(
+            "give --device-id, --region, --device-type and --out (or --from-file and --out-dir)", 2
+        )
     with cli_errors():
         device = DeviceIdentity(device_id, region, device_type)
         admin = endpoint_for(parse_mqtt_url(mqtt_url), credentials)
@@ -233,6 +335,46 @@ def device_provision(
         )
     else:
         print(f"{done.outcome} {device_id}: run `hotswap agent run --credentials {out}`")
+
+
+@device_app.command("import")
+def device_import(
+    data_dir: Annotated[
+        Path,
+        typer.Option("--data-dir", envvar="HOTSWAP_DATA_DIR", help="the stopped broker's DATA_DIR"),
+    ],
+    from_file: Annotated[
+        Path, typer.Option("--from-file", help="CSV of devices, one `id,region,type` per line")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="directory of credentials dirs")],
+    trusted_key: TrustedKeys = None,
+    force: Force = False,
+    keep_existing: KeepExisting = False,
+    tls_dir: TlsDir = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write many devices into a stopped broker's identities at once (thousands per minute).
+
+    The broker loads them when it starts; then publish their registry records with
+    `device provision --from-file FILE --out-dir OUT_DIR --keep-existing`.
+    """
+    with cli_errors():
+        devices = _read_device_file(from_file)
+        started = time.monotonic()
+        done = import_devices(
+            data_dir, devices, out_dir, trusted_keys=trusted_key or (), force=force,
+            keep_existing=keep_existing, tls_dir=tls_dir, progress=progress,
+        )  # fmt: skip
+    summary = _batch_summary(done, out_dir, time.monotonic() - started)
+    if as_json:
+        emit_json(summary)
+    else:
+        _print_batch(summary, f"imported into {data_dir}:")
+        print(
+            f"start the broker, then publish their registry records: `hotswap device provision "
+            f"--from-file {from_file} --out-dir {out_dir} --keep-existing --credentials "
+            f"{data_dir}/credentials/admin`"
+        )
 
 
 @device_app.command("revoke")

@@ -7,8 +7,16 @@ the roles (the ACL table of docs/security.md), the plugin's initial JSON
 configuration with PBKDF2-SHA512 password hashes in the plugin's own format,
 and the request/response bodies of its `$CONTROL/dynamic-security/v1` API.
 
-Pure: no I/O. (mosquitto 2.0's dynsec ACLs take no `%c`/`%u` patterns, so each
-device gets a role of its own naming its topics literally.)
+A device holds two roles: its own (`hotswap-device-<id>`: its state, events
+and telemetry, its cmd topic) and its region's (`hotswap-region-<r>`: the
+region's cmd topic, shared by every device of the region). mosquitto 2.0's
+dynsec ACLs take no `%c`/`%u` patterns, so the device role names its topics
+literally. Devices provisioned before region roles existed hold one role with
+both cmd topics in it; they keep working, and revoking them is the same.
+`add_devices` merges devices into the plugin's config file for a broker that
+is not running (bulk import, docs/security.md "Provisioning at scale").
+
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ CONTROLLER = "hotswap-controller"
 OPERATOR = "hotswap-operator"
 SERVICE_IDENTITIES = (ADMIN, CONTROLLER, OPERATOR)
 DEVICE_ROLE_PREFIX = "hotswap-device-"
+REGION_ROLE_PREFIX = "hotswap-region-"
 
 # mosquitto_ctrl's own choices: 12 bytes of salt, 101 PBKDF2-SHA512 iterations.
 SALT_BYTES = 12
@@ -142,8 +151,8 @@ def device_role_name(device_id: str) -> str:
     return DEVICE_ROLE_PREFIX + topics.check_ident(device_id, "device id")
 
 
-def device_role(device_id: str, region: str) -> Role:
-    """Publish its own state/events/telemetry; read its own and its region's cmd topics."""
+def device_role(device_id: str) -> Role:
+    """Publish its own state/events/telemetry; read its own cmd topic (literally)."""
     return Role(
         device_role_name(device_id),
         (
@@ -151,9 +160,22 @@ def device_role(device_id: str, region: str) -> Role:
             Acl("publishClientSend", topics.device_events(device_id)),
             Acl("publishClientSend", topics.device_telemetry(device_id)),
             *_read(topics.device_cmd(device_id), pattern=False),
-            *_read(topics.region_cmd(region), pattern=False),
         ),
     )
+
+
+def region_role_name(region: str) -> str:
+    return REGION_ROLE_PREFIX + topics.check_ident(region, "region")
+
+
+def region_role(region: str) -> Role:
+    """Read the region's cmd topic (literally): every device of the region holds it."""
+    return Role(region_role_name(region), _read(topics.region_cmd(region), pattern=False))
+
+
+def device_role_names(device_id: str, region: str) -> tuple[str, str]:
+    """The roles a device's client holds: its own, then its region's."""
+    return device_role_name(device_id), region_role_name(region)
 
 
 def new_password() -> str:
@@ -195,6 +217,100 @@ def initial_config(logins: dict[str, MqttLogin]) -> bytes:
         "roles": [roles[name].to_json() for name in SERVICE_IDENTITIES],
     }
     return (json.dumps(config, indent=2) + "\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    """A device client to add to the plugin's config: its login and region."""
+
+    login: MqttLogin
+    device_id: str
+    region: str
+
+
+def config_clients(config: dict[str, Any]) -> dict[str, set[str]]:
+    """Usernames in a plugin config (its JSON object) and the role names each holds."""
+    clients: dict[str, set[str]] = {}
+    for client in config.get("clients", []):
+        if isinstance(client, dict) and isinstance(client.get("username"), str):
+            roles = client.get("roles", [])
+            clients[client["username"]] = {
+                str(r.get("rolename")) for r in roles if isinstance(r, dict)
+            }
+    return clients
+
+
+def add_devices(
+    config: dict[str, Any], devices: list[NewDevice], *, replace: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """`config` (the plugin's file, parsed) with `devices`' roles and clients added.
+
+    The clients named in `replace` are removed first, with their device roles;
+    region roles are added once each (or given the ACLs they lack). What the
+    plugin would do through its API, at the cost of one write of the file
+    instead of one per command. Raises ValueError for a device that exists
+    and is not in `replace`.
+    """
+    drop = {device_role_name(name) for name in replace}
+    clients = [
+        c
+        for c in config.get("clients", [])
+        if not (isinstance(c, dict) and c.get("username") in replace)
+    ]
+    roles = [
+        r
+        for r in config.get("roles", [])
+        if not (isinstance(r, dict) and r.get("rolename") in drop)
+    ]
+    have = {str(c.get("username")) for c in clients if isinstance(c, dict)}
+    by_name = {str(r.get("rolename")): r for r in roles if isinstance(r, dict)}
+    for device in devices:
+        if device.login.username in have:
+            raise ValueError(f"device {device.login.username} is already provisioned")
+        have.add(device.login.username)
+        region = region_role(device.region)
+        stored = by_name.get(region.name)
+        if stored is None:
+            by_name[region.name] = region.to_json()
+            roles.append(by_name[region.name])
+        else:
+            stored.setdefault("acls", []).extend(a.to_json() for a in missing_acls(region, stored))
+        own = device_role(device.device_id)
+        if own.name in by_name:  # a leftover of an interrupted provisioning
+            roles.remove(by_name[own.name])
+        by_name[own.name] = own.to_json()
+        roles.append(by_name[own.name])
+        clients.append(
+            client_json(device.login, device_role_names(device.device_id, device.region))
+        )
+    return {**config, "clients": clients, "roles": roles}
+
+
+def batches(
+    units: list[list[dict[str, Any]]], *, max_commands: int, max_bytes: int
+) -> list[list[int]]:
+    """Indices of `units` (each a list of commands kept together, e.g. one device's)
+    grouped into API messages of at most `max_commands` commands and about `max_bytes`.
+
+    A message is what the plugin answers in one response; a bounded one keeps
+    request and response under the broker's packet limit, and the broker, which
+    handles a message in one go, free to serve its other clients in between. A
+    unit larger than the limits gets a message of its own.
+    """
+    out: list[list[int]] = []
+    current: list[int] = []
+    count = size = 0
+    for index, unit in enumerate(units):
+        cost = sum(len(json.dumps(c)) + 40 for c in unit)  # + correlation data, separators
+        if current and (count + len(unit) > max_commands or size + cost > max_bytes):
+            out.append(current)
+            current, count, size = [], 0, 0
+        current.append(index)
+        count += len(unit)
+        size += cost
+    if current:
+        out.append(current)
+    return out
 
 
 # ------------------------------------------------------------------ API requests

@@ -22,12 +22,13 @@ import aiomqtt
 import pytest
 
 from broker.launcher import Mosquitto
+from broker.provision import provision_devices, provision_fleet
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller
 from edge_agent.agent import Agent, AgentConfig
 from shared import topics
-from shared.credentials import COMMAND_KEY_FILE, Credentials
+from shared.credentials import COMMAND_KEY_FILE, Credentials, DeviceIdentity, apply_credentials
 from shared.keys import load_private_key, load_public_key
 from shared.messages import (
     CONFIDENCE_BUCKETS,
@@ -40,7 +41,7 @@ from shared.messages import (
     TelemetryWindow,
 )
 from shared.mqtt import make_client
-from shared.settings import parse_mqtt_url
+from shared.settings import MqttEndpoint, parse_mqtt_url
 from tests.conftest import S3, KeyPair, controller_config, device_endpoint, provision, running_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -191,7 +192,7 @@ async def test_device_cannot_fake_another_devices_events_telemetry_or_state(
         await asyncio.sleep(0.5)  # a few controller ticks
         after = [d for d in controller.store.list_devices() if d.device_id == "cam-a"]
         assert after[0].model_dump(exclude={"last_seen"}) == record_before
-        assert controller.store.cohort_stats("clf", ["cam-a"], 0.0).count == 0
+        assert controller.store.load_rollups(rollout_id, 0) == []  # no telemetry taken
         status = await read_rollout_status(operator, rollout_id)
         assert (status.status, status.devices_updated) == ("InProgress", 0)
         assert [a.state for a in controller.store.assignments(rollout_id)] != ["activated"]
@@ -394,3 +395,98 @@ async def test_agent_claiming_another_region_is_told_its_subscription_was_refuse
             await eventually(lambda: any(e["event"] == "subscription_refused" for e in logs))
     refused = [e for e in logs if e["event"] == "subscription_refused"]
     assert [e["topic"] for e in refused] == [topics.region_cmd("us-east")]
+
+
+async def _what_a_device_may_do(broker: Mosquitto, creds: Credentials) -> dict[str, object]:
+    """Everything a device tries against the others: subscription codes, what it receives,
+    and which of its publishes reach a controller-identity spy."""
+    assert creds.device is not None
+    me, region = creds.device.device_id, creds.device.region
+    endpoint = apply_credentials(parse_mqtt_url(broker.url), creds)
+    tries = {
+        "own cmd": topics.device_cmd(me),
+        "own region": topics.region_cmd(region),
+        "other device cmd": topics.device_cmd("cam-victim"),
+        "other region": topics.region_cmd("ap-other"),
+        "all device cmds": topics.ALL_DEVICE_CMDS,
+        "all regions": topics.ALL_REGION_CMDS,
+        "everything": "#",
+        "registry": topics.ALL_DEVICE_REGISTRY,
+    }
+    codes: dict[str, object] = {}
+    received: list[str] = []
+    reached: list[str] = []
+    async with (
+        make_client(mosquitto_spy(broker), identifier=f"spy-{me}") as spy,
+        make_client(endpoint, identifier=me) as device,
+    ):
+        for name, topic in tries.items():
+            codes[name] = granted(await device.subscribe(topic, qos=1))
+        for topic in (
+            topics.device_state("cam-victim"), topics.device_events("cam-victim"),
+            topics.device_telemetry("cam-victim"), topics.device_registry(me),
+            topics.device_state(me),
+        ):  # fmt: skip
+            assert granted(await spy.subscribe(topic, qos=1)) == 1
+        async with make_client(broker.endpoint("controller"), identifier=f"ctl-{me}") as ctl:
+            await ctl.publish(topics.device_cmd("cam-victim"), b"for-victim", qos=1)
+            await ctl.publish(topics.region_cmd("ap-other"), b"for-other-region", qos=1)
+            await ctl.publish(topics.region_cmd(region), b"for-my-region", qos=1)
+            await ctl.publish(topics.device_cmd(me), b"barrier", qos=1)
+        async with asyncio.timeout(10):
+            async for message in device.messages:
+                assert isinstance(message.payload, bytes)
+                received.append(message.payload.decode())
+                if message.payload == b"barrier":
+                    break
+        for topic in (
+            topics.device_state("cam-victim"), topics.device_events("cam-victim"),
+            topics.device_telemetry("cam-victim"), topics.device_registry(me),
+        ):  # fmt: skip
+            await device.publish(topic, b"forged", qos=1)
+        await device.publish(topics.device_state(me), b"own-state", qos=1)  # the barrier
+        async with asyncio.timeout(10):
+            async for message in spy.messages:
+                if message.retain:  # what was there before (its record): not this device's doing
+                    continue
+                reached.append(message.topic.value.replace(me, "<me>"))
+                if message.topic.matches(topics.device_state(me)):
+                    break
+    return {"codes": codes, "received": received, "reached": reached}
+
+
+def mosquitto_spy(broker: Mosquitto) -> MqttEndpoint:
+    """The controller's identity: it reads every device's state, events, telemetry, record."""
+    return broker.endpoint("controller")
+
+
+@pytest.mark.parametrize("path", ["api", "import"])
+async def test_a_batch_provisioned_device_is_isolated_exactly_like_one_provisioned_alone(
+    mosquitto: Mosquitto, tmp_path: Path, path: str
+) -> None:
+    """Batch-provisioned (through the API, or imported into a stopped broker's file) devices
+    subscribe, receive and publish exactly what a device provisioned alone may: their own and
+    their region's cmd topics, their own topics; nothing of another device or region."""
+    alone = provision(mosquitto, "cam-solo", "eu-west", "camera")
+    provision(mosquitto, "cam-victim", "us-east", "camera")
+    batch = [DeviceIdentity(f"cam-b{i}", r, "camera") for i, r in enumerate(("eu-west", "sa-x"))]
+    if path == "api":
+        done = await provision_devices(
+            mosquitto.endpoint("admin"), mosquitto.credentials("admin"), batch, tmp_path / "b"
+        )
+    else:
+        done = await provision_fleet(mosquitto, batch, tmp_path / "b")
+    expected = await _what_a_device_may_do(mosquitto, alone)
+    assert expected == {
+        "codes": {
+            "own cmd": 1, "own region": 1, "other device cmd": NOT_AUTHORIZED,
+            "other region": NOT_AUTHORIZED, "all device cmds": NOT_AUTHORIZED,
+            "all regions": NOT_AUTHORIZED, "everything": NOT_AUTHORIZED,
+            "registry": NOT_AUTHORIZED,
+        },
+        "received": ["for-my-region", "barrier"],
+        "reached": [f"{topics.ROOT}/devices/<me>/state"],
+    }  # fmt: skip
+    for provisioned in done:
+        assert provisioned.outcome == "created"
+        assert await _what_a_device_may_do(mosquitto, provisioned.credentials) == expected
