@@ -30,8 +30,10 @@ from shared.messages import (
     GateSpec,
     ListDevices,
     ListModels,
+    ListRolloutDevices,
     ListRollouts,
     RolloutAction,
+    RolloutDevicesPage,
     RolloutStatus,
     StageSpec,
     StartRollout,
@@ -633,10 +635,46 @@ def _print_status(status: RolloutStatus) -> None:
             f"gate      {gate.gate}: {gate.verdict.replace('_', ' ')} "
             f"({observed} vs {gate.threshold}) {gate.detail}"
         )
+    if status.device_states:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(status.device_states.items()))
+        print(f"states    {states}")
+    if status.devices or status.devices_targeted == 0:
+        print_table(
+            [d.model_dump() for d in status.devices],
+            [("DEVICE", "device_id"), ("STATE", "state"), ("REASON", "reason")],
+        )
+    else:
+        print(f"devices   hotswap rollout devices {status.rollout_id} [--state STATE]")
+
+
+@rollout_app.command("devices")
+def rollout_devices(
+    rollout_id: Annotated[str, typer.Argument(help="the rollout id")],
+    state: Annotated[
+        str | None, typer.Option("--state", help="only devices in this state (e.g. failed)")
+    ] = None,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="skip this many devices")] = 0,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=5000, help="devices per page")] = 500,
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+    as_json: Json = False,
+) -> None:
+    """List a rollout's devices and their state, a page at a time (by device id)."""
+    request = ListRolloutDevices(rollout_id=rollout_id, state=state, offset=offset, limit=limit)
+    with cli_errors():
+        raw = asyncio.run(_request(_endpoint(mqtt_url, credentials), request))
+    page = RolloutDevicesPage.model_validate(raw)
+    if as_json:
+        emit_json(page.model_dump(mode="json", by_alias=True))
+        return
     print_table(
-        [d.model_dump() for d in status.devices],
+        [d.model_dump() for d in page.devices],
         [("DEVICE", "device_id"), ("STATE", "state"), ("REASON", "reason")],
     )
+    shown = f"{page.offset + 1}-{page.offset + len(page.devices)}" if page.devices else "none"
+    more = page.offset + len(page.devices) < page.total
+    hint = f"; next: --offset {page.offset + len(page.devices)}" if more else ""
+    print(f"devices {shown} of {page.total}{hint}", file=sys.stderr)
 
 
 @rollout_app.command("status")

@@ -75,6 +75,9 @@ class RolloutRow(SQLModel, table=True):
     version_b: str | None = None  # A/B tests: the other version
     winner: str | None = None  # A/B tests: the version rolled out to all once decided
     ab_result: str | None = None  # A/B tests: the comparison (JSON) the decision was made on
+    # The candidate's served inferences on devices that activated it, over the rollout.
+    served_latency_total_ms: float = 0.0
+    served_count: int = 0
 
 
 class AssignmentRow(SQLModel, table=True):
@@ -137,6 +140,45 @@ class TelemetryWindowRow(SQLModel, table=True):
     input_histograms: str = ""
     task: str = ""  # the task the agent computed confidence by (describe()); "" if unsaid
     agreement_rule: str = ""  # shadow: how the agent counted agreements; "" if unsaid
+
+
+class TelemetryRollupRow(SQLModel, table=True):
+    """One device's telemetry of one version over one stage of a rollout, merged.
+
+    Bounded: a row per device, version and served/mirrored side per stage, however
+    many windows it sent (controller.live.Rollup, as JSON). What the gates read
+    again after a restart; pruned with its rollout (`telemetry_retention_s`).
+    """
+
+    __tablename__ = "telemetry_rollups"
+
+    rollout_id: str = Field(primary_key=True)
+    stage_index: int = Field(primary_key=True)
+    device_id: str = Field(primary_key=True)
+    version: str = Field(primary_key=True)
+    shadow: bool = Field(primary_key=True)
+    data: str
+    updated_at: float = 0.0
+
+
+class TelemetryMinuteRow(SQLModel, table=True):
+    """The fleet's telemetry of one model version per minute, merged (Rollup JSON).
+
+    Bounded by versions and minutes, not by devices or windows: what the fleet's
+    devices said, kept for `telemetry_retention_s` whether or not a rollout ran.
+    """
+
+    __tablename__ = "telemetry_minutes"
+
+    model: str = Field(primary_key=True)
+    version: str = Field(primary_key=True)
+    shadow: bool = Field(primary_key=True)
+    minute: int = Field(primary_key=True)  # UNIX time // 60 of the window's end
+    windows: int = 0
+    count: int = 0
+    errors: int = 0
+    latency_total_ms: float = 0.0
+    data: str = ""
 
 
 def make_engine(url: str) -> Engine:

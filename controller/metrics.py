@@ -27,9 +27,12 @@ DROPPED = Counter(
     "Device messages dropped, by reason: rate_limited, too_large (before parsing), malformed "
     "(fails the contract), identity_mismatch (payload names another device), identity_claim "
     "(contradicts the provisioned region/type; the rest of the state is kept), db_error "
-    "(could not be stored)",
+    "(could not be stored), backlog (telemetry over the ingest queue's limit)",
     ["reason"],
     registry=REGISTRY,
+)
+INGEST_QUEUE = Gauge(
+    "hotswap_ingest_queue", "Device messages checked and waiting to be applied", registry=REGISTRY
 )
 DEVICES_ONLINE = Gauge("hotswap_devices_online", "Devices online", registry=REGISTRY)
 ROLLOUTS = Counter(

@@ -18,7 +18,7 @@ rollout ends `RolledBack` once they answered.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from controller.gates import Verdict
@@ -94,6 +94,7 @@ class AssignmentView:
     attempts: int = 0
     command_id: str | None = None
     rollback_command_id: str | None = None
+    version: str = ""  # A/B: the side this device is to run ("" means the rollout's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +217,40 @@ def plan_next_actions(
     now: float,
     ab: ABChoice | None = None,
 ) -> list[Action]:
-    """What to do next; `gates` is None when the rollout has no gates, `ab` unless A/B."""
+    """What to do next; `gates` is None when the rollout has no gates, `ab` unless A/B.
+
+    Invariant: at most one command intent per device (a device pending in the current
+    stage and in an earlier one, as A/B winners and retried devices are, is sent once).
+    """
+    return _one_command_per_device(_plan(rollout, stages, assignments, gates, now, ab))
+
+
+def _one_command_per_device(actions: list[Action]) -> list[Action]:
+    seen: set[str] = set()
+    out: list[Action] = []
+    for x in actions:
+        if isinstance(x, SendDeploy):
+            if x.device_id in seen:
+                continue
+            seen.add(x.device_id)
+        elif isinstance(x, SendRegionDeploy | SendSwitch):
+            devices = tuple(d for d in x.devices if d not in seen)
+            if not devices:
+                continue
+            seen.update(devices)
+            x = replace(x, devices=devices)
+        out.append(x)
+    return out
+
+
+def _plan(
+    rollout: RolloutView,
+    stages: Sequence[Stage],
+    assignments: Sequence[AssignmentView],
+    gates: GateReading | None,
+    now: float,
+    ab: ABChoice | None,
+) -> list[Action]:
     if rollout.status not in ("Pending", "InProgress"):
         return []
     actions: list[Action] = []

@@ -21,11 +21,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiomqtt
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
 from sqlalchemy.exc import SQLAlchemyError
@@ -34,16 +35,16 @@ from controller import metrics
 from controller.artifacts import ArtifactStore
 from controller.db import AssignmentRow, ModelVersionRow, RolloutRow
 from controller.gates import (
-    ABReading,
-    CohortStats,
     compare_ab,
     describe_failures,
     evaluate_gates,
     overall,
 )
+from controller.live import LiveRollout, Rollup
 from controller.planner import (
     FINAL_DEVICE_STATES,
     ABChoice,
+    Action,
     AdvanceStage,
     AssignmentView,
     BeginRollback,
@@ -67,9 +68,9 @@ from controller.planner import (
     plan_resends,
 )
 from controller.rate_limit import DeviceRateLimiter
-from controller.status import build_status
-from controller.store import Store, Superseded
-from controller.strategies import STRATEGIES, Stage, Target
+from controller.status import build_status, progress
+from controller.store import RolloutRollups, Store, Superseded
+from controller.strategies import STRATEGIES, Target
 from shared import __version__, topics
 from shared.command_auth import COMMAND_REFUSAL_REASONS, SIGNATURE_PROPERTY, sign_command
 from shared.errors import BrokerError, HotswapError, RequestError
@@ -77,6 +78,7 @@ from shared.manifest import SignedManifest
 from shared.messages import (
     MAX_MESSAGE_BYTES,
     REQUEST,
+    STATUS_DEVICE_LINES,
     ABComparison,
     CancelCommand,
     ControllerState,
@@ -88,6 +90,7 @@ from shared.messages import (
     GetRollout,
     ListDevices,
     ListModels,
+    ListRolloutDevices,
     ListRollouts,
     ModelRef,
     Ping,
@@ -95,6 +98,7 @@ from shared.messages import (
     Request,
     Response,
     RollbackCommand,
+    RolloutDevicesPage,
     RolloutStatus,
     Selector,
     SwitchCommand,
@@ -122,6 +126,45 @@ _INBOUND: dict[str, type[DeviceState] | type[DeviceEvent] | type[TelemetryWindow
 }
 
 
+class Publisher(Protocol):
+    """What the controller publishes through: aiomqtt's client, or a recorder in tests."""
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A device message handed in directly (Controller.ingest), shaped like aiomqtt's."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Inbound:
+    """A checked device message (or a registry record) waiting for the ingest loop."""
+
+    kind: str  # state, events, telemetry, registry
+    msg: DeviceState | DeviceEvent | TelemetryWindow | None
+    payload: bytes  # registry records: read when applied
+    topic: str
+    retain: bool  # delivered from the broker's retained store (on subscribe)
+
+
+# Intents after which the planner has more to say at once.
+_MOVES = (StartRollout, SettleStage, AdvanceStage, BeginRollback, DecideWinner)
+# Device intents the executor applies a run at a time (one transaction, few publishes).
+_BATCHED = (SendDeploy, RetryDevice, TimeOutDevice, TimeOutRollback, SendRollback)
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
     mqtt: MqttEndpoint
@@ -147,6 +190,20 @@ class ControllerConfig:
     # Repeated failures (database trouble, a rollout that cannot be stepped) are logged
     # at most once per this interval, with how many happened since.
     error_log_interval_s: float = 30.0
+    # Ingest: device messages applied per transaction, and the queue length beyond which
+    # telemetry is dropped (counted, reason `backlog`) so that events are never late.
+    ingest_batch: int = 2000
+    ingest_backlog: int = 50_000
+    # Ticks: a pause after each so events gather; an open rollout nothing happened to is
+    # planned again this often (timeouts, bakes); a running one's status at most this often.
+    tick_gap_s: float = 0.02
+    step_interval_s: float = 1.0
+    status_interval_s: float = 0.5
+    # Devices named in one region command's selector (a larger stage takes several).
+    region_command_devices: int = 1000
+    # Telemetry rollups of finished rollouts are kept this long; pruned this often.
+    telemetry_retention_s: float = 7 * 24 * 3600.0
+    prune_interval_s: float = 3600.0
 
 
 class _Throttle:
@@ -189,11 +246,80 @@ class Controller:
         self.connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._published: dict[str, str] = {}  # rollout id -> fingerprint of last status
-        self._client: aiomqtt.Client | None = None
+        self._client: Publisher | None = None
         self._limiter = DeviceRateLimiter(config.device_rate_per_s, config.device_burst)
         self._throttle = _Throttle(config.error_log_interval_s)
         self._step_errors: dict[str, str] = {}  # rollout id -> the error last logged for it
+        # In memory, rebuilt from the rows on every (re)connect (controller.live):
+        self._live: dict[str, LiveRollout] = {}  # open (and just finished) rollouts
+        self._rollout_of: dict[str, str] = {}  # device -> the open rollout that has it
+        self._finished_of: dict[str, str] = {}  # device -> the rollout it just finished
+        self._dirty: set[str] = set()  # rollouts something happened to since their step
+        self._next_step: dict[str, float] = {}  # rollout -> when to step it regardless
+        self._status_at: dict[str, float] = {}  # rollout -> when its status last went out
+        self._status_names: dict[str, str] = {}  # rollout -> the status it last said
+        self._urls: dict[tuple[str, str], tuple[ModelVersionRow, str, float]] = {}
+        self._inbox: asyncio.Queue[_Inbound] = asyncio.Queue()
+        # Ingest, ticks and operator changes take turns: rows and memory change together.
+        self._lock = asyncio.Lock()
+        self._requests: set[asyncio.Task[None]] = set()
+        self._pruned_at = 0.0
+        self._runner: asyncio.Task[None] | None = None
         self.instance = uuid.uuid4().hex[:12]
+
+    # ------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> Controller:
+        """Start serving (`run` as a named task); returns once connected the first time.
+
+        Raises what stopped it when it stops before that (a fatal BrokerError)."""
+        self._runner = asyncio.create_task(self.run(), name="controller")
+        ready = asyncio.create_task(self.connected.wait(), name="controller-connected")
+        try:
+            await asyncio.wait({self._runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self._runner.done():
+            self._runner.result()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+    # The engine without a session (tests, embedding): a publisher in place of the MQTT
+    # client, messages handed in, ticks on demand. `run` drives the same methods.
+
+    async def attach(self, publisher: Publisher) -> None:
+        """Serve through `publisher` (anything with aiomqtt's `publish`), rows loaded."""
+        self._client = publisher
+        async with self._lock:
+            self._load_live()
+
+    def receive(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """One device message as if received: checked and queued (see `flush`)."""
+        self._admit(topic, _Received(topic, payload, retain))
+
+    async def flush(self) -> None:
+        """Apply what is queued, in batches as the ingest loop does."""
+        while not self._inbox.empty():
+            batch: list[_Inbound] = []
+            while len(batch) < self.config.ingest_batch and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            async with self._lock:
+                await self._apply(batch)
+
+    async def request(self, request: Request) -> Any:
+        """An operator request, answered (raises what its error response would say)."""
+        return await self._handle(request)
+
+    async def tick(self) -> None:
+        """Step every rollout that changed or is due, now."""
+        async with self._lock:
+            await self._tick()
 
     # ------------------------------------------------------------ session
 
@@ -237,6 +363,7 @@ class Controller:
                     try:
                         async with asyncio.TaskGroup() as tg:
                             tg.create_task(self._receive_loop(client), name="receive")
+                            tg.create_task(self._ingest_loop(), name="ingest")
                             tg.create_task(self._tick_loop(), name="tick")
                     except asyncio.CancelledError:
                         await self._say_offline(client)
@@ -348,50 +475,120 @@ class Controller:
             qos=1,
             retain=True,
         )
-        # Resume: re-send every command whose outcome is still open. The command id
-        # is unchanged, so a device that already has it answers without redoing work.
-        for rollout in self.store.open_rollouts():
-            await self._resend(rollout, self.store.assignments(rollout.rollout_id))
-        self._published.clear()
+        async with self._lock:
+            # The rows are the truth: what is in memory is rebuilt from them once per
+            # session, then follows the changes.
+            self._load_live()
+            self._published.clear()
+            # Resume: re-send every command whose outcome is still open. The command id
+            # is unchanged, so a device that already has it answers without redoing work.
+            for live in list(self._live.values()):
+                if live.row.finished_at is None:
+                    await self._resend(live, live.assignment_views())
+                await self._publish_status(live, force=True)
         self.connected.set()
         self._wake.set()
         log.info("controller_connected", broker=str(self.config.mqtt))
 
+    def _load_live(self) -> None:
+        """Every open rollout (and those finished within the status refresh) into memory."""
+        self._live.clear()
+        self._rollout_of.clear()
+        self._finished_of.clear()
+        since = self.clock() - self.config.status_refresh_s
+        for row in self.store.recently_finished(since) + self.store.open_rollouts():
+            try:
+                self._track(self._loaded(row))
+            except (ValidationError, ValueError, KeyError, TypeError) as exc:
+                # A damaged row: said on that rollout; every other one is served.
+                self._step_failed(row, exc)
+
+    def _loaded(self, row: RolloutRow) -> LiveRollout:
+        assignments = self.store.assignments(row.rollout_id)
+        spec = StartRolloutRequest.model_validate_json(row.spec)
+        targets = [Target(a.device_id, a.region) for a in assignments]
+        live = LiveRollout.start(
+            row,
+            spec,
+            STRATEGIES[row.strategy](targets, spec, row.rollout_id),
+            [assignment_view(a) for a in assignments],
+            {a.device_id: a.region for a in assignments},
+        )
+        for r in self.store.load_rollups(row.rollout_id, row.stage_index):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                live.restore_rollup(r.device_id, r.version, r.shadow, Rollup.from_json(r.data))
+        return live
+
+    def _track(self, live: LiveRollout) -> None:
+        """Keep a rollout in memory; an open one is where its devices' messages go."""
+        rid = live.rollout_id
+        self._live[rid] = live
+        if live.row.finished_at is None:
+            for device_id, view in live.views.items():
+                if view.state != "cancelled":
+                    self._rollout_of[device_id] = rid
+        else:
+            self._untrack_devices(rid)
+
+    def _untrack_devices(self, rollout_id: str) -> None:
+        """The rollout ended: its devices' telemetry still feeds its last stage's cohorts
+        and served latency while its status is kept fresh (`status_refresh_s`)."""
+        live = self._live.get(rollout_id)
+        for device_id in live.views if live is not None else ():
+            if self._rollout_of.get(device_id) == rollout_id:
+                del self._rollout_of[device_id]
+                self._finished_of[device_id] = rollout_id
+
+    def _forget(self, rollout_id: str) -> None:
+        """A finished rollout's status refresh is over: out of memory."""
+        live = self._live.pop(rollout_id, None)
+        self._published.pop(rollout_id, None)
+        for device_id in live.views if live is not None else ():
+            if self._finished_of.get(device_id) == rollout_id:
+                del self._finished_of[device_id]
+
+    def _reload(self, rollout_id: str) -> LiveRollout | None:
+        """Rebuild one rollout from its rows (after a change made outside the planner);
+        None when its rows are damaged (said on the rollout, which is not served)."""
+        row = self.store.get_rollout(rollout_id)
+        try:
+            live = self._loaded(row)
+        except (ValidationError, ValueError, KeyError, TypeError) as exc:
+            self._untrack_devices(rollout_id)
+            self._forget(rollout_id)
+            self._step_failed(row, exc)
+            return None
+        self._track(live)
+        self._dirty.add(rollout_id)
+        return live
+
     # ------------------------------------------------------------ inbound
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
+        """Read, check and queue; the ingest loop applies in batches, requests run apart."""
         async for message in client.messages:
             topic = str(message.topic)
             try:
-                await self._dispatch(client, topic, message)
+                if topic == topics.CONTROLLER_REQUESTS:
+                    task = asyncio.create_task(self._on_request(client, message), name="request")
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
+                else:
+                    self._admit(topic, message)
             except HotswapError as exc:
                 log.warning("message_rejected", topic=topic, reason=exc.reason, error=str(exc))
-            except aiomqtt.MqttError:
-                raise  # the session is gone: reconnect
-            except SQLAlchemyError as exc:
-                # Counted, and logged once per interval: a full disk must not flood the log.
-                kind = topic.rsplit("/", 1)[-1]
-                metrics.DROPPED.labels("db_error").inc()
-                self._log_throttled(
-                    "telemetry_store_failed" if kind == "telemetry" else "message_store_failed",
-                    error=database_error_text(exc),
-                )
             except Exception:
                 # One bad message must never stop the controller serving the fleet.
                 log.exception("message_handler_failed", topic=topic)
-            # Checked after the work: a cancellation a publish swallowed stops us now,
-            # not whenever the next message happens to arrive.
             raise_if_cancelled()
 
-    async def _dispatch(self, client: aiomqtt.Client, topic: str, message: aiomqtt.Message) -> None:
+    def _admit(self, topic: str, message: aiomqtt.Message | _Received) -> None:
+        """Check a device message (rate, size, shape, identity) and queue it for ingest."""
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload or "").encode()
-        if topic == topics.CONTROLLER_REQUESTS:
-            await self._on_request(client, bytes(payload), message)
-            return
         if topic.startswith(topics.ALL_DEVICE_REGISTRY.removesuffix("+")):
-            await self._on_record(topic, bytes(payload))
+            self._queue(_Inbound("registry", None, bytes(payload), topic, message.retain))
             return
         try:
             where = topics.parse_device_topic(topic)
@@ -422,6 +619,11 @@ class Controller:
             return
         if kind == "state" and not payload:
             return  # a cleared retained state
+        if kind == "telemetry" and self._inbox.qsize() >= self.config.ingest_backlog:
+            # Telemetry yields to events and states when ingest falls behind: counted.
+            metrics.DROPPED.labels("backlog").inc()
+            self._log_throttled("telemetry_backlog", queued=self._inbox.qsize())
+            return
         model = _INBOUND[kind]
         try:
             msg = model.model_validate_json(payload)
@@ -445,55 +647,161 @@ class Controller:
                 payload_device=msg.device_id,
             )
             return
-        now = self.clock()
         metrics.MESSAGES.labels(kind, "accepted").inc()
-        if isinstance(msg, DeviceState):
-            refused = self.store.upsert_device(msg, now)
-            if refused is not None:
+        self._queue(_Inbound(kind, msg, b"", topic, message.retain))
+
+    def _queue(self, item: _Inbound) -> None:
+        self._inbox.put_nowait(item)
+        metrics.INGEST_QUEUE.set(self._inbox.qsize())
+
+    async def _ingest_loop(self) -> None:
+        """Apply queued device messages in batches: one transaction per kind and batch."""
+        while True:
+            batch = [await self._inbox.get()]
+            while len(batch) < self.config.ingest_batch and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            metrics.INGEST_QUEUE.set(self._inbox.qsize())
+            try:
+                async with self._lock:
+                    await self._apply(batch)
+            except aiomqtt.MqttError:
+                raise  # the session is gone: reconnect
+            except SQLAlchemyError as exc:
+                # Counted, and logged once per interval: a full disk must not flood the log.
+                metrics.DROPPED.labels("db_error").inc(len(batch))
+                kinds = {i.kind for i in batch}
+                self._log_throttled(
+                    "telemetry_store_failed" if kinds == {"telemetry"} else "message_store_failed",
+                    error=database_error_text(exc),
+                    messages=len(batch),
+                )
+            except Exception:
+                log.exception("ingest_failed", messages=len(batch))
+            raise_if_cancelled()
+
+    async def _apply(self, batch: Sequence[_Inbound]) -> None:
+        now = self.clock()
+        for item in batch:
+            if item.kind == "registry":
+                await self._on_record(item.topic, item.payload)
+        states = [i.msg for i in batch if isinstance(i.msg, DeviceState)]
+        if states:
+            refused = self.store.upsert_devices(states, now)
+            for device_id, detail in refused.items():
                 # Provisioning fixed who it is; the rest of its state is still taken.
                 metrics.DROPPED.labels("identity_claim").inc()
-                log.warning("device_identity_refused", device_id=msg.device_id, detail=refused)
+                log.warning("device_identity_refused", device_id=device_id, detail=detail)
             metrics.DEVICES_ONLINE.set(self.store.devices_online())
-            log.info(
-                "device_state",
-                device_id=msg.device_id,
-                online=msg.online,
-                active=msg.active.ref if msg.active else None,
-            )
-            # A live (not retained) online state: the device has just (re)connected or
-            # changed model. Retained copies come on our own reconnect, which resends.
-            if msg.online and not message.retain:
-                await self._device_back(msg.device_id)
-        elif isinstance(msg, DeviceEvent):
-            if msg.phase == "downloading" and msg.reason == "url_expired":
-                await self._represign(msg)
-                return
-            if msg.phase == "failed" and msg.reason in COMMAND_REFUSAL_REASONS:
+            for st in states:
+                log.info(
+                    "device_state",
+                    device_id=st.device_id,
+                    online=st.online,
+                    active=st.active.ref if st.active else None,
+                )
+        await self._apply_events([i.msg for i in batch if isinstance(i.msg, DeviceEvent)], now)
+        self._apply_telemetry([i.msg for i in batch if isinstance(i.msg, TelemetryWindow)], now)
+        # A live (not retained) online state: the device has just (re)connected or changed
+        # model. Retained copies come on our own reconnect, which resends everything.
+        back = {
+            i.msg.device_id
+            for i in batch
+            if isinstance(i.msg, DeviceState) and i.msg.online and not i.retain
+        }
+        for device_id in sorted(back):
+            await self._device_back(device_id)
+
+    async def _apply_events(self, events: Sequence[DeviceEvent], now: float) -> None:
+        plain = []
+        for e in events:
+            if e.phase == "downloading" and e.reason == "url_expired":
+                await self._represign(e)
+            elif e.phase == "failed" and e.reason in COMMAND_REFUSAL_REASONS:
                 # A forged or replayed copy refused by the device: our own command with
                 # that id is still valid and still in flight; its timeout covers the rest.
                 log.warning(
                     "device_refused_command_copy",
-                    device_id=msg.device_id,
-                    rollout_id=msg.rollout_id,
-                    command_id=msg.command_id,
-                    reason=msg.reason,
-                    detail=msg.detail,
+                    device_id=e.device_id,
+                    rollout_id=e.rollout_id,
+                    command_id=e.command_id,
+                    reason=e.reason,
+                    detail=e.detail,
                 )
-                return
-            row = self.store.apply_event(msg, now)
+            else:
+                plain.append(e)
+        if not plain:
+            return
+        rows = self.store.apply_events(plain, now)
+        changed = {(r.rollout_id, r.device_id) for r in rows}
+        for e in plain:
             log.info(
                 "device_event",
-                device_id=msg.device_id,
-                rollout_id=msg.rollout_id,
-                command_id=msg.command_id,
-                phase=msg.phase,
-                reason=msg.reason,
-                applied=row is not None,
+                device_id=e.device_id,
+                rollout_id=e.rollout_id,
+                command_id=e.command_id,
+                phase=e.phase,
+                reason=e.reason,
+                applied=(e.rollout_id, e.device_id) in changed,
             )
-            if row is not None:
-                self._wake.set()
-        else:
-            self.store.record_telemetry(msg)
+        for row in rows:
+            live = self._live.get(row.rollout_id)
+            if live is not None:
+                live.set_view(assignment_view(row))
+            # (A late answer to a rollout no longer in memory still changes its record:
+            # the tick republishes its status from the rows.)
+            self._dirty.add(row.rollout_id)
+        if rows:
+            self._wake.set()
+
+    def _apply_telemetry(self, windows: Sequence[TelemetryWindow], now: float) -> None:
+        """Merge windows into the fleet's minutes and their rollout's cohorts; persist the
+        batch in one transaction."""
+        if not windows:
+            return
+        fleet: dict[tuple[str, str, bool, int], tuple[int, Rollup]] = {}
+        touched: set[str] = set()
+        for w in windows:
+            rollup = Rollup.of(self.store.window_stats(w))
+            end = w.window_end.timestamp()
+            key = (w.model.name, w.model.version, w.shadow, int(end // 60))
+            n, total = fleet.get(key, (0, Rollup()))
+            total.add(rollup)
+            fleet[key] = (n + 1, total)
+            rid = self._rollout_of.get(w.device_id)
+            live = self._live.get(rid) if rid is not None else None
+            if (
+                live is not None
+                and w.model.name == live.row.model
+                and live.add_window(w.device_id, w.model.version, w.shadow, rollup, end)
+            ):
+                touched.add(live.rollout_id)
+            done = self._live.get(self._finished_of.get(w.device_id, ""))
+            if (
+                done is not None
+                and done is not live
+                and w.model.name == done.row.model
+                and done.add_window(w.device_id, w.model.version, w.shadow, rollup, end)
+            ):
+                touched.add(done.rollout_id)
+        rollouts = []
+        for rid in sorted(touched):
+            live = self._live[rid]
+            rollouts.append(
+                RolloutRollups(
+                    rid,
+                    live.stage_index,
+                    [
+                        (device_id, version, shadow, rollup.to_json())
+                        for device_id in sorted(live.dirty_rollups)
+                        for (version, shadow), rollup in live.rollups.get(device_id, {}).items()
+                    ],
+                    (live.served_latency_total_ms, live.served_count),
+                )
+            )
+        self.store.save_telemetry(fleet, rollouts, now)
+        for rid in touched:
+            self._live[rid].dirty_rollups.clear()
+            self._dirty.add(rid)
 
     async def _on_record(self, topic: str, payload: bytes) -> None:
         """A provisioning record (the broker's admin writes these; devices cannot)."""
@@ -526,7 +834,7 @@ class Controller:
                 device_type=record.device_type,
             )
         for rollout_id in sorted(set(touched)):
-            await self._publish_status(self.store.get_rollout(rollout_id))
+            await self._publish_status(self._reload(rollout_id))
         if touched:
             self._wake.set()
 
@@ -536,13 +844,16 @@ class Controller:
         if count is not None:
             log.error(event, failures=count, per_s=self.config.error_log_interval_s, **facts)
 
-    async def _on_request(
-        self, client: aiomqtt.Client, payload: bytes, message: aiomqtt.Message
-    ) -> None:
+    async def _on_request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """Answer one operator request (its own task: ingest never waits for it)."""
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            payload = str(payload or "").encode()
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         kind = "invalid"
+        started = time.perf_counter()
         try:
             if len(payload) > MAX_MESSAGE_BYTES:
                 raise RequestError(f"request too large ({len(payload)} bytes)")
@@ -557,8 +868,9 @@ class Controller:
             response = Response(ok=True, result=result)
         except HotswapError as exc:
             response = Response(ok=False, error=str(exc), reason=exc.reason)
-        except aiomqtt.MqttError:
-            raise
+        except aiomqtt.MqttError as exc:
+            log.warning("request_publish_failed", kind=kind, error=str(exc))
+            return
         except SQLAlchemyError as exc:
             # Answered at once: the operator must not wait out a timeout and blame the broker.
             response = Response(ok=False, error=database_error_text(exc), reason="database_error")
@@ -569,18 +881,25 @@ class Controller:
                 ok=False, error=f"controller error: {type(exc).__name__}: {exc}", reason="internal"
             )
         metrics.REQUESTS.labels(kind, str(response.ok).lower()).inc()
-        log.info("request", kind=kind, ok=response.ok, error=response.error)
+        log.info(
+            "request",
+            kind=kind,
+            ok=response.ok,
+            error=response.error,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         if response_topic and not str(response_topic).startswith(f"{topics.RESPONSES_PREFIX}/"):
             # Answers go under the responses prefix only: a request must not make the
             # controller publish on a device's cmd topic or any other topic it may write.
             log.warning("response_topic_refused", kind=kind, response_topic=response_topic)
         elif response_topic:
-            await client.publish(
-                response_topic,
-                response.to_wire(),
-                qos=1,
-                properties=publish_properties(correlation=correlation, expiry_s=60),
-            )
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(
+                    response_topic,
+                    response.to_wire(),
+                    qos=1,
+                    properties=publish_properties(correlation=correlation, expiry_s=60),
+                )
 
     async def _handle(self, request: Request) -> Any:
         now = self.clock()
@@ -599,56 +918,81 @@ class Controller:
                 "instance": self.instance,
             }
         if isinstance(request, StartRolloutRequest):
-            if not (
-                request.devices or request.region or request.device_type or request.all_devices
-            ):
-                raise RequestError(
-                    "name the devices: --devices, --region or --device-type, "
-                    "or --all for the whole fleet",
-                    reason="bad_request",
-                )
-            model = self.store.get_model(request.model, request.version)
-            if request.strategy == "ab" and request.version_b:
-                other = self.store.get_model(request.model, request.version_b)
-                if other.signature != model.signature:
-                    raise RequestError(
-                        f"A/B versions must share a tensor signature: {model.version} is "
-                        f"{model.signature}, {other.version} is {other.signature}",
-                        reason="bad_request",
-                    )
-            targets = self.store.resolve_targets(request, model)
-            created = self.store.create_rollout(request, model, targets, now)
-            rollout = created.rollout
-            log.info(
-                "rollout_created",
-                rollout_id=rollout.rollout_id,
-                model=f"{model.name}@{model.version}",
-                strategy=rollout.strategy,
-                devices=len(targets),
-                superseded=[x.rollout_id for x in created.superseded],
-            )
-            for older in created.superseded:
-                await self._cancel_superseded(older, rollout.rollout_id)
-            await self._publish_status(rollout)
-            self._wake.set()
-            return {
-                "rolloutId": rollout.rollout_id,
-                "devicesTargeted": len(targets),
-                "superseded": {x.rollout_id: len(x.devices) for x in created.superseded},
-            }
+            async with self._lock:
+                return await self._start(request, now)
         if isinstance(request, ControlRollout):
-            return await self._control(request, now)
+            async with self._lock:
+                return await self._control(request, now)
         if isinstance(request, GetRollout):
-            rollout = self.store.get_rollout(request.rollout_id)
-            return self._status(rollout).model_dump(mode="json", by_alias=True)
+            return self._status(self._view_of(request.rollout_id)).model_dump(
+                mode="json", by_alias=True
+            )
+        if isinstance(request, ListRolloutDevices):
+            self.store.get_rollout(request.rollout_id)  # unknown ids are refused
+            total, rows = self.store.assignments_page(
+                request.rollout_id, request.state, request.offset, request.limit
+            )
+            return RolloutDevicesPage(
+                rollout_id=request.rollout_id,
+                total=total,
+                offset=request.offset,
+                devices=tuple(progress(assignment_view(a)) for a in rows),
+            ).model_dump(mode="json", by_alias=True)
         if isinstance(request, ListRollouts):
             return [self._listed(r) for r in self.store.list_rollouts()]
         raise RequestError(f"unsupported request {request.kind!r}")
 
+    async def _start(self, request: StartRolloutRequest, now: float) -> dict[str, Any]:
+        if not (request.devices or request.region or request.device_type or request.all_devices):
+            raise RequestError(
+                "name the devices: --devices, --region or --device-type, "
+                "or --all for the whole fleet",
+                reason="bad_request",
+            )
+        model = self.store.get_model(request.model, request.version)
+        if request.strategy == "ab" and request.version_b:
+            other = self.store.get_model(request.model, request.version_b)
+            if other.signature != model.signature:
+                raise RequestError(
+                    f"A/B versions must share a tensor signature: {model.version} is "
+                    f"{model.signature}, {other.version} is {other.signature}",
+                    reason="bad_request",
+                )
+        targets = self.store.resolve_targets(request, model)
+        created = self.store.create_rollout(request, model, targets, now)
+        rollout = created.rollout
+        log.info(
+            "rollout_created",
+            rollout_id=rollout.rollout_id,
+            model=f"{model.name}@{model.version}",
+            strategy=rollout.strategy,
+            devices=len(targets),
+            superseded=[x.rollout_id for x in created.superseded],
+        )
+        for older in created.superseded:
+            await self._cancel_superseded(older, rollout.rollout_id)
+        await self._publish_status(self._reload(rollout.rollout_id), force=True)
+        self._wake.set()
+        return {
+            "rolloutId": rollout.rollout_id,
+            "devicesTargeted": len(targets),
+            "superseded": {x.rollout_id: len(x.devices) for x in created.superseded},
+        }
+
+    def _view_of(self, rollout_id: str) -> LiveRollout:
+        """The rollout as in memory; one long finished is read from its rows (not kept)."""
+        live = self._live.get(rollout_id)
+        return live if live is not None else self._loaded(self.store.get_rollout(rollout_id))
+
     def _listed(self, rollout: RolloutRow) -> dict[str, Any]:
         """One row of `rollout list`; a rollout whose status cannot be built still shows."""
         try:
-            status = self._status(rollout)
+            live = self._live.get(rollout.rollout_id)
+            if live is not None:
+                status = self._status(live)
+            else:  # counts only: a list must not read every device of every rollout
+                counts, rollbacks = self.store.state_counts(rollout.rollout_id)
+                status = build_status(rollout, counts, rollbacks, (), None, self.clock())
         except (ValidationError, ValueError, KeyError) as exc:
             log.warning("rollout_status_failed", rollout_id=rollout.rollout_id, error=str(exc))
             return {
@@ -678,7 +1022,7 @@ class Controller:
             devices=len(older.devices),
             ended=older.ended,
         )
-        await self._publish_status(rollout)
+        await self._publish_status(self._reload(older.rollout_id), force=True)
 
     async def _register(self, request: RegisterModel, now: float) -> dict[str, Any]:
         manifest = request.manifest.unverified()
@@ -703,43 +1047,57 @@ class Controller:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                await self._tick()
+                async with self._lock:
+                    await self._tick()
             except aiomqtt.MqttError:
                 raise  # the session is gone: reconnect
             except SQLAlchemyError as exc:
                 self._log_throttled("tick_database_error", error=database_error_text(exc))
+            # Events keep coming while a rollout runs: let a batch of them gather.
+            await asyncio.sleep(self.config.tick_gap_s)
 
     async def _tick(self) -> None:
-        """Step every open rollout; one that cannot be stepped does not stop the others."""
-        open_rollouts = self.store.open_rollouts()
-        metrics.OPEN_ROLLOUTS.set(len(open_rollouts))
-        for rollout in open_rollouts:
+        """Step the rollouts that changed or are due; one that cannot be stepped does not
+        stop the others. Work is per rollout that changed, not per device of the fleet."""
+        now = self.clock()
+        dirty, self._dirty = self._dirty, set()
+        for rid in sorted(dirty - self._live.keys()):
+            # Not in memory (finished long ago): a late answer changed its record.
+            with contextlib.suppress(RequestError):
+                await self._publish_status(self._loaded(self.store.get_rollout(rid)))
+        open_count = 0
+        for rid, live in list(self._live.items()):
+            if live.row.finished_at is not None:
+                if now - live.row.finished_at > self.config.status_refresh_s:
+                    self._forget(rid)  # its retained status stays as last published
+                elif rid in dirty:
+                    await self._publish_status(live)
+                continue
+            open_count += 1
+            if rid not in dirty and now < self._next_step.get(rid, 0.0):
+                continue
+            self._next_step[rid] = now + self.config.step_interval_s
             try:
-                await self._step(rollout)
-                self._step_errors.pop(rollout.rollout_id, None)
+                await self._step(live, now)
+                self._step_errors.pop(rid, None)
             except (aiomqtt.MqttError, SQLAlchemyError):
+                self._dirty.add(rid)  # stepped again after the trouble
                 raise
             except HotswapError as exc:
                 log.warning(
-                    "rollout_step_failed",
-                    rollout_id=rollout.rollout_id,
-                    reason=exc.reason,
-                    error=str(exc),
+                    "rollout_step_failed", rollout_id=rid, reason=exc.reason, error=str(exc)
                 )
             except Exception as exc:
-                self._step_failed(rollout, exc)
-        finished = self.store.recently_finished(self.clock() - self.config.status_refresh_s)
-        for rollout in finished:
-            try:
-                await self._publish_status(rollout)
-            except (aiomqtt.MqttError, SQLAlchemyError):
-                raise
-            except Exception as exc:
-                self._step_failed(rollout, exc)
-        # Fingerprints only matter while a status may still change: keep memory flat.
-        live = {r.rollout_id for r in open_rollouts} | {r.rollout_id for r in finished}
-        for rollout_id in self._published.keys() - live:
-            del self._published[rollout_id]
+                self._step_failed(live.row, exc)
+        metrics.OPEN_ROLLOUTS.set(open_count)
+        for rid in list(self._next_step):
+            if rid not in self._live or self._live[rid].row.finished_at is not None:
+                del self._next_step[rid]
+        if now - self._pruned_at >= self.config.prune_interval_s:
+            self._pruned_at = now
+            pruned = self.store.prune_telemetry(now - self.config.telemetry_retention_s)
+            if pruned:
+                log.info("telemetry_pruned", rollups=pruned)
 
     def _step_failed(self, rollout: RolloutRow, exc: Exception) -> None:
         """A bug or a damaged row: say so on the rollout (once per new error), go on."""
@@ -750,204 +1108,265 @@ class Controller:
         self._step_errors[rollout.rollout_id] = reason
         log.exception("rollout_step_failed", rollout_id=rollout.rollout_id, error=reason)
         self.store.mark_step_failed(rollout.rollout_id, reason, self.clock())
+        live = self._live.get(rollout.rollout_id)
+        if live is not None:
+            live.row = self.store.get_rollout(rollout.rollout_id)
 
-    def _spec(self, rollout: RolloutRow) -> StartRolloutRequest:
-        return StartRolloutRequest.model_validate_json(rollout.spec)
-
-    def _stages(
-        self, rollout: RolloutRow, assignments: list[AssignmentRow]
-    ) -> tuple[StartRolloutRequest, list[Stage]]:
-        spec = self._spec(rollout)
-        targets = [Target(a.device_id, a.region) for a in assignments]
-        return spec, STRATEGIES[rollout.strategy](targets, spec, rollout.rollout_id)
-
-    def _shadow_seconds(self, rollout: RolloutRow) -> float:
+    def _shadow_seconds(self, live: LiveRollout) -> float:
         # Mirror through the whole bake, with room for devices that start late.
-        return self._spec(rollout).shadow_duration_s + rollout.device_timeout_s
+        return live.spec.shadow_duration_s + live.row.device_timeout_s
 
-    def _cohorts(
-        self, rollout: RolloutRow, assignments: list[AssignmentRow]
-    ) -> tuple[CohortStats, CohortStats]:
-        """Candidate (activated the new version) vs baseline (untouched), this stage.
-
-        Shadow rollouts: the candidate's mirrored inferences vs what the same devices
-        served over the same window.
-        """
-        since = rollout.stage_started_at or rollout.created_at
-        if rollout.strategy == "shadow":
-            staged = [a.device_id for a in assignments if a.state == "staged"]
-            return (
-                self.store.cohort_stats(
-                    rollout.model, staged, since, version=rollout.version, shadow=True
-                ),
-                self.store.cohort_stats(rollout.model, staged, since, not_version=rollout.version),
+    def _readings(self, live: LiveRollout) -> tuple[GateReading | None, ABChoice | None]:
+        """What the gates (or an A/B test's comparison) say of the current stage."""
+        spec = live.spec
+        if live.strategy == "ab":
+            ab = compare_ab(
+                spec.winner_metric,
+                spec.min_improvement,
+                live.cohort("a"),
+                live.cohort("b"),
+                spec.gates.min_samples,
             )
-        candidate = self.store.cohort_stats(
-            rollout.model,
-            [a.device_id for a in assignments if a.state == "activated"],
-            since,
-            version=rollout.version,
-        )
-        baseline = self.store.cohort_stats(
-            rollout.model,
-            [a.device_id for a in assignments if a.state == "pending"],
-            since,
-            not_version=rollout.version,
-        )
-        return candidate, baseline
-
-    def _ab_reading(
-        self, rollout: RolloutRow, spec: StartRolloutRequest, assignments: list[AssignmentRow]
-    ) -> ABReading:
-        since = rollout.stage_started_at or rollout.created_at
-        sides = []
-        for version in (rollout.version, rollout.version_b or ""):
-            devices = [
-                a.device_id
-                for a in assignments
-                if a.state == "activated" and (a.version or rollout.version) == version
-            ]
-            sides.append(self.store.cohort_stats(rollout.model, devices, since, version=version))
-        return compare_ab(
-            spec.winner_metric, spec.min_improvement, sides[0], sides[1], spec.gates.min_samples
-        )
-
-    async def _step(self, rollout: RolloutRow) -> None:
-        now = self.clock()
-        assignments = self.store.assignments(rollout.rollout_id)
-        spec, stages = self._stages(rollout, assignments)
-        reading = None
-        ab_choice = None
-        if rollout.strategy == "ab":
-            ab = self._ab_reading(rollout, spec, assignments)
-            ab_choice = ABChoice(ab.winner, ab.detail)
-        elif spec.gates.any:
-            verdicts = evaluate_gates(spec.gates, *self._cohorts(rollout, assignments))
-            verdict = overall(verdicts)
-            detail = (
-                describe_failures(verdicts)
-                if verdict == "fail"
-                else ", ".join(
-                    f"{v.gate} {v.verdict} ({v.detail})" for v in verdicts if v.verdict != "pass"
-                )
+            return None, ABChoice(ab.winner, ab.detail)
+        if not spec.gates.any:
+            return None, None
+        verdicts = evaluate_gates(spec.gates, live.cohort("candidate"), live.cohort("baseline"))
+        verdict = overall(verdicts)
+        detail = (
+            describe_failures(verdicts)
+            if verdict == "fail"
+            else ", ".join(
+                f"{v.gate} {v.verdict} ({v.detail})" for v in verdicts if v.verdict != "pass"
             )
-            reading = GateReading(verdict, detail)
+        )
+        return GateReading(verdict, detail), None
+
+    async def _step(self, live: LiveRollout, now: float) -> None:
+        row, spec = live.row, live.spec
+        reading, ab_choice = self._readings(live)
         actions = plan_next_actions(
             RolloutView(
-                rollout.rollout_id,
-                rollout.strategy,
-                rollout.status,
-                rollout.device_timeout_s,
-                stage_index=rollout.stage_index,
-                stage_settled_at=rollout.stage_settled_at,
-                approved_stage=rollout.approved_stage,
-                rolling_back=rollout.rolling_back,
+                row.rollout_id,
+                row.strategy,
+                row.status,
+                row.device_timeout_s,
+                stage_index=row.stage_index,
+                stage_settled_at=row.stage_settled_at,
+                approved_stage=row.approved_stage,
+                rolling_back=row.rolling_back,
                 manual_approval=spec.manual_approval,
                 has_gates=spec.gates.any,
                 max_failure_percent=spec.max_failure_percent,
                 min_executed=spec.min_executed,
                 retries=spec.retries,
-                version=rollout.version,
-                version_b=rollout.version_b,
-                winner=rollout.winner,
+                version=row.version,
+                version_b=row.version_b,
+                winner=row.winner,
             ),
-            stages,
-            [assignment_view(a) for a in assignments],
+            live.stages,
+            live.assignment_views(),
             reading,
             now,
             ab_choice,
         )
-        bound = log.bind(rollout_id=rollout.rollout_id)
-        rid = rollout.rollout_id
-        for action in actions:
+        await self._execute(live, actions, now)
+        if any(isinstance(a, _MOVES) for a in actions):
+            # The rollout moved on (started, settled, a new stage, rolling back): what
+            # follows is planned at once, not at the next periodic step.
+            self._dirty.add(row.rollout_id)
+            self._wake.set()
+        await self._publish_status(self._live.get(row.rollout_id, live))
+
+    async def _execute(self, live: LiveRollout, actions: Sequence[Action], now: float) -> None:
+        """Each intent: persist it, apply what was persisted in memory, then publish.
+
+        Runs of device intents of one kind (deploys, timeouts, retries, rollbacks) go
+        in one transaction and as few publishes as the contract allows: one per region
+        and chunk of devices, per-device commands concurrently.
+        """
+        rid = live.rollout_id
+        bound = log.bind(rollout_id=rid)
+        i = 0
+        while i < len(actions):
+            action = actions[i]
+            kind = type(action)
+            if kind in _BATCHED:
+                j = i
+                while j < len(actions) and type(actions[j]) is kind:
+                    j += 1
+                await self._execute_run(live, actions[i:j], now)
+                i = j
+                continue
+            i += 1
             if isinstance(action, StartRollout):
-                self.store.update_rollout(rid, now, status="InProgress", stage_started_at=now)
-                bound.info("rollout_started", strategy=rollout.strategy, stages=len(stages))
-            elif isinstance(action, SendDeploy):
-                command_id = f"c-{uuid.uuid4().hex}"
-                self.store.mark_sent(rid, action.device_id, command_id, now)
-                await self._publish_deploy(
-                    rollout,
-                    action.device_id,
-                    command_id,
-                    activate=action.activate,
-                    shadow_s=self._shadow_seconds(rollout) if action.shadow else None,
+                live.row = self.store.update_rollout(
+                    rid, now, status="InProgress", stage_started_at=now
                 )
+                live.new_stage(live.row.stage_index, now)
+                bound.info("rollout_started", strategy=live.strategy, stages=len(live.stages))
             elif isinstance(action, SendRegionDeploy):
-                command_id = f"c-{uuid.uuid4().hex}"
-                for device_id in action.devices:
-                    self.store.mark_sent(rid, device_id, command_id, now)
-                await self._publish_deploy(
-                    rollout,
-                    None,
-                    command_id,
-                    region=action.region,
-                    cohort=action.devices,
-                    activate=action.activate,
-                )
+                await self._deploy(live, action.devices, activate=action.activate, now=now)
             elif isinstance(action, SendSwitch):
-                regions: dict[str, list[str]] = {}
-                for a in assignments:
-                    if a.device_id in action.devices:
-                        regions.setdefault(a.region, []).append(a.device_id)
-                for region, members in sorted(regions.items()):
-                    command_id = f"c-{uuid.uuid4().hex}"
-                    self.store.mark_switching(rid, members, command_id, now)
-                    await self._publish_switch(
-                        rollout, command_id, region=region or None, devices=tuple(members)
-                    )
-            elif isinstance(action, RetryDevice):
-                if self.store.reset_for_retry(rid, action.device_id, now):
-                    bound.info("device_retry", device_id=action.device_id)
-            elif isinstance(action, TimeOutDevice):
-                if self.store.mark_timed_out(rid, action.device_id, now):
-                    bound.warning("device_timed_out", device_id=action.device_id)
+                await self._switch(live, action.devices, now)
             elif isinstance(action, DecideWinner):
+                # Read before the devices move: the comparison the decision was made on.
+                decided = self._comparison(live)
                 moved = self.store.decide_winner(rid, action.version, now)
-                decided = self._comparison(self.store.get_rollout(rid), spec, assignments)
                 if decided is not None:
+                    decided = decided.model_copy(update={"winner": action.version})
                     self.store.update_rollout(rid, now, ab_result=decided.model_dump_json())
                 bound.info("ab_winner", version=action.version, detail=action.detail, moved=moved)
+                reloaded = self._reload(rid)
+                if reloaded is None:
+                    return
+                live = reloaded
             elif isinstance(action, SettleStage):
-                self.store.update_rollout(rid, now, stage_settled_at=now)
-                bound.info("stage_settled", stage=stages[action.index].name)
+                live.row = self.store.update_rollout(rid, now, stage_settled_at=now)
+                bound.info("stage_settled", stage=live.stages[action.index].name)
             elif isinstance(action, AdvanceStage):
-                self.store.update_rollout(
+                live.row = self.store.update_rollout(
                     rid, now, stage_index=action.index, stage_started_at=now, stage_settled_at=None
                 )
-                bound.info("stage_started", stage=stages[action.index].name, index=action.index)
+                live.new_stage(action.index, now)
+                bound.info(
+                    "stage_started", stage=live.stages[action.index].name, index=action.index
+                )
             elif isinstance(action, PauseRollout):
-                self.store.update_rollout(rid, now, status="Paused", reason=action.reason)
+                live.row = self.store.update_rollout(
+                    rid, now, status="Paused", reason=action.reason
+                )
                 bound.info("rollout_paused", reason=action.reason)
             elif isinstance(action, BeginRollback):
-                self.store.update_rollout(rid, now, rolling_back=True, reason=action.reason)
+                live.row = self.store.update_rollout(
+                    rid, now, rolling_back=True, reason=action.reason
+                )
                 metrics.ROLLBACKS.inc()
                 bound.warning("rollout_rolling_back", reason=action.reason)
-            elif isinstance(action, SendRollback):
-                continue  # grouped per region below: one command flips a region back
-            elif isinstance(action, TimeOutRollback):
-                self.store.mark_rollback_timed_out(rid, action.device_id, now)
-                bound.warning("rollback_timed_out", device_id=action.device_id)
             elif isinstance(action, FinishRollout):
-                current = self.store.get_rollout(rid)
                 self.store.set_rollout_status(
-                    rid, action.status, action.reason or current.reason, now, final=True
+                    rid, action.status, action.reason or live.row.reason, now, final=True
                 )
+                live.row = self.store.get_rollout(rid)
+                self._untrack_devices(rid)
                 metrics.ROLLOUTS.labels(action.status).inc()
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
-        reverting = {a.device_id for a in actions if isinstance(a, SendRollback)}
+
+    async def _execute_run(self, live: LiveRollout, run: Sequence[Action], now: float) -> None:
+        """A run of device intents of one kind, persisted in one transaction."""
+        rid = live.rollout_id
+        bound = log.bind(rollout_id=rid)
+        devices = [a.device_id for a in run if hasattr(a, "device_id")]
+        first = run[0]
+        if isinstance(first, SendDeploy):
+            groups: dict[tuple[bool, bool], list[str]] = {}
+            for a in run:
+                assert isinstance(a, SendDeploy)
+                groups.setdefault((a.activate, a.shadow), []).append(a.device_id)
+            for (activate, shadow), members in groups.items():
+                await self._deploy(live, members, activate=activate, shadow=shadow, now=now)
+        elif isinstance(first, RetryDevice):
+            for row in self.store.reset_for_retry(rid, devices, now):
+                live.set_view(assignment_view(row))
+                bound.info("device_retry", device_id=row.device_id)
+        elif isinstance(first, TimeOutDevice):
+            for row in self.store.mark_timed_out(rid, devices, now):
+                live.set_view(assignment_view(row))
+                bound.warning("device_timed_out", device_id=row.device_id)
+        elif isinstance(first, TimeOutRollback):
+            for row in self.store.mark_rollback_timed_out(rid, devices, now):
+                live.set_view(assignment_view(row))
+                bound.warning("rollback_timed_out", device_id=row.device_id)
+        elif isinstance(first, SendRollback):
+            sends = []
+            for region, chunk in self._chunks(live, devices):
+                command_id = f"c-{uuid.uuid4().hex}"
+                rows = self.store.mark_rollback_sent(rid, chunk, command_id, now)
+                for row in rows:
+                    live.set_view(assignment_view(row))
+                if rows:
+                    sends.append(
+                        self._publish_rollback(
+                            live.row,
+                            command_id,
+                            region=region,
+                            devices=[r.device_id for r in rows],
+                        )
+                    )
+            await asyncio.gather(*sends)
+
+    def _chunks(
+        self, live: LiveRollout, devices: Sequence[str]
+    ) -> list[tuple[str | None, list[str]]]:
+        """Devices grouped for as few publishes as the contract allows: per region (its
+        topic, a selector naming them) in chunks; a device alone on its own topic."""
         by_region: dict[str, list[str]] = {}
-        for a in assignments:
-            if a.device_id in reverting:
-                by_region.setdefault(a.region, []).append(a.device_id)
+        for d in devices:
+            by_region.setdefault(live.regions.get(d, ""), []).append(d)
+        out: list[tuple[str | None, list[str]]] = []
+        size = self.config.region_command_devices
         for region, members in sorted(by_region.items()):
-            command_id = f"c-{uuid.uuid4().hex}"
-            sent = [d for d in members if self.store.mark_rollback_sent(rid, d, command_id, now)]
-            if sent:
-                await self._publish_rollback(
-                    rollout, command_id, region=region or None, devices=sent
+            if not region or len(members) == 1:
+                out += [(None, [d]) for d in members]
+                continue
+            out += [(region, members[i : i + size]) for i in range(0, len(members), size)]
+        return out
+
+    async def _deploy(
+        self,
+        live: LiveRollout,
+        devices: Sequence[str],
+        *,
+        activate: bool,
+        now: float,
+        shadow: bool = False,
+    ) -> None:
+        """Deploy to pending devices: persisted per chunk, published concurrently."""
+        rid = live.rollout_id
+        by_version: dict[str, list[str]] = {}
+        for d in devices:
+            view = live.views.get(d)
+            by_version.setdefault(view.version if view is not None else "", []).append(d)
+        sends = []
+        for version, members in by_version.items():
+            for region, chunk in self._chunks(live, members):
+                command_id = f"c-{uuid.uuid4().hex}"
+                rows = self.store.mark_sent(rid, chunk, command_id, now)
+                for row in rows:
+                    live.set_view(assignment_view(row))
+                if not rows:
+                    continue
+                sent = tuple(r.device_id for r in rows)
+                sends.append(
+                    self._publish_deploy(
+                        live.row,
+                        sent[0] if region is None else None,
+                        command_id,
+                        region=region,
+                        cohort=sent if region is not None else (),
+                        activate=activate,
+                        shadow_s=self._shadow_seconds(live) if shadow else None,
+                        version=version or None,
+                    )
                 )
-        await self._publish_status(self.store.get_rollout(rid))
+        await asyncio.gather(*sends)
+
+    async def _switch(self, live: LiveRollout, devices: Sequence[str], now: float) -> None:
+        sends = []
+        for region, chunk in self._chunks(live, devices):
+            command_id = f"c-{uuid.uuid4().hex}"
+            rows = self.store.mark_switching(live.rollout_id, chunk, command_id, now)
+            for row in rows:
+                live.set_view(assignment_view(row))
+            if rows:
+                sends.append(
+                    self._publish_switch(
+                        live.row,
+                        command_id,
+                        region=region,
+                        devices=tuple(r.device_id for r in rows),
+                    )
+                )
+        await asyncio.gather(*sends)
 
     def _envelope(
         self,
@@ -1078,59 +1497,106 @@ class Controller:
                 reason="rolled back by the operator",
             )
         log.info("rollout_control", rollout_id=rollout.rollout_id, action=action)
+        if action == "abort":
+            metrics.ROLLOUTS.labels("Aborted").inc()
+        live = self._reload(rollout.rollout_id)
         self._wake.set()
-        updated = self.store.get_rollout(rollout.rollout_id)
-        await self._publish_status(updated)
-        return {"rolloutId": updated.rollout_id, "status": updated.status}
+        await self._publish_status(live, force=True)
+        return {
+            "rolloutId": rollout.rollout_id,
+            "status": self.store.get_rollout(rollout.rollout_id).status,
+        }
 
     async def _represign(self, event: DeviceEvent) -> None:
         """A device's presigned URL expired mid-download: send the same command, new URL."""
-        if not event.rollout_id:
+        live = self._live.get(event.rollout_id or "")
+        view = live.views.get(event.device_id) if live is not None else None
+        if live is None or view is None:
             return
-        rollout = self.store.get_rollout(event.rollout_id)
-        for a in self.store.assignments(rollout.rollout_id):
-            if (
-                a.device_id == event.device_id
-                and a.command_id == event.command_id
-                and a.state not in FINAL_DEVICE_STATES
-            ):
-                log.info(
-                    "url_represigned",
-                    rollout_id=rollout.rollout_id,
-                    device_id=event.device_id,
-                    command_id=event.command_id,
-                )
-                await self._publish_deploy(rollout, a.device_id, a.command_id, since=a.sent_at)
+        if view.command_id == event.command_id and view.state not in FINAL_DEVICE_STATES:
+            log.info(
+                "url_represigned",
+                rollout_id=live.rollout_id,
+                device_id=event.device_id,
+                command_id=event.command_id,
+            )
+            self._urls.pop(self._model_key(live.row, view.version or None), None)
+            await self._publish_deploy(
+                live.row,
+                view.device_id,
+                event.command_id,
+                since=view.sent_at,
+                version=view.version or None,
+            )
 
-    async def _resend(self, rollout: RolloutRow, assignments: Sequence[AssignmentRow]) -> None:
+    async def _resend(self, live: LiveRollout, views: Sequence[AssignmentView]) -> None:
         """Publish again what `plan_resends` says is still open for these devices."""
-        shadow_s = self._shadow_seconds(rollout) if rollout.strategy == "shadow" else None
-        for resend in plan_resends(rollout.strategy, [assignment_view(a) for a in assignments]):
+        shadow_s = self._shadow_seconds(live) if live.strategy == "shadow" else None
+        sends = []
+        for resend in plan_resends(live.strategy, views):
             devices = (resend.device_id,)
             if isinstance(resend, ResendSwitch):
-                await self._publish_switch(
-                    rollout, resend.command_id, region=None, devices=devices, since=resend.since
+                sends.append(
+                    self._publish_switch(
+                        live.row,
+                        resend.command_id,
+                        region=None,
+                        devices=devices,
+                        since=resend.since,
+                    )
                 )
             elif isinstance(resend, ResendRollback):
-                await self._publish_rollback(
-                    rollout, resend.command_id, region=None, devices=devices, since=resend.since
+                sends.append(
+                    self._publish_rollback(
+                        live.row,
+                        resend.command_id,
+                        region=None,
+                        devices=devices,
+                        since=resend.since,
+                    )
                 )
             else:
-                await self._publish_deploy(
-                    rollout,
-                    resend.device_id,
-                    resend.command_id,
-                    activate=resend.activate,
-                    shadow_s=shadow_s if resend.shadow else None,
-                    since=resend.since,
+                view = live.views.get(resend.device_id)
+                sends.append(
+                    self._publish_deploy(
+                        live.row,
+                        resend.device_id,
+                        resend.command_id,
+                        activate=resend.activate,
+                        shadow_s=shadow_s if resend.shadow else None,
+                        since=resend.since,
+                        version=(view.version or None) if view is not None else None,
+                    )
                 )
+        await asyncio.gather(*sends)
 
     async def _device_back(self, device_id: str) -> None:
         """A device (re)connected: its session, with the commands queued in it, may be
         new (a broker restarted without them), so what is open for it goes again."""
-        found = self.store.open_assignment(device_id)
-        if found is not None:
-            await self._resend(*found)
+        live = self._live.get(self._rollout_of.get(device_id, ""))
+        view = live.views.get(device_id) if live is not None else None
+        if live is not None and view is not None and live.row.finished_at is None:
+            await self._resend(live, [view])
+
+    def _model_key(self, rollout: RolloutRow, version: str | None) -> tuple[str, str]:
+        return (rollout.model, version or rollout.version)
+
+    async def _model_and_url(
+        self, rollout: RolloutRow, version: str | None
+    ) -> tuple[ModelVersionRow, str]:
+        """The version's row and a presigned URL for it, reused while it has most of its
+        life left: one presign per version, not one per device."""
+        key = self._model_key(rollout, version)
+        cached = self._urls.get(key)
+        now = time.monotonic()
+        if cached is not None and now - cached[2] < self.config.presign_ttl_s / 2:
+            return cached[0], cached[1]
+        model = self.store.get_model(*key)
+        url = await asyncio.to_thread(
+            self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
+        )
+        self._urls[key] = (model, url, now)
+        return model, url
 
     async def _publish_deploy(
         self,
@@ -1143,19 +1609,16 @@ class Controller:
         activate: bool = True,
         shadow_s: float | None = None,
         since: float | None = None,
+        version: str | None = None,
     ) -> None:
-        """One device's command, or one publish on a region's topic for a cohort of it."""
-        version = rollout.version
-        if rollout.version_b is not None:  # A/B: each device has its side (or the winner)
-            wanted = {a.version for a in self.store.assignments(rollout.rollout_id)
-                      if a.device_id == device_id or a.device_id in cohort}  # fmt: skip
-            version = next(iter(wanted - {""}), rollout.version)
-        model = self.store.get_model(rollout.model, version)
-        url = await asyncio.to_thread(
-            self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
-        )
+        """One device's command, or one publish on a region's topic for a cohort of it.
+
+        `version`: the device's own side of an A/B test (or its winner); the rollout's
+        version when None.
+        """
+        model, url = await self._model_and_url(rollout, version)
         devices = cohort if region is not None else (str(device_id),)
-        spec = self._spec(rollout)
+        spec = StartRolloutRequest.model_validate_json(rollout.spec)
         command = DeployCommand(
             **self._envelope(rollout, command_id, region, devices, since=since),
             manifest=SignedManifest.model_validate_json(model.signed_manifest),
@@ -1169,45 +1632,61 @@ class Controller:
         )
         await self._send(command, region=region, devices=devices)
 
-    def _comparison(
-        self, rollout: RolloutRow, spec: StartRolloutRequest, assignments: list[AssignmentRow]
-    ) -> ABComparison | None:
+    def _comparison(self, live: LiveRollout) -> ABComparison | None:
         """An A/B test's comparison: as decided once there is a winner, else live."""
-        if rollout.strategy != "ab" or not rollout.version_b:
+        row, spec = live.row, live.spec
+        if row.strategy != "ab" or not row.version_b:
             return None
-        if rollout.ab_result is not None:
-            return ABComparison.model_validate_json(rollout.ab_result)
-        r = self._ab_reading(rollout, spec, assignments)
+        if row.ab_result is not None:
+            return ABComparison.model_validate_json(row.ab_result)
+        r = compare_ab(
+            spec.winner_metric,
+            spec.min_improvement,
+            live.cohort("a"),
+            live.cohort("b"),
+            spec.gates.min_samples,
+        )
         return ABComparison(
             metric=spec.winner_metric,
-            version_a=rollout.version,
-            version_b=rollout.version_b,
+            version_a=row.version,
+            version_b=row.version_b,
             value_a=r.value_a,
             value_b=r.value_b,
             improvement=r.improvement,
-            winner=rollout.winner,
+            winner=row.winner,
             detail=r.detail,
         )
 
-    def _status(self, rollout: RolloutRow) -> RolloutStatus:
-        assignments: list[AssignmentRow] = self.store.assignments(rollout.rollout_id)
-        latency = self.store.avg_latency_ms(
-            rollout.model,
-            rollout.version,
-            [a.device_id for a in assignments if a.state == "activated"],
-            rollout.created_at,
+    def _status(self, live: LiveRollout) -> RolloutStatus:
+        row, spec, stages = live.row, live.spec, live.stages
+        lines = (
+            [progress(v) for _, v in sorted(live.views.items())]
+            if len(live.views) <= STATUS_DEVICE_LINES
+            else []
         )
-        spec, stages = self._stages(rollout, assignments)
-        candidate, baseline = self._cohorts(rollout, assignments)
-        gates = evaluate_gates(spec.gates, candidate, baseline) if spec.gates.any else ()
-        status = build_status(rollout, assignments, latency, self.clock())
+        status = build_status(
+            row,
+            live.counts,
+            live.rollback_counts,
+            lines,
+            live.avg_served_latency_ms(),
+            self.clock(),
+        )
+        if row.strategy == "ab":
+            candidate, baseline = live.cohort("a"), live.cohort("b")
+        else:
+            candidate, baseline = live.cohort("candidate"), live.cohort("baseline")
+        gates = (
+            evaluate_gates(spec.gates, candidate, baseline)
+            if spec.gates.any and row.strategy != "ab"
+            else ()
+        )
         stage = ""
-        if stages and rollout.status != "Pending":
-            i = min(rollout.stage_index, len(stages) - 1)
+        if stages and row.status != "Pending":
+            i = min(row.stage_index, len(stages) - 1)
             stage = f"{stages[i].name} ({i + 1}/{len(stages)})"
-        if rollout.rolling_back:
+        if row.rolling_back:
             stage = f"rollback ({stage})" if stage else "rollback"
-        comparison = self._comparison(rollout, spec, assignments)
         summary = candidate.summary(baseline)
         return status.model_copy(
             update={
@@ -1215,8 +1694,8 @@ class Controller:
                 "gates": gates,
                 "candidate": summary,
                 "baseline": baseline.summary(),
-                "ab": comparison,
-                "task": self._task_text(rollout),
+                "ab": self._comparison(live),
+                "task": self._task_text(row),
                 "agreement_rule": summary.agreement_rule,
             }
         )
@@ -1230,15 +1709,30 @@ class Controller:
                 return f"A: {task or '-'}; B: {task_b or '-'}"
         return task
 
-    async def _publish_status(self, rollout: RolloutRow) -> None:
-        status = self._status(rollout)
-        fingerprint = status.model_dump_json(exclude={"updated_at"})
-        if self._published.get(rollout.rollout_id) == fingerprint:
+    async def _publish_status(self, live: LiveRollout | None, *, force: bool = False) -> None:
+        """Publish the retained status when it changed, at most every status interval
+        while the rollout runs (a final status goes out at once). None: a rollout whose
+        rows could not be read, which has no status to say."""
+        if live is None:
             return
-        await self._publish(
-            topics.rollout_status(rollout.rollout_id), status.to_wire(), retain=True
-        )
-        self._published[rollout.rollout_id] = fingerprint
+        rid = live.rollout_id
+        now = time.monotonic()
+        moved = self._status_names.get(rid) != live.row.status  # e.g. it just finished
+        if (
+            not force
+            and not moved
+            and now - self._status_at.get(rid, -1e9) < (self.config.status_interval_s)
+        ):
+            self._dirty.add(rid)  # published by a later tick
+            return
+        status = self._status(live)
+        fingerprint = status.model_dump_json(exclude={"updated_at"})
+        if self._published.get(rid) == fingerprint:
+            return
+        await self._publish(topics.rollout_status(rid), status.to_wire(), retain=True)
+        self._published[rid] = fingerprint
+        self._status_at[rid] = now
+        self._status_names[rid] = live.row.status
 
     async def _publish(
         self,
@@ -1270,6 +1764,7 @@ def assignment_view(a: AssignmentRow) -> AssignmentView:
         a.attempts,
         a.command_id,
         a.rollback_command_id,
+        a.version,
     )
 
 

@@ -1,12 +1,19 @@
-"""Builds the retained rollout status from a rollout's rows. Pure: no I/O."""
+"""Builds the retained rollout status from counts of a rollout's devices. Pure: no I/O.
+
+The status is a bounded summary: counts per state, the stage, the gates, the
+cohorts; its size does not depend on the number of devices. Rollouts of at most
+`STATUS_DEVICE_LINES` devices also carry each device's line; larger ones page
+through `ListRolloutDevices`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from controller.db import AssignmentRow, RolloutRow
-from controller.planner import FINAL_DEVICE_STATES, LEFT_STATES
+from controller.db import RolloutRow
+from controller.planner import FINAL_DEVICE_STATES, LEFT_STATES, AssignmentView
 from shared.messages import DeviceProgress, RolloutState, RolloutStatus
 
 _ROLLOUT_STATES: dict[str, RolloutState] = {
@@ -15,17 +22,46 @@ _ROLLOUT_STATES: dict[str, RolloutState] = {
 }
 
 
+def device_states(counts: Mapping[str, int], rollback_counts: Mapping[str, int]) -> dict[str, int]:
+    """Devices per state as operators read them: a device whose rollback answered shows
+    `rolled_back` or `rollback_failed` instead of `activated`."""
+    shown: Counter[str] = Counter({k: v for k, v in counts.items() if v > 0})
+    moved = {
+        "rolled_back": rollback_counts.get("rolled_back", 0),
+        "rollback_failed": rollback_counts.get("failed", 0) + rollback_counts.get("timed_out", 0),
+    }
+    for state, n in moved.items():
+        if n > 0:
+            shown["activated"] -= n
+            shown[state] += n
+    return {k: v for k, v in sorted(shown.items()) if v > 0}
+
+
+def count_states(views: Iterable[AssignmentView]) -> tuple[Counter[str], Counter[str]]:
+    """Devices per deploy state and per rollback state."""
+    counts: Counter[str] = Counter()
+    rollbacks: Counter[str] = Counter()
+    for v in views:
+        counts[v.state] += 1
+        if v.rollback_state is not None:
+            rollbacks[v.rollback_state] += 1
+    return counts, rollbacks
+
+
 def build_status(
     rollout: RolloutRow,
-    assignments: Sequence[AssignmentRow],
+    counts: Mapping[str, int],
+    rollback_counts: Mapping[str, int],
+    lines: Sequence[DeviceProgress],
     avg_latency_ms: float | None,
     now: float,
 ) -> RolloutStatus:
-    targeted = len(assignments)
-    updated = sum(a.state == "activated" for a in assignments)
+    targeted = sum(counts.values())
+    updated = counts.get("activated", 0)
     failed = sum(
-        a.state in FINAL_DEVICE_STATES and a.state != "activated" and a.state not in LEFT_STATES
-        for a in assignments
+        n
+        for state, n in counts.items()
+        if state in FINAL_DEVICE_STATES and state != "activated" and state not in LEFT_STATES
     )
     return RolloutStatus(
         rollout_id=rollout.rollout_id,
@@ -40,14 +76,15 @@ def build_status(
         success_rate=round(100.0 * updated / targeted, 2) if targeted else 0.0,
         avg_inference_latency=round(avg_latency_ms, 4) if avg_latency_ms is not None else None,
         stage="all" if rollout.status not in ("Pending",) else "",
-        devices=tuple(_progress(a) for a in assignments),
+        device_states=device_states(counts, rollback_counts),
+        devices=tuple(lines),
         reason=rollout.reason,
         created_at=datetime.fromtimestamp(rollout.created_at, UTC),
         updated_at=datetime.fromtimestamp(now, UTC),
     )
 
 
-def _progress(a: AssignmentRow) -> DeviceProgress:
+def progress(a: AssignmentView) -> DeviceProgress:
     """One device's line: its deploy's state, or its rollback's once one was sent."""
     if a.rollback_state == "rolled_back":
         return DeviceProgress(device_id=a.device_id, state="rolled_back", reason=a.reason)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, delete, select
 
 from controller.db import (
@@ -23,10 +24,13 @@ from controller.db import (
     DeviceRow,
     ModelVersionRow,
     RolloutRow,
+    TelemetryMinuteRow,
+    TelemetryRollupRow,
     TelemetryWindowRow,
     make_engine,
 )
 from controller.gates import CohortStats, TensorInputs
+from controller.live import Rollup
 from controller.planner import FINAL_DEVICE_STATES, advances
 from controller.strategies import ab_split
 from shared.errors import ArtifactError, RequestError
@@ -34,7 +38,6 @@ from shared.manifest import Manifest, ModelTask, SignedManifest
 from shared.messages import (
     CONFIDENCE_BUCKETS,
     INPUT_BUCKETS,
-    LATENCY_BUCKETS_MS,
     DeviceEvent,
     DeviceRecord,
     DeviceState,
@@ -61,6 +64,17 @@ class Superseded:
     rollout_id: str
     devices: tuple[str, ...]
     ended: bool  # the older rollout had no device left and ended Aborted
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRollups:
+    """An open rollout's per-device rollups of its stage to write, (device, version,
+    shadow, Rollup JSON) each, and its served-latency totals (ms, inferences)."""
+
+    rollout_id: str
+    stage_index: int
+    rollups: Sequence[tuple[str, str, bool, str]]
+    served: tuple[float, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,38 +209,55 @@ class Store:
     # ------------------------------------------------------------ devices
 
     def upsert_device(self, state: DeviceState, now: float) -> str | None:
-        """Record what a device says of itself; returns what was refused of its claim.
+        """Record what a device says of itself; returns what was refused of its claim."""
+        return self.upsert_devices([state], now).get(state.device_id)
+
+    def upsert_devices(self, states: Sequence[DeviceState], now: float) -> dict[str, str]:
+        """Record what devices say of themselves, in one transaction (later states win).
 
         Region and device type are the provisioning record's once there is one: a
-        state that says otherwise keeps them (the rest of it is still taken). A
-        revoked device stays offline whatever it says.
+        state that says otherwise keeps them (the rest of it is still taken), and
+        the returned map says, per device, what was refused. A revoked device stays
+        offline whatever it says.
         """
-        refused = None
+        refused: dict[str, str] = {}
+        if not states:
+            return refused
         with self.session() as s:
-            row = s.get(DeviceRow, state.device_id) or DeviceRow(
-                device_id=state.device_id, region=state.region, device_type=state.device_type
-            )
-            if row.provisioned and (row.region, row.device_type) != (
-                state.region,
-                state.device_type,
-            ):
-                refused = (
-                    f"claims region {state.region!r} and type {state.device_type!r}, "
-                    f"provisioned as {row.region!r} and {row.device_type!r}"
-                )
-            elif not row.provisioned:
-                row.region, row.device_type = state.region, state.device_type
-            row.online = state.online and not row.revoked
-            if state.online or state.active is not None:
-                # A last will carries no model: keep what the device last said it serves.
-                row.active_name = state.active.name if state.active else None
-                row.active_version = state.active.version if state.active else None
-                row.active_sha256 = state.active.sha256 if state.active else None
-                row.standby_ref = state.standby.ref if state.standby else None
-            row.memory_mb = state.capabilities.memory_mb
-            row.agent_version = state.agent_version or row.agent_version
-            row.last_seen = now
-            s.add(row)
+            ids = sorted({st.device_id for st in states})
+            rows = {
+                r.device_id: r
+                for r in s.exec(select(DeviceRow).where(col(DeviceRow.device_id).in_(ids))).all()
+            }
+            for state in states:
+                row = rows.get(state.device_id)
+                if row is None:
+                    row = rows[state.device_id] = DeviceRow(
+                        device_id=state.device_id,
+                        region=state.region,
+                        device_type=state.device_type,
+                    )
+                if row.provisioned and (row.region, row.device_type) != (
+                    state.region,
+                    state.device_type,
+                ):
+                    refused[state.device_id] = (
+                        f"claims region {state.region!r} and type {state.device_type!r}, "
+                        f"provisioned as {row.region!r} and {row.device_type!r}"
+                    )
+                elif not row.provisioned:
+                    row.region, row.device_type = state.region, state.device_type
+                row.online = state.online and not row.revoked
+                if state.online or state.active is not None:
+                    # A last will carries no model: keep what the device last said it serves.
+                    row.active_name = state.active.name if state.active else None
+                    row.active_version = state.active.version if state.active else None
+                    row.active_sha256 = state.active.sha256 if state.active else None
+                    row.standby_ref = state.standby.ref if state.standby else None
+                row.memory_mb = state.capabilities.memory_mb
+                row.agent_version = state.agent_version or row.agent_version
+                row.last_seen = now
+                s.add(row)
             s.commit()
         return refused
 
@@ -489,11 +520,10 @@ class Store:
             s.commit()
 
     def open_rollouts(self) -> list[RolloutRow]:
+        """Rollouts not finished: pending, in progress or paused."""
         with self.session() as s:
             return list(
-                s.exec(
-                    select(RolloutRow).where(col(RolloutRow.status).in_(["Pending", "InProgress"]))
-                ).all()
+                s.exec(select(RolloutRow).where(col(RolloutRow.status).in_(OPEN_STATUSES))).all()
             )
 
     def recently_finished(self, since: float) -> list[RolloutRow]:
@@ -571,217 +601,311 @@ class Store:
             s.commit()
             return moved
 
-    def mark_rollback_sent(
-        self, rollout_id: str, device_id: str, command_id: str, now: float
-    ) -> bool:
+    def _update(
+        self,
+        rollout_id: str,
+        devices: Sequence[str],
+        change: Callable[[AssignmentRow], bool],
+        now: float,
+    ) -> list[AssignmentRow]:
+        """Apply `change` to the devices' assignments in one transaction; the rows changed."""
+        if not devices:
+            return []
+        changed = []
         with self.session() as s:
-            row = s.get(AssignmentRow, (rollout_id, device_id))
-            if row is None or row.rollback_state is not None:
+            rows = _load_assignments(s, rollout_id, set(devices))
+            for device_id in devices:
+                row = rows.get(device_id)
+                if row is not None and change(row):
+                    row.updated_at = now
+                    s.add(row)
+                    changed.append(row)
+            s.commit()
+        return changed
+
+    def mark_rollback_sent(
+        self, rollout_id: str, devices: Sequence[str], command_id: str, now: float
+    ) -> list[AssignmentRow]:
+        """Persist a rollback command's intent before it is published."""
+
+        def change(row: AssignmentRow) -> bool:
+            if row.rollback_state is not None:
                 return False
             row.rollback_command_id, row.rollback_state = command_id, "sent"
-            row.rollback_sent_at = row.updated_at = now
-            s.add(row)
-            s.commit()
+            row.rollback_sent_at = now
             return True
 
-    def mark_rollback_timed_out(self, rollout_id: str, device_id: str, now: float) -> None:
-        with self.session() as s:
-            row = s.get(AssignmentRow, (rollout_id, device_id))
-            if row is None or row.rollback_state != "sent":
-                return
-            row.rollback_state, row.updated_at = "timed_out", now
-            s.add(row)
-            s.commit()
+        return self._update(rollout_id, devices, change, now)
 
-    def reset_for_retry(self, rollout_id: str, device_id: str, now: float) -> bool:
-        """A failed or timed-out device goes back to pending (its attempts are kept)."""
-        with self.session() as s:
-            row = s.get(AssignmentRow, (rollout_id, device_id))
-            if row is None or row.state not in ("failed", "timed_out"):
+    def mark_rollback_timed_out(
+        self, rollout_id: str, devices: Sequence[str], now: float
+    ) -> list[AssignmentRow]:
+        def change(row: AssignmentRow) -> bool:
+            if row.rollback_state != "sent":
+                return False
+            row.rollback_state = "timed_out"
+            return True
+
+        return self._update(rollout_id, devices, change, now)
+
+    def reset_for_retry(
+        self, rollout_id: str, devices: Sequence[str], now: float
+    ) -> list[AssignmentRow]:
+        """Failed or timed-out devices go back to pending (their attempts are kept)."""
+
+        def change(row: AssignmentRow) -> bool:
+            if row.state not in ("failed", "timed_out"):
                 return False
             row.state, row.command_id, row.sent_at = "pending", None, None
             row.reason = row.detail = None
-            row.updated_at = now
-            s.add(row)
-            s.commit()
             return True
+
+        return self._update(rollout_id, devices, change, now)
 
     def mark_switching(
         self, rollout_id: str, devices: Sequence[str], command_id: str, now: float
-    ) -> None:
+    ) -> list[AssignmentRow]:
         """Staged devices get the switch command (persisted before it is published)."""
-        with self.session() as s:
-            for device_id in devices:
-                row = s.get(AssignmentRow, (rollout_id, device_id))
-                if row is None or row.state != "staged":
-                    continue
-                row.state, row.command_id, row.sent_at = "switching", command_id, now
-                row.updated_at = now
-                s.add(row)
-            s.commit()
 
-    def mark_sent(self, rollout_id: str, device_id: str, command_id: str, now: float) -> None:
-        """Persist the intent to send before the command is published."""
-        with self.session() as s:
-            row = s.get(AssignmentRow, (rollout_id, device_id))
-            if row is None or row.state != "pending":
-                return
+        def change(row: AssignmentRow) -> bool:
+            if row.state != "staged":
+                return False
+            row.state, row.command_id, row.sent_at = "switching", command_id, now
+            return True
+
+        return self._update(rollout_id, devices, change, now)
+
+    def mark_sent(
+        self, rollout_id: str, devices: Sequence[str], command_id: str, now: float
+    ) -> list[AssignmentRow]:
+        """Persist the intent to send before the command is published (pending devices)."""
+
+        def change(row: AssignmentRow) -> bool:
+            if row.state != "pending":
+                return False
             row.state, row.command_id, row.sent_at = "sent", command_id, now
             row.attempts += 1
-            row.updated_at = now
-            s.add(row)
-            s.commit()
-
-    def mark_timed_out(self, rollout_id: str, device_id: str, now: float) -> bool:
-        with self.session() as s:
-            row = s.get(AssignmentRow, (rollout_id, device_id))
-            if row is None or not advances(row.state, "timed_out"):
-                return False
-            row.state, row.reason, row.updated_at = "timed_out", "timeout", now
-            s.add(row)
-            s.commit()
             return True
+
+        return self._update(rollout_id, devices, change, now)
+
+    def mark_timed_out(
+        self, rollout_id: str, devices: Sequence[str], now: float
+    ) -> list[AssignmentRow]:
+        def change(row: AssignmentRow) -> bool:
+            if not advances(row.state, "timed_out"):
+                return False
+            row.state, row.reason = "timed_out", "timeout"
+            return True
+
+        return self._update(rollout_id, devices, change, now)
 
     def apply_event(self, event: DeviceEvent, now: float) -> AssignmentRow | None:
         """Apply a device's progress event; returns the row if it changed."""
-        if not event.rollout_id:
-            return None
+        changed = self.apply_events([event], now)
+        return changed[0] if changed else None
+
+    def apply_events(self, events: Sequence[DeviceEvent], now: float) -> list[AssignmentRow]:
+        """Apply devices' progress events in order, in one transaction; the rows changed
+        (each once, as it ends up)."""
+        changed: dict[tuple[str, str], AssignmentRow] = {}
+        ours = [e for e in events if e.rollout_id]
+        if not ours:
+            return []
         with self.session() as s:
-            row = s.get(AssignmentRow, (event.rollout_id, event.device_id))
-            if row is None:
-                return None
-            if row.rollback_command_id is not None and row.rollback_command_id == event.command_id:
-                # The answer to our rollback command: only its final phase matters.
-                if row.rollback_state != "sent" or event.phase not in ("rolled_back", "failed"):
-                    return None
-                row.rollback_state, row.updated_at = event.phase, now
-                if event.phase == "failed":
-                    row.reason, row.detail = event.reason or "failed", event.detail
-                s.add(row)
-                s.commit()
-                return row
-            if row.command_id != event.command_id:
-                return None  # not ours, or a stale command's echo
-            if not advances(row.state, event.phase):
-                return None
-            late = row.state == "timed_out"
-            row.state, row.updated_at = event.phase, now
-            if event.phase in ("failed", "rolled_back"):
-                row.reason, row.detail = event.reason or event.phase, event.detail
-            elif late:
-                row.reason, row.detail = None, "answered after its timeout"
-            s.add(row)
+            by_rollout: dict[str, set[str]] = {}
+            for e in ours:
+                by_rollout.setdefault(str(e.rollout_id), set()).add(e.device_id)
+            for rollout_id, ids in by_rollout.items():
+                _load_assignments(s, rollout_id, ids)  # one query; s.get below hits the map
+            for event in ours:
+                key = (str(event.rollout_id), event.device_id)
+                row = s.get(AssignmentRow, key)
+                if row is not None and _apply_event(row, event, now):
+                    s.add(row)
+                    changed[key] = row
             s.commit()
-            return row
+        return list(changed.values())
 
     # ------------------------------------------------------------ telemetry
 
-    def record_telemetry(self, window: TelemetryWindow) -> None:
+    def window_stats(self, window: TelemetryWindow) -> CohortStats:
+        """What one window adds to a cohort, read by its version's registered manifest.
+
+        Its confidence counts only if the agent computed it by that version's task (an
+        older agent's, which names none, only for a classifier on the first output);
+        its per-input histograms only if they fit the signature, tensor by tensor. A
+        version registered nowhere here is read as before tasks.
+        """
+        meaning = self._meaning(window.model.name, window.model.version)
+        confidence = window.confidence
+        if meaning is not None and not meaning.reads_confidence_of(window.task):
+            confidence = Histogram.empty(CONFIDENCE_BUCKETS)  # computed by another rule
+        first = window.inputs
+        stored = (
+            json.dumps([{"counts": list(h.counts), "total": h.total} for h in hists])
+            if (hists := window.input_histograms) is not None
+            else ""
+        )
+        return CohortStats(
+            0,
+            window.count,
+            window.errors,
+            window.latency_ms,
+            confidence,
+            first if first is not None else Histogram.empty(INPUT_BUCKETS),
+            window.agreements or 0,
+            meaning.tensor_inputs(stored, list(first.counts) if first else None) if meaning else (),
+            frozenset({meaning.task}) if meaning else frozenset(),
+            frozenset({window.agreement_rule or LEGACY_AGREEMENT_RULE})
+            if window.shadow
+            else frozenset(),
+        )
+
+    def save_telemetry(
+        self,
+        fleet: dict[tuple[str, str, bool, int], tuple[int, Rollup]],
+        rollouts: Sequence[RolloutRollups],
+        now: float,
+    ) -> None:
+        """One batch of telemetry in one transaction: the fleet's per-minute rollups,
+        keyed (model, version, shadow, minute) with their window counts, added to what
+        is stored; and open rollouts' per-device rollups of their stage, written whole
+        with their served-latency totals."""
         with self.session() as s:
-            s.add(
-                TelemetryWindowRow(
-                    device_id=window.device_id,
-                    model=window.model.name,
-                    version=window.model.version,
-                    window_start=window.window_start.timestamp(),
-                    window_end=window.window_end.timestamp(),
-                    count=window.count,
-                    errors=window.errors,
-                    latency_total_ms=window.latency_ms.total,
-                    latency_counts=json.dumps(list(window.latency_ms.counts)),
-                    confidence_counts=json.dumps(list(window.confidence.counts)),
-                    confidence_total=window.confidence.total,
-                    input_counts=json.dumps(list(window.inputs.counts)) if window.inputs else "",
-                    shadow=window.shadow,
-                    agreements=window.agreements or 0,
-                    input_mean=window.input_mean,
-                    input_std=window.input_std,
-                    input_histograms=json.dumps(
-                        [{"counts": list(h.counts), "total": h.total} for h in hists]
+            for (model, version, shadow, minute), (windows, rollup) in fleet.items():
+                row = s.get(TelemetryMinuteRow, (model, version, shadow, minute))
+                if row is None:
+                    row = TelemetryMinuteRow(
+                        model=model, version=version, shadow=shadow, minute=minute
                     )
-                    if (hists := window.input_histograms) is not None
-                    else "",
-                    task=window.task or "",
-                    agreement_rule=window.agreement_rule or "",
+                    total = rollup
+                else:
+                    total = Rollup.from_json(row.data) if row.data else Rollup()
+                    total.add(rollup)
+                row.windows += windows
+                row.count, row.errors = total.count, total.errors
+                row.latency_total_ms, row.data = total.latency_total, total.to_json()
+                s.add(row)
+            for r in rollouts:
+                self._write_rollups(s, r, now)
+            s.commit()
+
+    def _write_rollups(self, s: Session, r: RolloutRollups, now: float) -> None:
+        existing = {
+            (row.device_id, row.version, row.shadow): row
+            for row in s.exec(
+                select(TelemetryRollupRow).where(
+                    TelemetryRollupRow.rollout_id == r.rollout_id,
+                    TelemetryRollupRow.stage_index == r.stage_index,
+                    col(TelemetryRollupRow.device_id).in_(sorted({x[0] for x in r.rollups})),
+                )
+            ).all()
+        }
+        for device_id, version, shadow, data in r.rollups:
+            row = existing.get((device_id, version, shadow)) or TelemetryRollupRow(
+                rollout_id=r.rollout_id,
+                stage_index=r.stage_index,
+                device_id=device_id,
+                version=version,
+                shadow=shadow,
+                data=data,
+            )
+            row.data, row.updated_at = data, now
+            s.add(row)
+        rollout = s.get(RolloutRow, r.rollout_id)
+        if rollout is not None:
+            rollout.served_latency_total_ms, rollout.served_count = r.served
+            s.add(rollout)
+
+    def fleet_telemetry(
+        self, model: str, version: str, since_minute: int, *, shadow: bool = False
+    ) -> tuple[int, CohortStats]:
+        """Windows and merged telemetry of a version across the fleet since a minute."""
+        total, windows = Rollup(), 0
+        with self.session() as s:
+            for row in s.exec(
+                select(TelemetryMinuteRow).where(
+                    TelemetryMinuteRow.model == model,
+                    TelemetryMinuteRow.version == version,
+                    TelemetryMinuteRow.shadow == shadow,
+                    col(TelemetryMinuteRow.minute) >= since_minute,
+                )
+            ).all():
+                windows += row.windows
+                if row.data:
+                    total.add(Rollup.from_json(row.data))
+        return windows, total.stats(0)
+
+    def load_rollups(self, rollout_id: str, stage_index: int) -> list[TelemetryRollupRow]:
+        with self.session() as s:
+            return list(
+                s.exec(
+                    select(TelemetryRollupRow).where(
+                        TelemetryRollupRow.rollout_id == rollout_id,
+                        TelemetryRollupRow.stage_index == stage_index,
+                    )
+                ).all()
+            )
+
+    def prune_telemetry(self, finished_before: float) -> int:
+        """Drop what is older than a time: rollups of rollouts finished before it, the
+        fleet's minutes before it, the raw windows an older controller stored; how many
+        rollout rollup rows went."""
+        with self.session() as s:
+            done = select(RolloutRow.rollout_id).where(
+                col(RolloutRow.finished_at).is_not(None),
+                col(RolloutRow.finished_at) < finished_before,
+            )
+            result = s.exec(
+                delete(TelemetryRollupRow).where(col(TelemetryRollupRow.rollout_id).in_(done))
+            )
+            s.exec(
+                delete(TelemetryWindowRow).where(
+                    col(TelemetryWindowRow.window_end) < finished_before
+                )
+            )
+            s.exec(
+                delete(TelemetryMinuteRow).where(
+                    col(TelemetryMinuteRow.minute) < int(finished_before // 60)
                 )
             )
             s.commit()
+            return int(result.rowcount or 0)
 
-    def cohort_stats(
-        self,
-        model: str,
-        devices: Sequence[str],
-        since: float,
-        *,
-        version: str | None = None,
-        not_version: str | None = None,
-        shadow: bool = False,
-    ) -> CohortStats:
-        """Merged telemetry of some devices since a time, for one version or all but one.
-
-        Served inferences by default; `shadow=True`: the mirrored ones of shadow models.
-        What the numbers mean comes from each version's registered manifest
-        (`_meaning`): its task, and its inputs' names, layouts and bucket counts. A
-        window's confidence counts only if the agent computed it by that task (an
-        older agent's, which names none, only for a classifier on the first output);
-        its per-input histograms only if they fit the signature, tensor by tensor.
-        """
-        if not devices:
-            return CohortStats()
-        query = select(TelemetryWindowRow).where(
-            TelemetryWindowRow.model == model,
-            TelemetryWindowRow.window_end >= since,
-            col(TelemetryWindowRow.device_id).in_(list(devices)),
-            TelemetryWindowRow.shadow == shadow,
-        )
-        if version is not None:
-            query = query.where(TelemetryWindowRow.version == version)
-        if not_version is not None:
-            query = query.where(TelemetryWindowRow.version != not_version)
+    def state_counts(self, rollout_id: str) -> tuple[dict[str, int], dict[str, int]]:
+        """A rollout's devices per deploy state and per rollback state (one query)."""
+        counts: dict[str, int] = {}
+        rollbacks: dict[str, int] = {}
         with self.session() as s:
-            rows = s.exec(query).all()
-        meanings: dict[str, _Meaning | None] = {}
-        stats = CohortStats()
-        seen: set[str] = set()
-        for r in rows:
-            latency = json.loads(r.latency_counts)
-            confidence = json.loads(r.confidence_counts)
-            inputs = json.loads(r.input_counts) if r.input_counts else None
-            if (
-                len(latency) != len(LATENCY_BUCKETS_MS)
-                or len(confidence) != len(CONFIDENCE_BUCKETS)
-                or (inputs is not None and len(inputs) != len(INPUT_BUCKETS))
-            ):
-                continue  # stored before inbound telemetry was checked: not comparable
-            if r.version not in meanings:
-                meanings[r.version] = self._meaning(model, r.version)
-            meaning = meanings[r.version]
-            seen.add(r.device_id)
-            conf = Histogram(counts=tuple(confidence), total=r.confidence_total)
-            if meaning is not None and not meaning.reads_confidence_of(r.task or None):
-                conf = Histogram.empty(CONFIDENCE_BUCKETS)  # computed by another rule
-            first = (
-                Histogram(counts=tuple(inputs))
-                if inputs is not None
-                else Histogram.empty(INPUT_BUCKETS)
-            )
-            stats = stats.merged(
-                CohortStats(
-                    0,
-                    r.count,
-                    r.errors,
-                    Histogram(counts=tuple(latency), total=r.latency_total_ms),
-                    conf,
-                    first,
-                    r.agreements,
-                    meaning.tensor_inputs(r.input_histograms, inputs) if meaning else (),
-                    frozenset({meaning.task}) if meaning else frozenset(),
-                    frozenset({r.agreement_rule or LEGACY_AGREEMENT_RULE})
-                    if shadow
-                    else frozenset(),
-                )
-            )
-        return replace(stats, devices=len(seen))
+            for state, rollback, n in s.exec(
+                select(AssignmentRow.state, AssignmentRow.rollback_state, func.count())
+                .where(AssignmentRow.rollout_id == rollout_id)
+                .group_by(col(AssignmentRow.state), col(AssignmentRow.rollback_state))
+            ).all():
+                counts[state] = counts.get(state, 0) + int(n)
+                if rollback is not None:
+                    rollbacks[rollback] = rollbacks.get(rollback, 0) + int(n)
+        return counts, rollbacks
+
+    def assignments_page(
+        self, rollout_id: str, state: str | None, offset: int, limit: int
+    ) -> tuple[int, list[AssignmentRow]]:
+        """A page of a rollout's devices by id (optionally in one state), and how many
+        there are in all."""
+        with self.session() as s:
+            where: list[ColumnElement[bool]] = [col(AssignmentRow.rollout_id) == rollout_id]
+            if state is not None:
+                where.append(col(AssignmentRow.state) == state)
+            total = int(s.exec(select(func.count()).select_from(AssignmentRow).where(*where)).one())
+            rows = s.exec(
+                select(AssignmentRow)
+                .where(*where)
+                .order_by(col(AssignmentRow.device_id))
+                .offset(offset)
+                .limit(limit)
+            ).all()
+            return total, list(rows)
 
     def model_task(self, model: str, version: str) -> str | None:
         """The task a registered version's telemetry is read by, saying where it came from
@@ -810,21 +934,40 @@ class Store:
         meaning = self._meanings[key] = _Meaning.of(manifest)
         return meaning
 
-    def avg_latency_ms(
-        self, model: str, version: str, devices: Sequence[str], since: float
-    ) -> float | None:
-        """Mean inference latency of one version on some devices since a time."""
-        if not devices:
-            return None
-        with self.session() as s:
-            rows = s.exec(
-                select(TelemetryWindowRow.count, TelemetryWindowRow.latency_total_ms).where(
-                    TelemetryWindowRow.model == model,
-                    TelemetryWindowRow.version == version,
-                    TelemetryWindowRow.window_end >= since,
-                    col(TelemetryWindowRow.device_id).in_(list(devices)),
-                    TelemetryWindowRow.shadow == False,  # noqa: E712 - a SQL expression
-                )
-            ).all()
-        count = sum(r[0] for r in rows)
-        return sum(r[1] for r in rows) / count if count else None
+
+def _apply_event(row: AssignmentRow, event: DeviceEvent, now: float) -> bool:
+    """Move one assignment by one event; False when the event changes nothing."""
+    if row.rollback_command_id is not None and row.rollback_command_id == event.command_id:
+        # The answer to our rollback command: only its final phase matters.
+        if row.rollback_state != "sent" or event.phase not in ("rolled_back", "failed"):
+            return False
+        row.rollback_state, row.updated_at = event.phase, now
+        if event.phase == "failed":
+            row.reason, row.detail = event.reason or "failed", event.detail
+        return True
+    if row.command_id != event.command_id:
+        return False  # not ours, or a stale command's echo
+    if not advances(row.state, event.phase):
+        return False
+    late = row.state == "timed_out"
+    row.state, row.updated_at = event.phase, now
+    if event.phase in ("failed", "rolled_back"):
+        row.reason, row.detail = event.reason or event.phase, event.detail
+    elif late:
+        row.reason, row.detail = None, "answered after its timeout"
+    return True
+
+
+def _load_assignments(s: Session, rollout_id: str, devices: set[str]) -> dict[str, AssignmentRow]:
+    """The rollout's assignments of these devices, in chunks a database takes in IN ()."""
+    ids = sorted(devices)
+    rows: dict[str, AssignmentRow] = {}
+    for i in range(0, len(ids), 500):
+        for row in s.exec(
+            select(AssignmentRow).where(
+                AssignmentRow.rollout_id == rollout_id,
+                col(AssignmentRow.device_id).in_(ids[i : i + 500]),
+            )
+        ).all():
+            rows[row.device_id] = row
+    return rows

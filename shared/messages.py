@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 from pydantic.alias_generators import to_camel
 
 from shared.manifest import SignedManifest
+from shared.sketch import CONFIDENCE_MAPPING, LATENCY_MAPPING, SketchData
 from shared.topics import check_ident
 
 MAX_MESSAGE_BYTES = 256 * 1024
@@ -283,7 +284,9 @@ class TelemetryWindow(WireModel):
     and matched against the registered signature when the controller merges them.
 
     Added fields are optional: a window of an older agent (no task, no per-input
-    histograms, no agreement rule) still parses and counts.
+    histograms, no agreement rule, no sketches) still parses and counts, and an
+    older controller ignores the fields it does not know (`extra="ignore"`), so
+    adding the sketches needs no new schema version.
     """
 
     kind: Literal["telemetry"] = "telemetry"
@@ -314,6 +317,11 @@ class TelemetryWindow(WireModel):
     shadow: bool = False
     agreements: int | None = Field(default=None, ge=0, le=MAX_WINDOW_COUNT)
     agreement_rule: str | None = Field(default=None, max_length=256)
+    # The same calls as `latency_ms` and `confidence` at high resolution (`shared.sketch`):
+    # latency on LATENCY_MAPPING (quantiles within 2 %), confidence on CONFIDENCE_MAPPING
+    # (a 0.001 grid). Mergeable by adding counts. None: an agent that predates sketches.
+    latency_sketch: SketchData | None = None
+    confidence_sketch: SketchData | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TelemetryWindow:
@@ -325,6 +333,17 @@ class TelemetryWindow(WireModel):
             _check_histogram(f"inputHistograms[{i}]", h, None, signed=True)
         if self.errors > self.count:
             raise ValueError("errors exceed the window's count")
+        for name, sketch, mapping in (
+            ("latencySketch", self.latency_sketch, LATENCY_MAPPING),
+            ("confidenceSketch", self.confidence_sketch, CONFIDENCE_MAPPING),
+        ):
+            if sketch is None:
+                continue
+            if sketch.mapping != mapping:
+                have, want = sketch.mapping.describe(), mapping.describe()
+                raise ValueError(f"{name}: {have}, the contract has {want}")
+            if sketch.n > self.count:
+                raise ValueError(f"{name}: counts more values than the window's count")
         if self.agreements is not None and self.agreements > self.count:
             raise ValueError("agreements exceed the window's count")
         if self.window_end < self.window_start:
@@ -392,6 +411,9 @@ class ABComparison(WireModel):
     detail: str = ""
 
 
+STATUS_DEVICE_LINES = 50
+
+
 class RolloutStatus(WireModel):
     """Retained on `hotswap/v1/rollouts/{id}/status`."""
 
@@ -416,6 +438,11 @@ class RolloutStatus(WireModel):
     # for shadow rollouts, how its agreement with the served model was counted.
     task: str | None = None
     agreement_rule: str | None = None
+    # Devices per state (`rolled_back` and `rollback_failed` once a rollback answered):
+    # the status's size does not grow with the fleet.
+    device_states: dict[str, int] = Field(default_factory=dict)
+    # Each device's line, only for rollouts of at most STATUS_DEVICE_LINES devices;
+    # larger ones page through `rollout devices` (ListRolloutDevices).
     devices: tuple[DeviceProgress, ...] = ()
     reason: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -566,6 +593,23 @@ class ListRollouts(WireModel):
     kind: Literal["list_rollouts"] = "list_rollouts"
 
 
+class ListRolloutDevices(WireModel):
+    """A page of one rollout's devices (the retained status only counts them)."""
+
+    kind: Literal["list_rollout_devices"] = "list_rollout_devices"
+    rollout_id: str
+    state: str | None = None  # only devices in this state
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=500, ge=1, le=5000)
+
+
+class RolloutDevicesPage(WireModel):
+    rollout_id: str
+    total: int  # devices matching (all pages)
+    offset: int
+    devices: tuple[DeviceProgress, ...]
+
+
 class Ping(WireModel):
     """Is a controller answering? (`controller run` asks before taking the controller's id.)"""
 
@@ -579,6 +623,7 @@ Request = Annotated[
     | StartRollout
     | GetRollout
     | ListRollouts
+    | ListRolloutDevices
     | ControlRollout
     | Ping,
     Field(discriminator="kind"),

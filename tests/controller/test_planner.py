@@ -474,6 +474,39 @@ def test_ab_with_a_decided_winner_advances() -> None:
     ]
 
 
+def commanded(actions: list[object]) -> list[str]:
+    """Every device named by a command intent, once per intent (duplicates stay)."""
+    out: list[str] = []
+    for x in actions:
+        if isinstance(x, SendDeploy | RetryDevice):
+            out.append(x.device_id)
+        elif isinstance(x, SendSwitch | SendRegionDeploy):
+            out += list(x.devices)
+    return out
+
+
+def test_ab_winner_stage_sends_each_moved_device_one_deploy() -> None:
+    """At the winner stage the devices moved to the winner are pending in the current
+    stage and in the one before: they get one deploy each, not two."""
+    members = [a("a", "activated", 1.0, version="2"), a("b", "pending", version="2")]
+    winner_stage = view(strategy="ab", version="1", version_b="2", winner="2", stage_index=1)
+    actions = plan_next_actions(winner_stage, AB_STAGES, members, None, 20)
+    assert commanded(actions) == ["b"], actions
+
+
+def test_blue_green_retry_of_a_device_sends_it_one_deploy() -> None:
+    """A failed device retried at the switch stage is staged again once."""
+    stages = [
+        Stage("stage", ("a", "b"), action="stage"),
+        Stage("switch", ("a", "b"), action="switch"),
+    ]
+    members = [a("a", "failed", 1.0, attempts=1), a("b", "staged", 1.0, attempts=1)]
+    bg = view(strategy="blue-green", stage_index=1, retries=1)
+    actions = plan_next_actions(bg, stages, members, None, 2.0)
+    sends = [x for x in actions if isinstance(x, SendDeploy)]
+    assert [x.device_id for x in sends] == ["a"], actions
+
+
 # ---------------------------------------------------------------- inactive rollouts
 
 
@@ -610,7 +643,7 @@ def test_resends_are_one_open_command_per_device_under_its_own_id() -> None:
             rollback_sent_at=5.0,
             command_id="c-d",
             rollback_command_id="r-d",
-        ),  # fmt: skip
+        ),
         AssignmentView("e", "switching", 3.0, command_id="s-e"),
         AssignmentView("f", "staged", 1.0, command_id="c-f"),
         AssignmentView("g", "pending", None),

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy
 
+from controller.live import Rollup
 from controller.store import Store
 from shared.errors import RequestError
 from shared.keys import init_keys, load_private_key
@@ -142,10 +143,11 @@ def test_last_will_keeps_the_known_model(store: Store) -> None:
 
 def test_average_latency_over_telemetry_windows(store: Store) -> None:
     """Average latency weights each window by its inference count."""
+    tele = Telemetry(store)
     ref = ModelRef(name="m", version="1", sha256="a" * 64)
     t = datetime.now(UTC)
     for device, count, total in (("a", 10, 20.0), ("b", 30, 30.0), ("c", 100, 1e6)):
-        store.record_telemetry(
+        tele.record(
             TelemetryWindow(
                 device_id=device,
                 model=ref,
@@ -157,12 +159,13 @@ def test_average_latency_over_telemetry_windows(store: Store) -> None:
                 confidence=Histogram.empty(CONFIDENCE_BUCKETS),
             )
         )
-    assert store.avg_latency_ms("m", "1", ["a", "b"], t.timestamp() - 1) == pytest.approx(1.25)
-    assert store.avg_latency_ms("m", "2", ["a"], 0) is None
+    assert tele.avg_latency_ms("m", "1", ["a", "b"], t.timestamp() - 1) == pytest.approx(1.25)
+    assert tele.avg_latency_ms("m", "2", ["a"], 0) is None
 
 
 def test_cohort_stats_merge_served_and_shadow_windows_apart(store: Store) -> None:
     """Telemetry windows merge per cohort with every histogram; shadow windows stay separate."""
+    tele = Telemetry(store)
     from shared.messages import (
         CONFIDENCE_BUCKETS,
         INPUT_BUCKETS,
@@ -188,18 +191,56 @@ def test_cohort_stats_merge_served_and_shadow_windows_apart(store: Store) -> Non
             shadow=shadow, agreements=agreements,
         )  # fmt: skip
 
-    store.record_telemetry(window("d1", False, None))
-    store.record_telemetry(window("d2", False, None))
-    store.record_telemetry(window("d1", True, 7))
+    tele.record(window("d1", False, None))
+    tele.record(window("d2", False, None))
+    tele.record(window("d1", True, 7))
     since = now.timestamp() - 1
-    served = store.cohort_stats("clf", ["d1", "d2"], since, version="2")
+    served = tele.cohort_stats("clf", ["d1", "d2"], since, version="2")
     assert (served.devices, served.count, served.agreements) == (2, 20, 0)
     assert served.inputs.n == 80 and len(served.inputs.counts) == len(INPUT_BUCKETS)
     assert served.confidence.mean() == 0.85
-    mirrored = store.cohort_stats("clf", ["d1", "d2"], since, version="2", shadow=True)
+    mirrored = tele.cohort_stats("clf", ["d1", "d2"], since, version="2", shadow=True)
     assert (mirrored.devices, mirrored.count, mirrored.agreements) == (1, 10, 7)
     assert mirrored.agreement == 0.7
-    assert store.avg_latency_ms("clf", "2", ["d1", "d2"], since) == 1.0
+    assert tele.avg_latency_ms("clf", "2", ["d1", "d2"], since) == 1.0
+
+
+class Telemetry:
+    """Windows merged the way the controller merges them (Store.window_stats, then
+    controller.live.Rollup), filtered as a cohort: model, devices, since, version(s)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.windows: list[TelemetryWindow] = []
+
+    def record(self, window: TelemetryWindow) -> None:
+        self.windows.append(window)
+
+    def _chosen(
+        self, model: str, devices, since: float, version=None, not_version=None, shadow=False
+    ) -> list[TelemetryWindow]:
+        return [
+            w
+            for w in self.windows
+            if w.model.name == model
+            and w.device_id in devices
+            and w.window_end.timestamp() >= since
+            and w.shadow == shadow
+            and (version is None or w.model.version == version)
+            and (not_version is None or w.model.version != not_version)
+        ]
+
+    def cohort_stats(self, model: str, devices, since: float, **kw):
+        total = Rollup()
+        chosen = self._chosen(model, devices, since, **kw)
+        for w in chosen:
+            total.add(Rollup.of(self.store.window_stats(w)))
+        return total.stats(len({w.device_id for w in chosen}))
+
+    def avg_latency_ms(self, model: str, version: str, devices, since: float) -> float | None:
+        chosen = self._chosen(model, devices, since, version=version)
+        count = sum(w.count for w in chosen)
+        return sum(w.latency_ms.total for w in chosen) / count if count else None
 
 
 def _start(store: Store, model, devices: tuple[str, ...], *, supersede: bool = False):
@@ -370,12 +411,13 @@ def test_cohort_stats_merge_per_input_histograms_that_fit_the_registered_signatu
     """Per tensor, by the registered signature: fitting histograms add up; a tensor whose
     bucket count does not fit its dtype is left out, a window with another number of
     tensors contributes none (its other numbers still count)."""
+    tele = Telemetry(store)
     _register(store, "1", _two_inputs())
-    store.record_telemetry(_tw("a", "1", input_histograms=(U8_HIST, F_HIST)))
-    store.record_telemetry(_tw("b", "1", input_histograms=(U8_HIST, F_HIST)))
-    store.record_telemetry(_tw("c", "1", input_histograms=(F_HIST, F_HIST)))  # image: 10 buckets
-    store.record_telemetry(_tw("d", "1", input_histograms=(U8_HIST,)))  # one tensor of two
-    stats = store.cohort_stats("m", ["a", "b", "c", "d"], 0, version="1")
+    tele.record(_tw("a", "1", input_histograms=(U8_HIST, F_HIST)))
+    tele.record(_tw("b", "1", input_histograms=(U8_HIST, F_HIST)))
+    tele.record(_tw("c", "1", input_histograms=(F_HIST, F_HIST)))  # image: 10 buckets
+    tele.record(_tw("d", "1", input_histograms=(U8_HIST,)))  # one tensor of two
+    stats = tele.cohort_stats("m", ["a", "b", "c", "d"], 0, version="1")
     assert (stats.devices, stats.count) == (4, 40)
     by_name = {t.name: t for t in stats.input_tensors}
     assert by_name["image"].histogram.counts == tuple(2 * c for c in U8_HIST.counts)
@@ -388,14 +430,15 @@ def test_older_agents_first_input_histogram_stands_for_a_float_first_tensor(
 ) -> None:
     """An agent without per-input histograms: its INPUT_BUCKETS histogram is the first
     tensor's when that is float (same buckets); for a uint8 image it is not comparable."""
+    tele = Telemetry(store)
     legacy = Histogram(counts=(0, 0, 0, 0, 20, 20, 0, 0, 0, 0))
     _register(store, "f", _two_inputs("float32"))
     _register(store, "u", _two_inputs("uint8"))
-    store.record_telemetry(_tw("a", "f", inputs=legacy))
-    store.record_telemetry(_tw("a", "u", inputs=legacy))
-    (image,) = store.cohort_stats("m", ["a"], 0, version="f").input_tensors
+    tele.record(_tw("a", "f", inputs=legacy))
+    tele.record(_tw("a", "u", inputs=legacy))
+    (image,) = tele.cohort_stats("m", ["a"], 0, version="f").input_tensors
     assert (image.name, image.histogram) == ("image", legacy)
-    uint8 = store.cohort_stats("m", ["a"], 0, version="u")
+    uint8 = tele.cohort_stats("m", ["a"], 0, version="u")
     assert uint8.input_tensors == () and uint8.inputs == legacy  # the fallback stays
 
 
@@ -405,41 +448,44 @@ def test_cohort_confidence_counts_only_windows_computed_by_the_registered_task(
     """The version's task comes from its manifest (declared or inferred); a window that
     names another task, or an older agent's window for a model that is not a classifier
     on its first output, adds no confidence (its inferences still count)."""
+    tele = Telemetry(store)
     from shared.manifest import ModelTask
 
     _register(store, "1", _two_inputs())  # inferred: classifier on 'out'
     _register(store, "2", _two_inputs(), ModelTask(kind="none"))
-    store.record_telemetry(_tw("a", "1", task="classifier on 'out'"))
-    store.record_telemetry(_tw("b", "1"))  # an older agent: the same confidence
-    store.record_telemetry(_tw("c", "1", task="detector on 'out' (threshold 0.5)"))
-    store.record_telemetry(_tw("a", "2"))  # an older agent's softmax of a task-none model
-    one = store.cohort_stats("m", ["a", "b", "c"], 0, version="1")
+    tele.record(_tw("a", "1", task="classifier on 'out'"))
+    tele.record(_tw("b", "1"))  # an older agent: the same confidence
+    tele.record(_tw("c", "1", task="detector on 'out' (threshold 0.5)"))
+    tele.record(_tw("a", "2"))  # an older agent's softmax of a task-none model
+    one = tele.cohort_stats("m", ["a", "b", "c"], 0, version="1")
     assert one.count == 30 and one.confidence.n == 20
     assert one.tasks == frozenset({ModelTask(kind="classifier", output="out")})
-    two = store.cohort_stats("m", ["a"], 0, version="2")
+    two = tele.cohort_stats("m", ["a"], 0, version="2")
     assert two.confidence.n == 0 and two.tasks == frozenset({ModelTask(kind="none")})
     assert store.model_task("m", "1") == "classifier on 'out' (inferred from the signature)"
     assert store.model_task("m", "2") == "none (declared)"
     assert store.model_task("m", "9") is None
-    unregistered = store.cohort_stats("m", ["a"], 0, version="9")
+    unregistered = tele.cohort_stats("m", ["a"], 0, version="9")
     assert unregistered.tasks == frozenset() and unregistered.count == 0
 
 
 def test_shadow_cohorts_carry_the_agreement_rule_the_agents_used(store: Store) -> None:
     """A window naming no rule was counted by the older agents' top-class rule."""
+    tele = Telemetry(store)
     from shared.tasks import LEGACY_AGREEMENT_RULE
 
     _register(store, "1", _two_inputs())
     rule = "same top class of 'out'"
-    store.record_telemetry(_tw("a", "1", shadow=True, agreements=9, agreement_rule=rule))
-    store.record_telemetry(_tw("b", "1", shadow=True, agreements=4))
-    stats = store.cohort_stats("m", ["a", "b"], 0, version="1", shadow=True)
+    tele.record(_tw("a", "1", shadow=True, agreements=9, agreement_rule=rule))
+    tele.record(_tw("b", "1", shadow=True, agreements=4))
+    stats = tele.cohort_stats("m", ["a", "b"], 0, version="1", shadow=True)
     assert stats.agreements == 13 and stats.agreement_rules == {rule, LEGACY_AGREEMENT_RULE}
-    assert store.cohort_stats("m", ["a", "b"], 0, version="1").agreement_rules == frozenset()
+    assert tele.cohort_stats("m", ["a", "b"], 0, version="1").agreement_rules == frozenset()
 
 
-def test_a_database_of_an_older_controller_gets_the_telemetry_columns(tmp_path) -> None:
-    """Rows written before per-input histograms read back with the new columns' defaults."""
+def test_a_database_of_an_older_controller_opens_and_its_raw_windows_are_pruned(tmp_path) -> None:
+    """An older controller's raw telemetry rows are not read (the gates read rollups); the
+    table stays readable and its rows go with the retention."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     old = sqlalchemy.create_engine(url)
     with old.begin() as conn:
@@ -460,6 +506,8 @@ def test_a_database_of_an_older_controller_gets_the_telemetry_columns(tmp_path) 
             {"lat": str([0] * 4 + [10] + [0] * 10), "conf": str([0] * 8 + [10, 0])},
         )
     old.dispose()
-    stats = Store(url).cohort_stats("m", ["a"], 0, version="1")
-    assert (stats.devices, stats.count, stats.confidence.n) == (1, 10, 10)
-    assert stats.input_tensors == ()
+    store = Store(url)
+    store.prune_telemetry(finished_before=10.0)
+    with store.engine.connect() as conn:
+        left = conn.execute(sqlalchemy.text("SELECT count(*) FROM telemetry_windows")).scalar()
+    assert left == 0

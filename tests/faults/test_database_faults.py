@@ -101,7 +101,7 @@ def sql(controller: ControllerProcess, statement: str, *params: object) -> list[
 
 
 def telemetry_rows(controller: ControllerProcess) -> int:
-    return int(sql(controller, "SELECT count(*) FROM telemetry_windows")[0][0])
+    return int(sql(controller, "SELECT count(*) FROM telemetry_minutes")[0][0])
 
 
 @contextlib.asynccontextmanager

@@ -113,12 +113,18 @@ def sql(controller: ControllerProcess, statement: str, *params: object) -> list[
 
 
 def telemetry_rows(controller: ControllerProcess, device_id: str) -> int:
-    """Rows of one device in `telemetry_windows`, read straight from the SQLite file."""
-    return int(
-        sql(controller, "SELECT count(*) FROM telemetry_windows WHERE device_id = ?", device_id)[0][
-            0
-        ]
+    """What was stored of the hostile window, read straight from the SQLite file: the
+    fleet's minutes of its model version, and any rollup of the device."""
+    (minutes,) = sql(
+        controller,
+        "SELECT count(*) FROM telemetry_minutes WHERE model = ? AND version = ?",
+        MODEL.name,
+        MODEL.version,
     )
+    (rollups,) = sql(
+        controller, "SELECT count(*) FROM telemetry_rollups WHERE device_id = ?", device_id
+    )
+    return int(minutes[0]) + int(rollups[0])
 
 
 def malformed_dropped(controller: ControllerProcess) -> float:
@@ -206,10 +212,12 @@ async def test_histogram_with_wrong_bucket_count_during_a_gated_canary_cannot_cr
         assert status["status"] == "Succeeded", status
         assert status["devicesUpdated"] == len(DEVICES), status
 
-    stored = sql(
-        controller, "SELECT count(*) FROM telemetry_windows WHERE latency_counts = ?", "[5, 5, 5]"
-    )
-    assert stored == [(0,)]
+    three_buckets = '%"l":[5,5,5]%'
+    for query in (
+        "SELECT count(*) FROM telemetry_minutes WHERE data LIKE ?",
+        "SELECT count(*) FROM telemetry_rollups WHERE data LIKE ?",
+    ):
+        assert sql(controller, query, three_buckets) == [(0,)], query
     assert malformed_dropped(controller) >= len(DEVICES), controller.metrics_text()
 
     assert await controller.terminate() == 0
@@ -227,8 +235,9 @@ async def test_corrupt_open_rollout_row_is_marked_and_every_other_rollout_keeps_
     signing_keys: KeyPair,
     model_v1: bytes,
 ) -> None:
-    """An open rollout's spec broken in the database: that rollout is marked `controller
-    error`, a new rollout still succeeds and requests are answered."""
+    """An open rollout's spec broken in the database, found when the controller starts:
+    that rollout is marked `controller error`, a new rollout still succeeds and requests
+    are answered."""
     path = tmp_path / "v1.tflite"
     path.write_bytes(model_v1)
     async with make_agents(mosquitto, tmp_path, signing_keys, DEVICES) as agents:
@@ -240,6 +249,10 @@ async def test_corrupt_open_rollout_row_is_marked_and_every_other_rollout_keeps_
             "--canary-percent", "50", "--canary-duration", "10m", "--devices", "cam-1,cam-2",
         )  # fmt: skip
         sql(controller, "UPDATE rollouts SET spec = '{broken' WHERE rollout_id = ?", broken)
+        # The controller reads a rollout's rows when it (re)loads them: on start.
+        assert await controller.terminate() == 0
+        await controller.start()
+        await controller.wait_connected(times=2)
 
         def marked() -> bool:
             assert controller.alive(), controller.log_text()[-3000:]

@@ -1,0 +1,387 @@
+"""What the controller keeps in memory of each open rollout, updated by what changed.
+
+The database stays the source of truth (every change is persisted before it is
+applied here), but a tick must not re-read and re-summarise every row of every
+open rollout: at 10,000 devices that was the controller's whole cost. A
+`LiveRollout` is loaded once (on start, on reconnect, when a rollout opens) and
+then follows the changes:
+
+- `views`: each device's `AssignmentView` (what the planner reads), and
+  `counts`, the number of devices per state, kept in step on every change;
+- telemetry: each device's windows of the current stage, merged by addition into
+  one `Rollup` per (version, served-or-mirrored), and the *cohort* totals the
+  gates compare (`candidate`/`baseline`, or the sides `a`/`b` of an A/B test).
+  Which cohort a device's windows count for follows its state (`cohort_of`):
+  when a device moves (a baseline device activates the candidate), its rollups
+  move from one total to the other by subtraction and addition. So a
+  gate reading costs the same at any N, and telemetry costs O(1) per window.
+
+Pure: no I/O. The executor (controller.service) persists, then applies here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from controller.db import RolloutRow
+from controller.gates import CohortStats, TensorInputs
+from controller.planner import AssignmentView
+from controller.strategies import Stage
+from shared.manifest import ModelTask
+from shared.messages import Histogram, StartRollout
+
+Cohort = Literal["candidate", "baseline", "a", "b"]
+
+
+@dataclass(slots=True)
+class Rollup:
+    """Telemetry merged by addition and taken apart by subtraction (counts exactly,
+    sums to floating-point rounding).
+
+    The histograms share fixed buckets, so every field adds; the tasks and the
+    agreement rules a cohort's numbers mean are multisets for the same reason.
+    """
+
+    count: int = 0
+    errors: int = 0
+    agreements: int = 0
+    latency: list[int] = field(default_factory=list)
+    latency_total: float = 0.0
+    confidence: list[int] = field(default_factory=list)
+    confidence_total: float = 0.0
+    inputs: list[int] = field(default_factory=list)
+    inputs_total: float = 0.0
+    # (tensor name, layout) -> counts, with the plain sum as the last element
+    tensors: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    tasks: Counter[str] = field(default_factory=Counter)  # ModelTask JSON -> windows
+    rules: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, stats: CohortStats) -> Rollup:
+        return cls(
+            count=stats.count,
+            errors=stats.errors,
+            agreements=stats.agreements,
+            latency=list(stats.latency.counts),
+            latency_total=stats.latency.total,
+            confidence=list(stats.confidence.counts),
+            confidence_total=stats.confidence.total,
+            inputs=list(stats.inputs.counts),
+            inputs_total=stats.inputs.total,
+            tensors={
+                t.key: [*map(float, t.histogram.counts), t.histogram.total]
+                for t in stats.input_tensors
+            },
+            tasks=Counter(t.model_dump_json() for t in stats.tasks),
+            rules=Counter(stats.agreement_rules),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0 and not self.latency
+
+    def add(self, other: Rollup, sign: int = 1) -> None:
+        """self += other (sign 1) or self -= other (sign -1)."""
+        self.count += sign * other.count
+        self.errors += sign * other.errors
+        self.agreements += sign * other.agreements
+        self.latency = _added(self.latency, other.latency, sign)
+        self.latency_total += sign * other.latency_total
+        self.confidence = _added(self.confidence, other.confidence, sign)
+        self.confidence_total += sign * other.confidence_total
+        self.inputs = _added(self.inputs, other.inputs, sign)
+        self.inputs_total += sign * other.inputs_total
+        for key, counts in other.tensors.items():
+            mine = self.tensors.get(key)
+            if mine is None:
+                self.tensors[key] = [sign * c for c in counts]
+            elif len(mine) == len(counts):
+                self.tensors[key] = [a + sign * b for a, b in zip(mine, counts, strict=True)]
+        for tasks, theirs in ((self.tasks, other.tasks), (self.rules, other.rules)):
+            for k, n in theirs.items():
+                tasks[k] += sign * n
+                if tasks[k] <= 0:
+                    del tasks[k]
+        # What a subtraction leaves at zero is as good as never seen.
+        self.tensors = {k: v for k, v in self.tensors.items() if any(v[:-1])}
+
+    def stats(self, devices: int) -> CohortStats:
+        base = CohortStats(devices=devices, count=self.count, errors=self.errors)
+        return replace(
+            base,
+            latency=_hist(self.latency, self.latency_total, base.latency),
+            confidence=_hist(self.confidence, self.confidence_total, base.confidence),
+            inputs=_hist(self.inputs, self.inputs_total, base.inputs),
+            agreements=self.agreements,
+            input_tensors=tuple(
+                TensorInputs(
+                    name,
+                    layout,
+                    Histogram(counts=tuple(int(c) for c in v[:-1]), total=v[-1]),
+                )
+                for (name, layout), v in self.tensors.items()
+            ),
+            tasks=frozenset(ModelTask.model_validate_json(t) for t in self.tasks),
+            agreement_rules=frozenset(self.rules),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "n": self.count,
+                "e": self.errors,
+                "a": self.agreements,
+                "l": self.latency,
+                "lt": self.latency_total,
+                "c": self.confidence,
+                "ct": self.confidence_total,
+                "i": self.inputs,
+                "it": self.inputs_total,
+                "t": [[k[0], k[1], v] for k, v in self.tensors.items()],
+                "tasks": dict(self.tasks),
+                "rules": dict(self.rules),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Rollup:
+        d: dict[str, Any] = json.loads(text)
+        return cls(
+            count=int(d["n"]),
+            errors=int(d["e"]),
+            agreements=int(d["a"]),
+            latency=[int(x) for x in d["l"]],
+            latency_total=float(d["lt"]),
+            confidence=[int(x) for x in d["c"]],
+            confidence_total=float(d["ct"]),
+            inputs=[int(x) for x in d["i"]],
+            inputs_total=float(d["it"]),
+            tensors={(str(n), str(lay)): [float(x) for x in v] for n, lay, v in d["t"]},
+            tasks=Counter({str(k): int(v) for k, v in d["tasks"].items()}),
+            rules=Counter({str(k): int(v) for k, v in d["rules"].items()}),
+        )
+
+
+def _added(mine: list[int], theirs: list[int], sign: int) -> list[int]:
+    if not theirs:
+        return mine
+    if not mine:
+        return [sign * c for c in theirs]
+    if len(mine) != len(theirs):
+        return mine  # another bucket layout: not comparable, not merged
+    return [a + sign * b for a, b in zip(mine, theirs, strict=True)]
+
+
+def _hist(counts: list[int], total: float, default: Histogram) -> Histogram:
+    if len(counts) != len(default.counts):
+        return default
+    return Histogram(counts=tuple(counts), total=total)
+
+
+def cohort_of(
+    strategy: str,
+    view: AssignmentView,
+    version: str,
+    version_b: str | None,
+    window_version: str,
+    shadow: bool,
+) -> Cohort | None:
+    """Which cohort a device's windows of `window_version` count for, in its state now.
+
+    Shadow rollouts compare what the staged devices mirrored to the candidate with
+    what the same devices served; A/B tests the two sides as served; the others
+    the devices that activated the candidate with those not yet touched.
+    """
+    if strategy == "shadow":
+        if view.state != "staged":
+            return None
+        if shadow:
+            return "candidate" if window_version == version else None
+        return "baseline" if window_version != version else None
+    if shadow:
+        return None
+    if strategy == "ab":
+        if view.state != "activated" or window_version != (view.version or version):
+            return None
+        if window_version == version:
+            return "a"
+        return "b" if window_version == version_b else None
+    if view.state == "activated":
+        return "candidate" if window_version == version else None
+    if view.state == "pending":
+        return "baseline" if window_version != version else None
+    return None
+
+
+RollupKey = tuple[str, bool]  # (version, shadow)
+
+
+@dataclass
+class LiveRollout:
+    """One open rollout's assignments and telemetry, in memory (see the module docstring)."""
+
+    row: RolloutRow  # as last persisted
+    spec: StartRollout
+    stages: list[Stage]
+    views: dict[str, AssignmentView] = field(default_factory=dict)
+    regions: dict[str, str] = field(default_factory=dict)  # device -> region
+    counts: Counter[str] = field(default_factory=Counter)
+    rollback_counts: Counter[str] = field(default_factory=Counter)
+    # device -> (version, shadow) -> what it reported this stage
+    rollups: dict[str, dict[RollupKey, Rollup]] = field(default_factory=dict)
+    cohorts: dict[Cohort, Rollup] = field(default_factory=dict)
+    # cohort -> device -> how many of its rollups count there (a device counts once)
+    members: dict[Cohort, Counter[str]] = field(default_factory=dict)
+    # Served inferences of the candidate on devices that activated it, the whole rollout
+    served_latency_total_ms: float = 0.0
+    served_count: int = 0
+    dirty_rollups: set[str] = field(default_factory=set)  # devices whose rollups changed
+    stage_index: int = 0
+    stage_started_at: float = 0.0
+
+    @classmethod
+    def start(
+        cls,
+        row: RolloutRow,
+        spec: StartRollout,
+        stages: list[Stage],
+        views: list[AssignmentView],
+        regions: dict[str, str],
+    ) -> LiveRollout:
+        live = cls(row, spec, stages)
+        live.stage_index = row.stage_index
+        live.stage_started_at = row.stage_started_at or row.created_at
+        live.served_latency_total_ms = row.served_latency_total_ms
+        live.served_count = row.served_count
+        live.regions = dict(regions)
+        for v in views:
+            live.views[v.device_id] = v
+            live.counts[v.state] += 1
+            if v.rollback_state is not None:
+                live.rollback_counts[v.rollback_state] += 1
+        return live
+
+    @property
+    def rollout_id(self) -> str:
+        return self.row.rollout_id
+
+    @property
+    def strategy(self) -> str:
+        return self.row.strategy
+
+    @property
+    def version(self) -> str:
+        return self.row.version
+
+    @property
+    def version_b(self) -> str | None:
+        return self.row.version_b
+
+    # ------------------------------------------------------------ assignments
+
+    def set_view(self, view: AssignmentView) -> None:
+        """A device's assignment changed (already persisted): counts and cohorts follow."""
+        old = self.views.get(view.device_id)
+        self.views[view.device_id] = view
+        if old is not None:
+            self.counts[old.state] -= 1
+            if old.rollback_state is not None:
+                self.rollback_counts[old.rollback_state] -= 1
+        self.counts[view.state] += 1
+        if view.rollback_state is not None:
+            self.rollback_counts[view.rollback_state] += 1
+        for (wv, shadow), rollup in self.rollups.get(view.device_id, {}).items():
+            before = (
+                cohort_of(self.strategy, old, self.version, self.version_b, wv, shadow)
+                if old is not None
+                else None
+            )
+            after = cohort_of(self.strategy, view, self.version, self.version_b, wv, shadow)
+            if before != after:
+                if before is not None:
+                    self._count(before, view.device_id, rollup, -1)
+                if after is not None:
+                    self._count(after, view.device_id, rollup, 1)
+
+    def assignment_views(self) -> list[AssignmentView]:
+        return list(self.views.values())
+
+    # ------------------------------------------------------------ telemetry
+
+    def add_window(
+        self, device_id: str, version: str, shadow: bool, rollup: Rollup, window_end: float
+    ) -> bool:
+        """One telemetry window of a device of this rollout; False when nothing changed
+        (another device, or a window before the stage that served nothing counted)."""
+        view = self.views.get(device_id)
+        if view is None:
+            return False
+        served = self.add_served(device_id, version, shadow, rollup)
+        if window_end < self.stage_started_at:
+            return served
+        mine = self.rollups.setdefault(device_id, {})
+        new_key = (version, shadow) not in mine
+        mine.setdefault((version, shadow), Rollup()).add(rollup)
+        self.dirty_rollups.add(device_id)
+        cohort = cohort_of(self.strategy, view, self.version, self.version_b, version, shadow)
+        if cohort is not None:
+            self._count(cohort, device_id, rollup, 1, new_key=new_key)
+        return True
+
+    def add_served(self, device_id: str, version: str, shadow: bool, rollup: Rollup) -> bool:
+        """Count a window for the candidate's served latency (the status's average) if it
+        is one: served, of the candidate, by a device that activated it."""
+        view = self.views.get(device_id)
+        if (
+            view is None
+            or shadow
+            or version != self.version
+            or view.state != "activated"
+            or self.strategy == "shadow"
+        ):
+            return False
+        self.served_latency_total_ms += rollup.latency_total
+        self.served_count += rollup.count
+        return True
+
+    def restore_rollup(self, device_id: str, version: str, shadow: bool, rollup: Rollup) -> None:
+        """A persisted rollup of the current stage (after a restart)."""
+        view = self.views.get(device_id)
+        if view is None:
+            return
+        self.rollups.setdefault(device_id, {})[(version, shadow)] = rollup
+        cohort = cohort_of(self.strategy, view, self.version, self.version_b, version, shadow)
+        if cohort is not None:
+            self._count(cohort, device_id, rollup, 1)
+
+    def _count(
+        self, cohort: Cohort, device_id: str, rollup: Rollup, sign: int, *, new_key: bool = True
+    ) -> None:
+        self.cohorts.setdefault(cohort, Rollup()).add(rollup, sign)
+        members = self.members.setdefault(cohort, Counter())
+        if sign > 0 and new_key:
+            members[device_id] += 1
+        elif sign < 0:
+            members[device_id] -= 1
+            if members[device_id] <= 0:
+                del members[device_id]
+
+    def cohort(self, name: Cohort) -> CohortStats:
+        rollup = self.cohorts.get(name)
+        devices = len(self.members.get(name, ()))
+        return rollup.stats(devices) if rollup is not None else CohortStats(devices=devices)
+
+    def new_stage(self, index: int, started_at: float) -> None:
+        """The gates read the new stage's windows only."""
+        self.stage_index, self.stage_started_at = index, started_at
+        self.rollups.clear()
+        self.cohorts.clear()
+        self.members.clear()
+        self.dirty_rollups.clear()
+
+    def avg_served_latency_ms(self) -> float | None:
+        return self.served_latency_total_ms / self.served_count if self.served_count else None

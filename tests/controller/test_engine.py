@@ -1,0 +1,168 @@
+"""The controller's engine at fleet scale without a broker: what it publishes and stores.
+
+The controller is attached to a recording publisher (a test double for the MQTT
+client only: it records each publish); its database is a real SQLite file and
+presigning uses moto's real S3 server. Device messages are handed in as the
+broker would deliver them. At 2,000 devices this checks the shape of the work,
+never its time: one deploy publish per region and chunk (not per device), a
+retained status whose size does not grow with the fleet, and a rollback that
+reaches every device in as few publishes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt.properties import Properties
+
+from controller.service import Controller, ControllerConfig
+from shared import topics
+from shared.keys import init_keys, load_private_key
+from shared.manifest import build_manifest, sign_manifest
+from shared.messages import (
+    COMMAND,
+    ControlRollout,
+    DeployCommand,
+    DeviceEvent,
+    DeviceState,
+    GetRollout,
+    ListRolloutDevices,
+    ModelRef,
+    RollbackCommand,
+    RolloutStatus,
+    StartRollout,
+)
+from shared.settings import MqttEndpoint
+from shared.tflite import read_signature
+from tests.conftest import S3
+
+N = 2000
+REGIONS = ("eu-west", "us-east")
+
+
+@dataclass
+class Recorder:
+    """Records every publish (topic, payload, retain)."""
+
+    published: list[tuple[str, bytes, bool]] = field(default_factory=list)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> None:
+        self.published.append((topic, payload, retain))
+
+    def commands(self, kind: type[Any]) -> list[tuple[str, Any]]:
+        out = []
+        for topic, payload, _ in self.published:
+            if topic.endswith("/cmd"):
+                command = COMMAND.validate_json(payload)
+                if isinstance(command, kind):
+                    out.append((topic, command))
+        return out
+
+    def status(self, rollout_id: str) -> tuple[RolloutStatus, int]:
+        """The last retained status of a rollout, and its size in bytes."""
+        topic = topics.rollout_status(rollout_id)
+        payload = [p for t, p, retain in self.published if t == topic and retain][-1]
+        return RolloutStatus.model_validate_json(payload), len(payload)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, s3: S3, model_v1: bytes) -> Any:
+    config = ControllerConfig(
+        mqtt=MqttEndpoint(host="127.0.0.1", port=1, tls=False),  # never connected
+        db_url=f"sqlite:///{tmp_path / 'controller.db'}",
+        s3_endpoint=s3.endpoint,
+        s3_bucket=s3.bucket,
+        status_interval_s=0.0,
+    )
+    controller = Controller(config)
+    priv, _ = init_keys(tmp_path / f"k{uuid.uuid4().hex[:6]}")
+    manifest = build_manifest(
+        name="m", version="2.0", data=model_v1, signature=read_signature(model_v1)
+    )
+    controller.store.register_model(sign_manifest(manifest, load_private_key(priv)), "m/2", 0.0)
+    recorder = Recorder()
+    await controller.attach(recorder)
+    for i in range(N):
+        device = f"d-{i:05d}"
+        state = DeviceState(
+            device_id=device, region=REGIONS[i % 2], device_type="cam", online=True,
+            active=ModelRef(name="m", version="1.0", sha256="1" * 64),
+        )  # fmt: skip
+        controller.receive(topics.device_state(device), state.to_wire(), retain=True)
+    await controller.flush()
+    return controller, recorder
+
+
+async def answer(controller: Controller, commands: list[tuple[str, Any]], phase: str) -> None:
+    """Every device a command names answers it with `phase`."""
+    for _, command in commands:
+        for device in command.selector.cohort if command.selector else ():
+            event = DeviceEvent(
+                device_id=device, rollout_id=command.rollout_id,
+                command_id=command.command_id, phase=phase,
+            )  # fmt: skip
+            controller.receive(topics.device_events(device), event.to_wire())
+    await controller.flush()
+
+
+async def test_a_fleet_rollout_and_rollback_publish_per_region_not_per_device(
+    engine: Any,
+) -> None:
+    controller, recorder = engine
+    started = await controller.request(StartRollout(model="m", version="2.0", all_devices=True))
+    rid = started["rolloutId"]
+    assert started["devicesTargeted"] == N
+    await controller.tick()  # Pending -> InProgress, deploys out
+    await controller.tick()
+    deploys = recorder.commands(DeployCommand)
+    # One per region and chunk of 1,000 devices: 2 regions of 1,000 each.
+    assert len(deploys) == 2, [t for t, _ in deploys]
+    assert {t for t, _ in deploys} == {topics.region_cmd(r) for r in REGIONS}
+    named = [d for _, c in deploys for d in c.selector.cohort]
+    assert sorted(named) == sorted(f"d-{i:05d}" for i in range(N))  # each device once
+
+    await answer(controller, deploys, "activated")
+    await controller.tick()  # every device done: the stage settles
+    await controller.tick()  # no bake: the rollout ends
+    status, size = recorder.status(rid)
+    assert (status.status, status.devices_updated) == ("Succeeded", N), status.reason
+    assert status.device_states == {"activated": N}
+    assert status.devices == ()  # per device: paged on request
+    assert size < 16 * 1024, size
+
+    page = await controller.request(ListRolloutDevices(rollout_id=rid, offset=1990, limit=50))
+    assert page["total"] == N and len(page["devices"]) == 10
+    assert page["devices"][0] | {"v": 1} == {
+        "deviceId": "d-01990",
+        "state": "activated",
+        "reason": None,
+        "v": 1,
+    }
+
+    before = len(recorder.published)
+    await controller.request(ControlRollout(rollout_id=rid, action="rollback"))
+    await controller.tick()
+    await controller.tick()
+    rollbacks = recorder.commands(RollbackCommand)
+    assert len(rollbacks) == 2, [t for t, _ in rollbacks]
+    await answer(controller, rollbacks, "rolled_back")
+    await controller.tick()
+    status, size = recorder.status(rid)
+    assert status.status == "RolledBack", status
+    assert status.device_states == {"rolled_back": N}
+    assert size < 16 * 1024, size
+    # Commands and statuses only: nothing went out per device.
+    assert len(recorder.published) - before < 20, len(recorder.published) - before
+    answered = await controller.request(GetRollout(rollout_id=rid))
+    assert answered["deviceStates"] == {"rolled_back": N}
