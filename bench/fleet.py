@@ -333,7 +333,10 @@ class Bench:
             if self.phase not in ("p1", "canary", "p4"):
                 continue
             phase = self.phase
-            await self.requester.request({"kind": "list_devices"}, phase=phase, wait_s=10)
+            # What `device list` asks first: a page of 1,000 devices.
+            await self.requester.request(
+                {"kind": "list_devices", "offset": 0, "limit": 1000}, phase=phase, wait_s=10
+            )
             if self.sampled_rollout:
                 await self.requester.request(
                     {"kind": "get_rollout", "rolloutId": self.sampled_rollout},
@@ -890,14 +893,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         progress(f"{connected}/{bench.n} devices connected in {out['connect_s']} s")
         while True:
             bench.check_controller()
-            answer = await bench.requester.request(
-                {"kind": "list_devices"}, record=False, wait_s=30
-            )
-            online = (
-                sum(bool(r.get("online")) for r in answer["result"])
-                if answer and answer.get("ok")
-                else 0
-            )
+            online = 0
+            offset = 0
+            while True:  # every page of `device list`
+                answer = await bench.requester.request(
+                    {"kind": "list_devices", "offset": offset, "limit": 1000},
+                    record=False,
+                    wait_s=30,
+                )
+                page = answer["result"] if answer and answer.get("ok") else []
+                online += sum(bool(r.get("online")) for r in page)
+                offset += len(page)
+                if len(page) < 1000:
+                    break
             if online >= bench.n:
                 break
             if time.monotonic() - t0 > args.timeout:

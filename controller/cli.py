@@ -293,6 +293,19 @@ def model_orphans(
         progress(f"{len(orphans)} orphaned objects; `hotswap model orphans --delete` removes them")
 
 
+async def _all_devices(endpoint: MqttEndpoint, page: int = 1000) -> list[dict[str, Any]]:
+    """Every device, a page per request (one session)."""
+    rows: list[dict[str, Any]] = []
+    async with OperatorClient(endpoint, timeout=_DEFAULTS.request_timeout_s) as op:
+        while True:
+            got = await op.request(ListDevices(offset=len(rows), limit=page))
+            rows += got
+            if len(got) < page:
+                return rows
+            if len(rows) >= 10_000:
+                progress(f"{len(rows)} devices…")
+
+
 @device_app.command("list")
 def device_list(
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
@@ -301,7 +314,7 @@ def device_list(
 ) -> None:
     """List devices with what they serve."""
     with cli_errors():
-        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListDevices()))
+        rows = asyncio.run(_all_devices(_endpoint(mqtt_url, credentials)))
     if as_json:
         emit_json(rows)
         return

@@ -69,7 +69,7 @@ from controller.planner import (
 )
 from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status, progress
-from controller.store import RolloutRollups, Store, Superseded
+from controller.store import Assignment, RolloutRollups, Store, Superseded
 from controller.strategies import STRATEGIES, Target
 from shared import __version__, topics
 from shared.command_auth import COMMAND_REFUSAL_REASONS, SIGNATURE_PROPERTY, sign_command
@@ -118,12 +118,28 @@ from shared.mqtt import (
 from shared.settings import MqttEndpoint
 
 log = structlog.get_logger("hotswap.controller")
+# Answers stay well below the broker's max_packet_size (1 MiB in mosquitto.conf).
+MAX_RESPONSE_BYTES = 768 * 1024
 
 _INBOUND: dict[str, type[DeviceState] | type[DeviceEvent] | type[TelemetryWindow]] = {
     "state": DeviceState,
     "events": DeviceEvent,
     "telemetry": TelemetryWindow,
 }
+
+
+class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue for the controller: never full for events, states and
+    requests; telemetry beyond `limit` waiting messages is dropped and counted
+    (reason `backlog`), where aiomqtt's own bounded queue discarded anything, silently."""
+
+    limit = 50_000
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if self.qsize() >= self.limit and item.topic.value.endswith("/telemetry"):
+            metrics.DROPPED.labels("backlog").inc()
+            return
+        super().put_nowait(item)
 
 
 class Publisher(Protocol):
@@ -146,6 +162,12 @@ class _Received:
     topic: str
     payload: bytes
     retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _TelemetryWrite:
+    fleet: dict[tuple[str, str, bool, int], tuple[int, Rollup]]
+    rollouts: list[RolloutRollups]
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +225,8 @@ class ControllerConfig:
     region_command_devices: int = 1000
     # Telemetry rollups of finished rollouts are kept this long; pruned this often.
     telemetry_retention_s: float = 7 * 24 * 3600.0
+    # Merged telemetry reaches the database this often (a crash loses at most this much).
+    telemetry_flush_s: float = 1.0
     prune_interval_s: float = 3600.0
 
 
@@ -265,6 +289,10 @@ class Controller:
         self._requests: set[asyncio.Task[None]] = set()
         self._pruned_at = 0.0
         self._runner: asyncio.Task[None] | None = None
+        # Telemetry merged in memory, written every telemetry_flush_s (one transaction)
+        self._fleet_pending: dict[tuple[str, str, bool, int], tuple[int, Rollup]] = {}
+        self._rollups_pending: set[str] = set()
+        self._telemetry_flushed_at = 0.0
         self.instance = uuid.uuid4().hex[:12]
 
     # ------------------------------------------------------------ lifetime
@@ -311,6 +339,7 @@ class Controller:
                 batch.append(self._inbox.get_nowait())
             async with self._lock:
                 await self._apply(batch)
+        self._write_telemetry(self._telemetry_due(force=True), self.clock())
 
     async def request(self, request: Request) -> Any:
         """An operator request, answered (raises what its error response would say)."""
@@ -336,6 +365,7 @@ class Controller:
             retain=True,
         )
         await self._refuse_if_not_alone()
+        backlog = self.config.ingest_backlog
         delays = backoff_delays()
         task = asyncio.current_task()
         sessions = 0
@@ -345,6 +375,8 @@ class Controller:
                 identifier=self.config.client_id,
                 will=will,
                 persistent_session=True,
+                max_queued_incoming=0,
+                queue_type=type("IncomingQueue", (_IncomingQueue,), {"limit": backlog}),
             )
             # A failed TaskGroup leaves its parent marked as cancelling on 3.11: only a
             # count above this one is a request to stop.
@@ -366,6 +398,8 @@ class Controller:
                             tg.create_task(self._ingest_loop(), name="ingest")
                             tg.create_task(self._tick_loop(), name="tick")
                     except asyncio.CancelledError:
+                        with contextlib.suppress(SQLAlchemyError):
+                            self._write_telemetry(self._telemetry_due(force=True), self.clock())
                         await self._say_offline(client)
                         raise
             except* aiomqtt.MqttError as group:
@@ -477,7 +511,8 @@ class Controller:
         )
         async with self._lock:
             # The rows are the truth: what is in memory is rebuilt from them once per
-            # session, then follows the changes.
+            # session, then follows the changes (what was merged but not written, first).
+            self._write_telemetry(self._telemetry_due(force=True), self.clock())
             self._load_live()
             self._published.clear()
             # Resume: re-send every command whose outcome is still open. The command id
@@ -550,6 +585,8 @@ class Controller:
     def _reload(self, rollout_id: str) -> LiveRollout | None:
         """Rebuild one rollout from its rows (after a change made outside the planner);
         None when its rows are damaged (said on the rollout, which is not served)."""
+        # What is merged in memory only would be lost with the old copy: written first.
+        self._write_telemetry(self._telemetry_due(force=True), self.clock())
         row = self.store.get_rollout(rollout_id)
         try:
             live = self._loaded(row)
@@ -681,17 +718,21 @@ class Controller:
 
     async def _apply(self, batch: Sequence[_Inbound]) -> None:
         now = self.clock()
-        for item in batch:
-            if item.kind == "registry":
-                await self._on_record(item.topic, item.payload)
+        records = [
+            record
+            for item in batch
+            if item.kind == "registry"
+            and (record := self._record_of(item.topic, item.payload)) is not None
+        ]
+        if records:
+            await self._apply_records(records, now)
         states = [i.msg for i in batch if isinstance(i.msg, DeviceState)]
         if states:
-            refused = self.store.upsert_devices(states, now)
+            refused = await asyncio.to_thread(self.store.upsert_devices, states, now)
             for device_id, detail in refused.items():
                 # Provisioning fixed who it is; the rest of its state is still taken.
                 metrics.DROPPED.labels("identity_claim").inc()
                 log.warning("device_identity_refused", device_id=device_id, detail=detail)
-            metrics.DEVICES_ONLINE.set(self.store.devices_online())
             for st in states:
                 log.info(
                     "device_state",
@@ -699,8 +740,13 @@ class Controller:
                     online=st.online,
                     active=st.active.ref if st.active else None,
                 )
+        if records or states:
+            metrics.DEVICES_ONLINE.set(await asyncio.to_thread(self.store.devices_online))
         await self._apply_events([i.msg for i in batch if isinstance(i.msg, DeviceEvent)], now)
-        self._apply_telemetry([i.msg for i in batch if isinstance(i.msg, TelemetryWindow)], now)
+        self._apply_telemetry([i.msg for i in batch if isinstance(i.msg, TelemetryWindow)])
+        due = self._telemetry_due()
+        if due is not None:
+            await asyncio.to_thread(self._write_telemetry, due, now)
         # A live (not retained) online state: the device has just (re)connected or changed
         # model. Retained copies come on our own reconnect, which resends everything.
         back = {
@@ -731,7 +777,7 @@ class Controller:
                 plain.append(e)
         if not plain:
             return
-        rows = self.store.apply_events(plain, now)
+        rows = await asyncio.to_thread(self.store.apply_events, plain, now)
         changed = {(r.rollout_id, r.device_id) for r in rows}
         for e in plain:
             log.info(
@@ -753,20 +799,16 @@ class Controller:
         if rows:
             self._wake.set()
 
-    def _apply_telemetry(self, windows: Sequence[TelemetryWindow], now: float) -> None:
-        """Merge windows into the fleet's minutes and their rollout's cohorts; persist the
-        batch in one transaction."""
-        if not windows:
-            return
-        fleet: dict[tuple[str, str, bool, int], tuple[int, Rollup]] = {}
-        touched: set[str] = set()
+    def _apply_telemetry(self, windows: Sequence[TelemetryWindow]) -> None:
+        """Merge windows into the fleet's minutes and their rollout's cohorts (in memory;
+        written every `telemetry_flush_s`, see `_telemetry_due`)."""
         for w in windows:
             rollup = Rollup.of(self.store.window_stats(w))
             end = w.window_end.timestamp()
             key = (w.model.name, w.model.version, w.shadow, int(end // 60))
-            n, total = fleet.get(key, (0, Rollup()))
+            n, total = self._fleet_pending.get(key, (0, Rollup()))
             total.add(rollup)
-            fleet[key] = (n + 1, total)
+            self._fleet_pending[key] = (n + 1, total)
             rid = self._rollout_of.get(w.device_id)
             live = self._live.get(rid) if rid is not None else None
             if (
@@ -774,7 +816,7 @@ class Controller:
                 and w.model.name == live.row.model
                 and live.add_window(w.device_id, w.model.version, w.shadow, rollup, end)
             ):
-                touched.add(live.rollout_id)
+                self._rollups_pending.add(live.rollout_id)
             done = self._live.get(self._finished_of.get(w.device_id, ""))
             if (
                 done is not None
@@ -782,59 +824,93 @@ class Controller:
                 and w.model.name == done.row.model
                 and done.add_window(w.device_id, w.model.version, w.shadow, rollup, end)
             ):
-                touched.add(done.rollout_id)
+                self._rollups_pending.add(done.rollout_id)
+
+    def _telemetry_due(self, *, force: bool = False) -> _TelemetryWrite | None:
+        """What is to be written of the telemetry merged since the last write, once
+        `telemetry_flush_s` has passed (or `force`): taken out of memory as it is."""
+        now = time.monotonic()
+        if not (self._fleet_pending or self._rollups_pending):
+            return None
+        if not force and now - self._telemetry_flushed_at < self.config.telemetry_flush_s:
+            return None
+        self._telemetry_flushed_at = now
+        fleet, self._fleet_pending = self._fleet_pending, {}
         rollouts = []
-        for rid in sorted(touched):
-            live = self._live[rid]
+        for rid in sorted(self._rollups_pending):
+            live = self._live.get(rid)
+            if live is None:
+                continue
+            # A finished rollout's cohorts only refresh its status: its served totals
+            # are kept, its per-device rollups (gate evidence no longer acted on) not.
+            dirty = sorted(live.dirty_rollups) if live.row.finished_at is None else []
             rollouts.append(
                 RolloutRollups(
                     rid,
                     live.stage_index,
                     [
                         (device_id, version, shadow, rollup.to_json())
-                        for device_id in sorted(live.dirty_rollups)
+                        for device_id in dirty
                         for (version, shadow), rollup in live.rollups.get(device_id, {}).items()
                     ],
                     (live.served_latency_total_ms, live.served_count),
                 )
             )
-        self.store.save_telemetry(fleet, rollouts, now)
-        for rid in touched:
-            self._live[rid].dirty_rollups.clear()
+            live.dirty_rollups.clear()
             self._dirty.add(rid)
+        self._rollups_pending.clear()
+        return _TelemetryWrite(fleet, rollouts)
 
-    async def _on_record(self, topic: str, payload: bytes) -> None:
+    def _write_telemetry(self, due: _TelemetryWrite | None, now: float) -> None:
+        """Write merged telemetry; on a database failure its windows are dropped, counted
+        (reason `db_error`) and logged at most once per interval."""
+        if due is None:
+            return
+        try:
+            self.store.save_telemetry(due.fleet, due.rollouts, now)
+        except SQLAlchemyError as exc:
+            windows = sum(n for n, _ in due.fleet.values())
+            metrics.DROPPED.labels("db_error").inc(windows)
+            self._log_throttled(
+                "telemetry_store_failed", error=database_error_text(exc), windows=windows
+            )
+
+    def _record_of(self, topic: str, payload: bytes) -> DeviceRecord | None:
         """A provisioning record (the broker's admin writes these; devices cannot)."""
         try:
             device_id = topics.parse_registry_topic(topic)
         except topics.TopicError:
             metrics.MESSAGES.labels("registry", "rejected").inc()
-            return
+            return None
         if not payload:
-            return  # a cleared record
+            return None  # a cleared record
         try:
             record = DeviceRecord.model_validate_json(payload)
         except ValidationError as exc:
             metrics.MESSAGES.labels("registry", "rejected").inc()
             log.warning("registry_record_malformed", topic=topic, error=_first_error(exc))
-            return
+            return None
         if record.device_id != device_id:
             metrics.MESSAGES.labels("registry", "rejected").inc()
-            return
+            return None
         metrics.MESSAGES.labels("registry", "accepted").inc()
-        touched = self.store.apply_record(record, self.clock())
-        metrics.DEVICES_ONLINE.set(self.store.devices_online())
-        if record.revoked:
-            log.warning("device_revoked", device_id=device_id, assignments_closed=len(touched))
-        else:
-            log.info(
-                "device_provisioned",
-                device_id=device_id,
-                region=record.region,
-                device_type=record.device_type,
-            )
+        return record
+
+    async def _apply_records(self, records: Sequence[DeviceRecord], now: float) -> None:
+        touched = await asyncio.to_thread(self.store.apply_records, records, now)
+        for record in records:
+            if record.revoked:
+                log.warning("device_revoked", device_id=record.device_id)
+            else:
+                log.info(
+                    "device_provisioned",
+                    device_id=record.device_id,
+                    region=record.region,
+                    device_type=record.device_type,
+                )
         for rollout_id in sorted(set(touched)):
-            await self._publish_status(self._reload(rollout_id))
+            log.info("revocation_closed_assignments", rollout_id=rollout_id)
+            await self._publish_status(self._reload(rollout_id), force=True)
         if touched:
             self._wake.set()
 
@@ -893,10 +969,18 @@ class Controller:
             # controller publish on a device's cmd topic or any other topic it may write.
             log.warning("response_topic_refused", kind=kind, response_topic=response_topic)
         elif response_topic:
+            wire = response.to_wire()
+            if len(wire) > MAX_RESPONSE_BYTES:
+                # Past the broker's packet limit it would cost us the session: say so.
+                wire = Response(
+                    ok=False,
+                    error=f"the answer is too large ({len(wire)} bytes): ask for a smaller page",
+                    reason="too_large",
+                ).to_wire()
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(
                     response_topic,
-                    response.to_wire(),
+                    wire,
                     qos=1,
                     properties=publish_properties(correlation=correlation, expiry_s=60),
                 )
@@ -910,7 +994,8 @@ class Controller:
                 row_to_wire(r, exclude={"signed_manifest", "id"}) for r in self.store.list_models()
             ]
         if isinstance(request, ListDevices):
-            return [row_to_wire(r) for r in self.store.list_devices()]
+            devices = self.store.list_devices(request.offset, request.limit)
+            return [row_to_wire(r) for r in devices]
         if isinstance(request, Ping):
             return {
                 "clientId": self.config.client_id,
@@ -1093,6 +1178,9 @@ class Controller:
         for rid in list(self._next_step):
             if rid not in self._live or self._live[rid].row.finished_at is not None:
                 del self._next_step[rid]
+        due = self._telemetry_due()
+        if due is not None:
+            await asyncio.to_thread(self._write_telemetry, due, now)
         if now - self._pruned_at >= self.config.prune_interval_s:
             self._pruned_at = now
             pruned = self.store.prune_telemetry(now - self.config.telemetry_retention_s)
@@ -1753,7 +1841,7 @@ class Controller:
         await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
 
 
-def assignment_view(a: AssignmentRow) -> AssignmentView:
+def assignment_view(a: AssignmentRow | Assignment) -> AssignmentView:
     return AssignmentView(
         a.device_id,
         a.state,

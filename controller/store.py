@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import func
+from sqlalchemy import bindparam, func, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
@@ -64,6 +64,26 @@ class Superseded:
     rollout_id: str
     devices: tuple[str, ...]
     ended: bool  # the older rollout had no device left and ended Aborted
+
+
+@dataclass(slots=True)
+class Assignment:
+    """An assignment row as plain data (the columns of controller.db.AssignmentRow)."""
+
+    rollout_id: str
+    device_id: str
+    region: str = ""
+    version: str = ""
+    state: str = "pending"
+    command_id: str | None = None
+    rollback_command_id: str | None = None
+    rollback_state: str | None = None
+    rollback_sent_at: float | None = None
+    reason: str | None = None
+    detail: str | None = None
+    attempts: int = 0
+    sent_at: float | None = None
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,52 +282,70 @@ class Store:
         return refused
 
     def apply_record(self, record: DeviceRecord, now: float) -> list[str]:
-        """Take a provisioning record (authoritative identity, or a revocation).
+        """Take one provisioning record; returns the rollouts it touched."""
+        return self.apply_records([record], now)
+
+    def apply_records(self, records: Sequence[DeviceRecord], now: float) -> list[str]:
+        """Take provisioning records (authoritative identity, or a revocation), in one
+        transaction.
 
         A revocation sets the device offline, releases its claim and closes its
-        open assignments with reason `revoked`; returns the rollouts it touched.
+        open assignments with reason `revoked`; returns the rollouts touched.
         """
         touched: list[str] = []
+        if not records:
+            return touched
         with self.session() as s:
-            row = s.get(DeviceRow, record.device_id)
-            if row is None:
-                if record.revoked or record.region is None or record.device_type is None:
-                    return []  # never seen: nothing to revoke
-                row = DeviceRow(
-                    device_id=record.device_id,
-                    region=record.region,
-                    device_type=record.device_type,
-                )
-            if record.region is not None and record.device_type is not None:
-                row.region, row.device_type = record.region, record.device_type
-                row.provisioned = True
-            row.revoked = record.revoked
-            if record.revoked:
-                row.online = False
-                open_ids = select(RolloutRow.rollout_id).where(
-                    col(RolloutRow.status).in_(OPEN_STATUSES)
-                )
-                for a in s.exec(
-                    select(AssignmentRow).where(
-                        AssignmentRow.device_id == record.device_id,
-                        col(AssignmentRow.rollout_id).in_(open_ids),
+            ids = sorted({r.device_id for r in records})
+            rows: dict[str, DeviceRow] = {}
+            for i in range(0, len(ids), 500):
+                for found in s.exec(
+                    select(DeviceRow).where(col(DeviceRow.device_id).in_(ids[i : i + 500]))
+                ).all():
+                    rows[found.device_id] = found
+            for record in records:
+                row = rows.get(record.device_id)
+                if row is None:
+                    if record.revoked or record.region is None or record.device_type is None:
+                        continue  # never seen: nothing to revoke
+                    row = rows[record.device_id] = DeviceRow(
+                        device_id=record.device_id,
+                        region=record.region,
+                        device_type=record.device_type,
                     )
-                ):
-                    if a.state not in FINAL_DEVICE_STATES:
-                        a.state, a.reason, a.detail = "cancelled", "revoked", "device revoked"
-                        a.updated_at = now
-                        s.add(a)
-                        touched.append(a.rollout_id)
-                s.exec(
-                    delete(DeviceClaimRow).where(col(DeviceClaimRow.device_id) == record.device_id)
-                )
-            s.add(row)
+                if record.region is not None and record.device_type is not None:
+                    row.region, row.device_type = record.region, record.device_type
+                    row.provisioned = True
+                row.revoked = record.revoked
+                if record.revoked:
+                    row.online = False
+                    touched += self._close_revoked(s, record.device_id, now)
+                s.add(row)
             s.commit()
         return touched
 
-    def list_devices(self) -> list[DeviceRow]:
+    def _close_revoked(self, s: Session, device_id: str, now: float) -> list[str]:
+        open_ids = select(RolloutRow.rollout_id).where(col(RolloutRow.status).in_(OPEN_STATUSES))
+        touched = []
+        for a in s.exec(
+            select(AssignmentRow).where(
+                AssignmentRow.device_id == device_id,
+                col(AssignmentRow.rollout_id).in_(open_ids),
+            )
+        ):
+            if a.state not in FINAL_DEVICE_STATES:
+                a.state, a.reason, a.detail = "cancelled", "revoked", "device revoked"
+                a.updated_at = now
+                s.add(a)
+                touched.append(a.rollout_id)
+        s.exec(delete(DeviceClaimRow).where(col(DeviceClaimRow.device_id) == device_id))
+        return touched
+
+    def list_devices(self, offset: int = 0, limit: int | None = None) -> list[DeviceRow]:
+        """Devices by id; a page of them with `offset` and `limit`."""
         with self.session() as s:
-            return list(s.exec(select(DeviceRow).order_by(col(DeviceRow.device_id))).all())
+            query = select(DeviceRow).order_by(col(DeviceRow.device_id)).offset(offset)
+            return list(s.exec(query.limit(limit) if limit is not None else query).all())
 
     def devices_online(self) -> int:
         with self.session() as s:
@@ -700,31 +738,59 @@ class Store:
 
         return self._update(rollout_id, devices, change, now)
 
-    def apply_event(self, event: DeviceEvent, now: float) -> AssignmentRow | None:
+    def apply_event(self, event: DeviceEvent, now: float) -> Assignment | None:
         """Apply a device's progress event; returns the row if it changed."""
         changed = self.apply_events([event], now)
         return changed[0] if changed else None
 
-    def apply_events(self, events: Sequence[DeviceEvent], now: float) -> list[AssignmentRow]:
+    def apply_events(self, events: Sequence[DeviceEvent], now: float) -> list[Assignment]:
         """Apply devices' progress events in order, in one transaction; the rows changed
-        (each once, as it ends up)."""
-        changed: dict[tuple[str, str], AssignmentRow] = {}
+        (each once, as it ends up).
+
+        At fleet scale this is the hot path: rows are read and written as plain tuples
+        (one SELECT per rollout and chunk, one executemany UPDATE), not ORM objects;
+        the rows returned are plain copies (`Assignment`).
+        """
         ours = [e for e in events if e.rollout_id]
         if not ours:
             return []
-        with self.session() as s:
+        table = AssignmentRow.__table__  # type: ignore[attr-defined]
+        changed: dict[tuple[str, str], Assignment] = {}
+        with self.engine.begin() as conn:
+            rows: dict[tuple[str, str], Assignment] = {}
             by_rollout: dict[str, set[str]] = {}
             for e in ours:
                 by_rollout.setdefault(str(e.rollout_id), set()).add(e.device_id)
-            for rollout_id, ids in by_rollout.items():
-                _load_assignments(s, rollout_id, ids)  # one query; s.get below hits the map
+            for rollout_id, device_set in by_rollout.items():
+                ids = sorted(device_set)
+                for i in range(0, len(ids), 500):
+                    for found in conn.execute(
+                        select(table).where(
+                            table.c.rollout_id == rollout_id,
+                            table.c.device_id.in_(ids[i : i + 500]),
+                        )
+                    ).mappings():
+                        loaded = Assignment(**dict(found))
+                        rows[(loaded.rollout_id, loaded.device_id)] = loaded
             for event in ours:
                 key = (str(event.rollout_id), event.device_id)
-                row = s.get(AssignmentRow, key)
+                row = rows.get(key)
                 if row is not None and _apply_event(row, event, now):
-                    s.add(row)
                     changed[key] = row
-            s.commit()
+            if changed:
+                conn.execute(
+                    update(table)
+                    .where(
+                        table.c.rollout_id == bindparam("k_rollout"),
+                        table.c.device_id == bindparam("k_device"),
+                    )
+                    .values({n: bindparam(f"v_{n}") for n in _EVENT_COLUMNS}),
+                    [
+                        {"k_rollout": r.rollout_id, "k_device": r.device_id}
+                        | {f"v_{n}": getattr(r, n) for n in _EVENT_COLUMNS}
+                        for r in changed.values()
+                    ],
+                )
         return list(changed.values())
 
     # ------------------------------------------------------------ telemetry
@@ -935,7 +1001,11 @@ class Store:
         return meaning
 
 
-def _apply_event(row: AssignmentRow, event: DeviceEvent, now: float) -> bool:
+# What an event may change of an assignment (`_apply_event`).
+_EVENT_COLUMNS = ("state", "rollback_state", "reason", "detail", "updated_at")
+
+
+def _apply_event(row: Assignment, event: DeviceEvent, now: float) -> bool:
     """Move one assignment by one event; False when the event changes nothing."""
     if row.rollback_command_id is not None and row.rollback_command_id == event.command_id:
         # The answer to our rollback command: only its final phase matters.

@@ -474,7 +474,12 @@ class ListModels(WireModel):
 
 
 class ListDevices(WireModel):
+    """A page of the fleet, by device id: answers stay far below the broker's packet
+    limit at any fleet size (the CLI asks page after page)."""
+
     kind: Literal["list_devices"] = "list_devices"
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=1000, ge=1, le=2000)  # a device's row is ~300 bytes
 
 
 class GateSpec(WireModel):

@@ -37,11 +37,14 @@ def make_client(
     keepalive: int = 30,
     timeout: float = 10.0,
     max_queued_incoming: int | None = 10_000,
+    queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
 ) -> aiomqtt.Client:
     """An MQTT 5 client for `endpoint`, authenticated with its username/password or certificate.
 
     With `persistent_session` the broker keeps the subscriptions and queued QoS 1
     messages for `session_expiry_s` while the client is away (clean start off).
+    `queue_type`: the incoming queue's class (one that decides what to drop, and
+    counts it, instead of aiomqtt's silent discard when full).
     """
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = session_expiry_s if persistent_session else 0
@@ -59,6 +62,7 @@ def make_client(
         password=endpoint.password,
         tls_context=tls_context(endpoint) if endpoint.tls else None,
         max_queued_incoming_messages=max_queued_incoming,
+        queue_type=queue_type,
     )
 
 

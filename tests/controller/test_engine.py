@@ -30,6 +30,7 @@ from shared.messages import (
     DeviceEvent,
     DeviceState,
     GetRollout,
+    ListDevices,
     ListRolloutDevices,
     ModelRef,
     RollbackCommand,
@@ -114,6 +115,16 @@ async def answer(controller: Controller, commands: list[tuple[str, Any]], phase:
             )  # fmt: skip
             controller.receive(topics.device_events(device), event.to_wire())
     await controller.flush()
+
+
+async def test_the_fleet_is_listed_in_pages_that_stay_small(engine: Any) -> None:
+    """`device list` asks page after page: 1,000 devices per answer by default."""
+    controller, _ = engine
+    first = await controller.request(ListDevices())
+    rest = await controller.request(ListDevices(offset=1000, limit=2000))
+    assert len(first) == 1000 and len(rest) == N - 1000
+    assert {d["deviceId"] for d in first + rest} == {f"d-{i:05d}" for i in range(N)}
+    assert await controller.request(ListDevices(offset=N)) == []
 
 
 async def test_a_fleet_rollout_and_rollback_publish_per_region_not_per_device(

@@ -511,3 +511,15 @@ def test_a_database_of_an_older_controller_opens_and_its_raw_windows_are_pruned(
     with store.engine.connect() as conn:
         left = conn.execute(sqlalchemy.text("SELECT count(*) FROM telemetry_windows")).scalar()
     assert left == 0
+
+
+def test_the_plain_assignment_has_every_column_of_the_row() -> None:
+    """Events are applied on plain copies (Store.apply_events): none of a row's columns may
+    be missing from them, or an update would drop it."""
+    from dataclasses import fields
+
+    from controller.db import AssignmentRow
+    from controller.store import Assignment
+
+    columns = set(AssignmentRow.__table__.columns.keys())  # type: ignore[attr-defined]
+    assert {f.name for f in fields(Assignment)} == columns
