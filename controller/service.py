@@ -220,6 +220,7 @@ class ControllerConfig:
     # planned again this often (timeouts, bakes); a running one's status at most this often.
     tick_gap_s: float = 0.02
     step_interval_s: float = 1.0
+    step_gap_s: float = 0.2  # between steps of a rollout its devices' events move
     status_interval_s: float = 0.5
     # Devices named in one region command's selector (a larger stage takes several).
     region_command_devices: int = 1000
@@ -280,6 +281,7 @@ class Controller:
         self._finished_of: dict[str, str] = {}  # device -> the rollout it just finished
         self._dirty: set[str] = set()  # rollouts something happened to since their step
         self._next_step: dict[str, float] = {}  # rollout -> when to step it regardless
+        self._moved: set[str] = set()  # rollouts to step at once (they just moved on)
         self._status_at: dict[str, float] = {}  # rollout -> when its status last went out
         self._status_names: dict[str, str] = {}  # rollout -> the status it last said
         self._urls: dict[tuple[str, str], tuple[ModelVersionRow, str, float]] = {}
@@ -1161,6 +1163,18 @@ class Controller:
             open_count += 1
             if rid not in dirty and now < self._next_step.get(rid, 0.0):
                 continue
+            if (
+                rid in dirty
+                and rid not in self._moved
+                and now
+                < self._next_step.get(rid, 0.0)
+                - (self.config.step_interval_s - self.config.step_gap_s)
+            ):
+                # Stepped a moment ago: the events of a big stage are taken together (a
+                # step reads every assignment of the rollout in memory).
+                self._dirty.add(rid)
+                continue
+            self._moved.discard(rid)
             self._next_step[rid] = now + self.config.step_interval_s
             try:
                 await self._step(live, now)
@@ -1262,6 +1276,7 @@ class Controller:
             # The rollout moved on (started, settled, a new stage, rolling back): what
             # follows is planned at once, not at the next periodic step.
             self._dirty.add(row.rollout_id)
+            self._moved.add(row.rollout_id)
             self._wake.set()
         await self._publish_status(self._live.get(row.rollout_id, live))
 
@@ -1353,22 +1368,27 @@ class Controller:
             for (activate, shadow), members in groups.items():
                 await self._deploy(live, members, activate=activate, shadow=shadow, now=now)
         elif isinstance(first, RetryDevice):
-            for row in self.store.reset_for_retry(rid, devices, now):
+            for row in await asyncio.to_thread(self.store.reset_for_retry, rid, devices, now):
                 live.set_view(assignment_view(row))
                 bound.info("device_retry", device_id=row.device_id)
         elif isinstance(first, TimeOutDevice):
-            for row in self.store.mark_timed_out(rid, devices, now):
+            for row in await asyncio.to_thread(self.store.mark_timed_out, rid, devices, now):
                 live.set_view(assignment_view(row))
                 bound.warning("device_timed_out", device_id=row.device_id)
         elif isinstance(first, TimeOutRollback):
-            for row in self.store.mark_rollback_timed_out(rid, devices, now):
+            timed_out = await asyncio.to_thread(
+                self.store.mark_rollback_timed_out, rid, devices, now
+            )
+            for row in timed_out:
                 live.set_view(assignment_view(row))
                 bound.warning("rollback_timed_out", device_id=row.device_id)
         elif isinstance(first, SendRollback):
             sends = []
             for region, chunk in self._chunks(live, devices):
                 command_id = f"c-{uuid.uuid4().hex}"
-                rows = self.store.mark_rollback_sent(rid, chunk, command_id, now)
+                rows = await asyncio.to_thread(
+                    self.store.mark_rollback_sent, rid, chunk, command_id, now
+                )
                 for row in rows:
                     live.set_view(assignment_view(row))
                 if rows:
@@ -1418,7 +1438,7 @@ class Controller:
         for version, members in by_version.items():
             for region, chunk in self._chunks(live, members):
                 command_id = f"c-{uuid.uuid4().hex}"
-                rows = self.store.mark_sent(rid, chunk, command_id, now)
+                rows = await asyncio.to_thread(self.store.mark_sent, rid, chunk, command_id, now)
                 for row in rows:
                     live.set_view(assignment_view(row))
                 if not rows:
@@ -1442,7 +1462,9 @@ class Controller:
         sends = []
         for region, chunk in self._chunks(live, devices):
             command_id = f"c-{uuid.uuid4().hex}"
-            rows = self.store.mark_switching(live.rollout_id, chunk, command_id, now)
+            rows = await asyncio.to_thread(
+                self.store.mark_switching, live.rollout_id, chunk, command_id, now
+            )
             for row in rows:
                 live.set_view(assignment_view(row))
             if rows:
@@ -1588,6 +1610,7 @@ class Controller:
         if action == "abort":
             metrics.ROLLOUTS.labels("Aborted").inc()
         live = self._reload(rollout.rollout_id)
+        self._moved.add(rollout.rollout_id)  # the operator's word is acted on at once
         self._wake.set()
         await self._publish_status(live, force=True)
         return {

@@ -85,6 +85,7 @@ async def engine(tmp_path: Path, s3: S3, model_v1: bytes) -> Any:
         s3_endpoint=s3.endpoint,
         s3_bucket=s3.bucket,
         status_interval_s=0.0,
+        step_gap_s=0.0,
     )
     controller = Controller(config)
     priv, _ = init_keys(tmp_path / f"k{uuid.uuid4().hex[:6]}")
