@@ -23,6 +23,7 @@ from typing import Literal
 
 from controller.gates import Verdict
 from controller.strategies import Stage
+from shared.messages import RolloutState, StrategyName
 
 # Device progress within a rollout, in the order it normally advances.
 DEVICE_STATES = (
@@ -65,9 +66,11 @@ def advances(current: str, new: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RolloutView:
+    """A rollout as the planner reads it (the typed snapshot of its row)."""
+
     rollout_id: str
-    strategy: str
-    status: str
+    strategy: StrategyName
+    status: RolloutState
     device_timeout_s: float
     stage_index: int = 0
     stage_settled_at: float | None = None
@@ -81,6 +84,41 @@ class RolloutView:
     version: str = ""  # A of an A/B test
     version_b: str | None = None
     winner: str | None = None
+
+
+_STRATEGIES: dict[str, StrategyName] = {
+    s: s
+    for s in (
+        "direct",
+        "canary",
+        "progressive",
+        "regional",
+        "rolling",
+        "ab",
+        "blue-green",
+        "shadow",
+    )
+}
+_STATUSES: dict[str, RolloutState] = {
+    s: s
+    for s in ("Pending", "InProgress", "Paused", "Succeeded", "Failed", "RolledBack", "Aborted")
+}
+
+
+def strategy_name(text: str) -> StrategyName:
+    """A stored strategy as its type; ValueError for one this controller does not know."""
+    try:
+        return _STRATEGIES[text]
+    except KeyError:
+        raise ValueError(f"unknown strategy {text!r}") from None
+
+
+def rollout_state(text: str) -> RolloutState:
+    """A stored rollout status as its type; ValueError for an unknown one."""
+    try:
+        return _STATUSES[text]
+    except KeyError:
+        raise ValueError(f"unknown rollout status {text!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,3 +558,71 @@ def plan_resends(strategy: str, assignments: Sequence[AssignmentView]) -> list[R
                 )
             )
     return out
+
+
+# ------------------------------------------------------------ operator controls
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlan:
+    """What an operator's control does to a rollout's row (the executor persists it).
+
+    `changes`: the row's fields to set; `finish`: end it with this status and reason
+    (its claims released); `reclaim`: a finished rollout reopens (rollback) and must
+    take its devices' claims back first.
+    """
+
+    changes: tuple[tuple[str, object], ...] = ()
+    finish: tuple[str, str] | None = None
+    reclaim: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRefused:
+    reason: str
+
+
+FINAL_ROLLOUT_STATUSES = frozenset({"Succeeded", "Failed", "RolledBack", "Aborted"})
+
+
+def plan_control(
+    action: str, status: str, *, rolling_back: bool, stage_index: int, approved_stage: int
+) -> ControlPlan | ControlRefused:
+    """The operator's approve, pause, resume, abort or rollback of a rollout in `status`."""
+    final = status in FINAL_ROLLOUT_STATUSES
+    refused = ControlRefused(f"it is {status}")
+    if action == "approve":
+        if final:
+            return refused
+        return ControlPlan(
+            (
+                ("status", "InProgress" if status == "Paused" else status),
+                ("approved_stage", max(approved_stage, stage_index + 1)),
+                ("reason", None),
+            )
+        )
+    if action == "pause":
+        if status not in ("Pending", "InProgress"):
+            return refused
+        return ControlPlan((("status", "Paused"), ("reason", "paused by the operator")))
+    if action == "resume":
+        if status != "Paused":
+            return refused
+        return ControlPlan((("status", "InProgress"), ("reason", None)))
+    if action == "abort":
+        if final:
+            return refused
+        return ControlPlan(finish=("Aborted", "aborted by the operator"))
+    if action == "rollback":
+        if status == "RolledBack" or rolling_back:
+            return refused
+        return ControlPlan(
+            (
+                ("status", "InProgress"),
+                ("rolling_back", True),
+                ("finished_at", None),
+                ("reason", "rolled back by the operator"),
+            ),
+            reclaim=final,
+        )
+    return ControlRefused(f"{action!r} is not a control")

@@ -48,6 +48,7 @@ from controller.planner import (
     AdvanceStage,
     AssignmentView,
     BeginRollback,
+    ControlRefused,
     DecideWinner,
     FinishRollout,
     GateReading,
@@ -64,8 +65,11 @@ from controller.planner import (
     StartRollout,
     TimeOutDevice,
     TimeOutRollback,
+    plan_control,
     plan_next_actions,
     plan_resends,
+    rollout_state,
+    strategy_name,
 )
 from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status, progress
@@ -327,7 +331,7 @@ class Controller:
         """Serve through `publisher` (anything with aiomqtt's `publish`), rows loaded."""
         self._client = publisher
         async with self._lock:
-            self._load_live()
+            await self._load_live()
 
     def receive(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """One device message as if received: checked and queued (see `flush`)."""
@@ -515,7 +519,7 @@ class Controller:
             # The rows are the truth: what is in memory is rebuilt from them once per
             # session, then follows the changes (what was merged but not written, first).
             self._write_telemetry(self._telemetry_due(force=True), self.clock())
-            self._load_live()
+            await self._load_live()
             self._published.clear()
             # Resume: re-send every command whose outcome is still open. The command id
             # is unchanged, so a device that already has it answers without redoing work.
@@ -527,7 +531,7 @@ class Controller:
         self._wake.set()
         log.info("controller_connected", broker=str(self.config.mqtt))
 
-    def _load_live(self) -> None:
+    async def _load_live(self) -> None:
         """Every open rollout (and those finished within the status refresh) into memory."""
         self._live.clear()
         self._rollout_of.clear()
@@ -535,13 +539,16 @@ class Controller:
         since = self.clock() - self.config.status_refresh_s
         for row in self.store.recently_finished(since) + self.store.open_rollouts():
             try:
-                self._track(self._loaded(row))
+                self._track(await self._loaded(row))
             except (ValidationError, ValueError, KeyError, TypeError) as exc:
                 # A damaged row: said on that rollout; every other one is served.
                 self._step_failed(row, exc)
 
-    def _loaded(self, row: RolloutRow) -> LiveRollout:
-        assignments = self.store.assignments(row.rollout_id)
+    async def _loaded(self, row: RolloutRow) -> LiveRollout:
+        """A rollout's rows into memory (read in a worker thread: at 10,000 devices the
+        event loop must not stop answering meanwhile)."""
+        assignments = await asyncio.to_thread(self.store.assignment_states, row.rollout_id)
+        rollups = await asyncio.to_thread(self.store.load_rollups, row.rollout_id, row.stage_index)
         spec = StartRolloutRequest.model_validate_json(row.spec)
         targets = [Target(a.device_id, a.region) for a in assignments]
         live = LiveRollout.start(
@@ -551,7 +558,7 @@ class Controller:
             [assignment_view(a) for a in assignments],
             {a.device_id: a.region for a in assignments},
         )
-        for r in self.store.load_rollups(row.rollout_id, row.stage_index):
+        for r in rollups:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 live.restore_rollup(r.device_id, r.version, r.shadow, Rollup.from_json(r.data))
         return live
@@ -584,14 +591,14 @@ class Controller:
             if self._finished_of.get(device_id) == rollout_id:
                 del self._finished_of[device_id]
 
-    def _reload(self, rollout_id: str) -> LiveRollout | None:
+    async def _reload(self, rollout_id: str) -> LiveRollout | None:
         """Rebuild one rollout from its rows (after a change made outside the planner);
         None when its rows are damaged (said on the rollout, which is not served)."""
         # What is merged in memory only would be lost with the old copy: written first.
         self._write_telemetry(self._telemetry_due(force=True), self.clock())
         row = self.store.get_rollout(rollout_id)
         try:
-            live = self._loaded(row)
+            live = await self._loaded(row)
         except (ValidationError, ValueError, KeyError, TypeError) as exc:
             self._untrack_devices(rollout_id)
             self._forget(rollout_id)
@@ -912,7 +919,7 @@ class Controller:
                 )
         for rollout_id in sorted(set(touched)):
             log.info("revocation_closed_assignments", rollout_id=rollout_id)
-            await self._publish_status(self._reload(rollout_id), force=True)
+            await self._publish_status(await self._reload(rollout_id), force=True)
         if touched:
             self._wake.set()
 
@@ -1011,7 +1018,7 @@ class Controller:
             async with self._lock:
                 return await self._control(request, now)
         if isinstance(request, GetRollout):
-            return self._status(self._view_of(request.rollout_id)).model_dump(
+            return self._status(await self._view_of(request.rollout_id)).model_dump(
                 mode="json", by_alias=True
             )
         if isinstance(request, ListRolloutDevices):
@@ -1045,8 +1052,8 @@ class Controller:
                     f"{model.signature}, {other.version} is {other.signature}",
                     reason="bad_request",
                 )
-        targets = self.store.resolve_targets(request, model)
-        created = self.store.create_rollout(request, model, targets, now)
+        targets = await asyncio.to_thread(self.store.resolve_targets, request, model)
+        created = await asyncio.to_thread(self.store.create_rollout, request, model, targets, now)
         rollout = created.rollout
         log.info(
             "rollout_created",
@@ -1058,7 +1065,7 @@ class Controller:
         )
         for older in created.superseded:
             await self._cancel_superseded(older, rollout.rollout_id)
-        await self._publish_status(self._reload(rollout.rollout_id), force=True)
+        await self._publish_status(await self._reload(rollout.rollout_id), force=True)
         self._wake.set()
         return {
             "rolloutId": rollout.rollout_id,
@@ -1066,10 +1073,10 @@ class Controller:
             "superseded": {x.rollout_id: len(x.devices) for x in created.superseded},
         }
 
-    def _view_of(self, rollout_id: str) -> LiveRollout:
+    async def _view_of(self, rollout_id: str) -> LiveRollout:
         """The rollout as in memory; one long finished is read from its rows (not kept)."""
         live = self._live.get(rollout_id)
-        return live if live is not None else self._loaded(self.store.get_rollout(rollout_id))
+        return live if live is not None else await self._loaded(self.store.get_rollout(rollout_id))
 
     def _listed(self, rollout: RolloutRow) -> dict[str, Any]:
         """One row of `rollout list`; a rollout whose status cannot be built still shows."""
@@ -1109,7 +1116,7 @@ class Controller:
             devices=len(older.devices),
             ended=older.ended,
         )
-        await self._publish_status(self._reload(older.rollout_id), force=True)
+        await self._publish_status(await self._reload(older.rollout_id), force=True)
 
     async def _register(self, request: RegisterModel, now: float) -> dict[str, Any]:
         manifest = request.manifest.unverified()
@@ -1151,7 +1158,7 @@ class Controller:
         for rid in sorted(dirty - self._live.keys()):
             # Not in memory (finished long ago): a late answer changed its record.
             with contextlib.suppress(RequestError):
-                await self._publish_status(self._loaded(self.store.get_rollout(rid)))
+                await self._publish_status(await self._loaded(self.store.get_rollout(rid)))
         open_count = 0
         for rid, live in list(self._live.items()):
             if live.row.finished_at is not None:
@@ -1249,8 +1256,8 @@ class Controller:
         actions = plan_next_actions(
             RolloutView(
                 row.rollout_id,
-                row.strategy,
-                row.status,
+                strategy_name(row.strategy),
+                rollout_state(row.status),
                 row.device_timeout_s,
                 stage_index=row.stage_index,
                 stage_settled_at=row.stage_settled_at,
@@ -1319,7 +1326,7 @@ class Controller:
                     decided = decided.model_copy(update={"winner": action.version})
                     self.store.update_rollout(rid, now, ab_result=decided.model_dump_json())
                 bound.info("ab_winner", version=action.version, detail=action.detail, moved=moved)
-                reloaded = self._reload(rid)
+                reloaded = await self._reload(rid)
                 if reloaded is None:
                     return
                 live = reloaded
@@ -1562,54 +1569,27 @@ class Controller:
 
     async def _control(self, request: ControlRollout, now: float) -> dict[str, Any]:
         rollout = self.store.get_rollout(request.rollout_id)
-        status, action = rollout.status, request.action
-        final = status in ("Succeeded", "Failed", "RolledBack", "Aborted")
-        refused = RequestError(
-            f"cannot {action} rollout {rollout.rollout_id}: it is {status}", reason="bad_request"
+        action = request.action
+        plan = plan_control(
+            action,
+            rollout.status,
+            rolling_back=rollout.rolling_back,
+            stage_index=rollout.stage_index,
+            approved_stage=rollout.approved_stage,
         )
-        if action == "approve":
-            if final:
-                raise refused
-            self.store.update_rollout(
-                rollout.rollout_id,
-                now,
-                status="InProgress" if status == "Paused" else status,
-                approved_stage=max(rollout.approved_stage, rollout.stage_index + 1),
-                reason=None,
+        if isinstance(plan, ControlRefused):
+            raise RequestError(
+                f"cannot {action} rollout {rollout.rollout_id}: {plan.reason}", reason="bad_request"
             )
-        elif action == "pause":
-            if status not in ("Pending", "InProgress"):
-                raise refused
-            self.store.update_rollout(
-                rollout.rollout_id, now, status="Paused", reason="paused by the operator"
-            )
-        elif action == "resume":
-            if status != "Paused":
-                raise refused
-            self.store.update_rollout(rollout.rollout_id, now, status="InProgress", reason=None)
-        elif action == "abort":
-            if final:
-                raise refused
-            self.store.set_rollout_status(
-                rollout.rollout_id, "Aborted", "aborted by the operator", now, final=True
-            )
-        else:  # rollback
-            if status in ("RolledBack",) or rollout.rolling_back:
-                raise refused
-            if final:  # it reopens: its devices must not be another rollout's meanwhile
-                self.store.reclaim(rollout.rollout_id, now)
-            self.store.update_rollout(
-                rollout.rollout_id,
-                now,
-                status="InProgress",
-                rolling_back=True,
-                finished_at=None,
-                reason="rolled back by the operator",
-            )
+        if plan.reclaim:  # it reopens: its devices must not be another rollout's meanwhile
+            self.store.reclaim(rollout.rollout_id, now)
+        if plan.changes:
+            self.store.update_rollout(rollout.rollout_id, now, **dict(plan.changes))
+        if plan.finish is not None:
+            self.store.set_rollout_status(rollout.rollout_id, *plan.finish, now, final=True)
+            metrics.ROLLOUTS.labels(plan.finish[0]).inc()
         log.info("rollout_control", rollout_id=rollout.rollout_id, action=action)
-        if action == "abort":
-            metrics.ROLLOUTS.labels("Aborted").inc()
-        live = self._reload(rollout.rollout_id)
+        live = await self._reload(rollout.rollout_id)
         self._moved.add(rollout.rollout_id)  # the operator's word is acted on at once
         self._wake.set()
         await self._publish_status(live, force=True)

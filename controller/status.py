@@ -13,13 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from controller.db import RolloutRow
-from controller.planner import FINAL_DEVICE_STATES, LEFT_STATES, AssignmentView
-from shared.messages import DeviceProgress, RolloutState, RolloutStatus
-
-_ROLLOUT_STATES: dict[str, RolloutState] = {
-    s: s
-    for s in ("Pending", "InProgress", "Paused", "Succeeded", "Failed", "RolledBack", "Aborted")
-}
+from controller.planner import FINAL_DEVICE_STATES, LEFT_STATES, AssignmentView, rollout_state
+from shared.messages import DeviceProgress, RolloutStatus
 
 
 def device_states(counts: Mapping[str, int], rollback_counts: Mapping[str, int]) -> dict[str, int]:
@@ -68,7 +63,7 @@ def build_status(
         model=rollout.model,
         version=rollout.version,
         strategy=rollout.strategy,
-        status=_ROLLOUT_STATES[rollout.status],
+        status=rollout_state(rollout.status),
         devices_targeted=targeted,
         devices_updated=updated,
         devices_failed=failed,

@@ -582,6 +582,20 @@ class Store:
                 return None
             return rollout, [row]
 
+    def assignment_states(self, rollout_id: str) -> list[Assignment]:
+        """A rollout's assignments as plain rows (no ORM objects: 10,000 of them load in
+        a fraction of the time), by device id."""
+        table = AssignmentRow.__table__  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
+            return [
+                Assignment(**dict(row))
+                for row in conn.execute(
+                    select(table)
+                    .where(table.c.rollout_id == rollout_id)
+                    .order_by(table.c.device_id)
+                ).mappings()
+            ]
+
     def assignments(self, rollout_id: str) -> list[AssignmentRow]:
         with self.session() as s:
             return list(

@@ -660,3 +660,48 @@ def test_resends_are_one_open_command_per_device_under_its_own_id() -> None:
     assert plan_resends("shadow", views[:1]) == [
         ResendDeploy("a", "c-a", 1.0, activate=False, shadow=True)
     ]
+
+
+# ---------------------------------------------------------------- operator controls
+
+
+@pytest.mark.parametrize(
+    ("action", "status", "rolling_back", "allowed"),
+    [
+        ("approve", "Paused", False, True),
+        ("approve", "Succeeded", False, False),
+        ("pause", "InProgress", False, True),
+        ("pause", "Paused", False, False),
+        ("resume", "Paused", False, True),
+        ("resume", "InProgress", False, False),
+        ("abort", "InProgress", False, True),
+        ("abort", "Aborted", False, False),
+        ("rollback", "Succeeded", False, True),
+        ("rollback", "InProgress", True, False),
+        ("rollback", "RolledBack", False, False),
+    ],
+)
+def test_operator_controls_are_allowed_by_the_rollouts_status(
+    action: str, status: str, rolling_back: bool, allowed: bool
+) -> None:
+    from controller.planner import ControlPlan, ControlRefused, plan_control
+
+    plan = plan_control(action, status, rolling_back=rolling_back, stage_index=0, approved_stage=0)
+    assert isinstance(plan, ControlPlan) is allowed, plan
+    if not allowed:
+        assert isinstance(plan, ControlRefused) and status in plan.reason
+
+
+def test_approve_opens_the_next_stage_and_a_finished_rollouts_rollback_reclaims() -> None:
+    from controller.planner import ControlPlan, plan_control
+
+    approve = plan_control("approve", "Paused", rolling_back=False, stage_index=2, approved_stage=1)
+    assert isinstance(approve, ControlPlan)
+    assert dict(approve.changes) == {"status": "InProgress", "approved_stage": 3, "reason": None}
+    rollback = plan_control(
+        "rollback", "Succeeded", rolling_back=False, stage_index=0, approved_stage=0
+    )
+    assert isinstance(rollback, ControlPlan) and rollback.reclaim
+    assert dict(rollback.changes)["rolling_back"] is True
+    abort = plan_control("abort", "Paused", rolling_back=False, stage_index=0, approved_stage=0)
+    assert isinstance(abort, ControlPlan) and abort.finish == ("Aborted", "aborted by the operator")
