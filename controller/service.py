@@ -1003,8 +1003,7 @@ class Controller:
                 row_to_wire(r, exclude={"signed_manifest", "id"}) for r in self.store.list_models()
             ]
         if isinstance(request, ListDevices):
-            devices = self.store.list_devices(request.offset, request.limit)
-            return [row_to_wire(r) for r in devices]
+            return await asyncio.to_thread(self._device_page, request.offset, request.limit)
         if isinstance(request, Ping):
             return {
                 "clientId": self.config.client_id,
@@ -1035,6 +1034,10 @@ class Controller:
         if isinstance(request, ListRollouts):
             return [self._listed(r) for r in self.store.list_rollouts()]
         raise RequestError(f"unsupported request {request.kind!r}")
+
+    def _device_page(self, offset: int, limit: int) -> list[dict[str, Any]]:
+        """A page of `device list`, read and shaped in a worker thread."""
+        return [row_to_wire(r) for r in self.store.list_devices(offset, limit)]
 
     async def _start(self, request: StartRolloutRequest, now: float) -> dict[str, Any]:
         if not (request.devices or request.region or request.device_type or request.all_devices):
@@ -1582,7 +1585,7 @@ class Controller:
                 f"cannot {action} rollout {rollout.rollout_id}: {plan.reason}", reason="bad_request"
             )
         if plan.reclaim:  # it reopens: its devices must not be another rollout's meanwhile
-            self.store.reclaim(rollout.rollout_id, now)
+            await asyncio.to_thread(self.store.reclaim, rollout.rollout_id, now)
         if plan.changes:
             self.store.update_rollout(rollout.rollout_id, now, **dict(plan.changes))
         if plan.finish is not None:
