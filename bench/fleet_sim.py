@@ -386,14 +386,8 @@ class Device:
         detail: str | None = None,
         model: ModelRef | None = None,
     ) -> DeviceEvent:
-        return DeviceEvent(
-            device_id=self.spec.device_id,
-            command_id=command.command_id,
-            rollout_id=command.rollout_id,
-            phase=phase,
-            reason=reason,
-            detail=detail,
-            model=model,
+        return DeviceEvent.answering(
+            command, self.spec.device_id, phase, reason=reason, detail=detail, model=model
         )
 
     async def _emit(self, event: DeviceEvent) -> None:

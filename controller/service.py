@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
@@ -35,6 +35,7 @@ from controller import metrics
 from controller.artifacts import ArtifactStore
 from controller.db import AssignmentRow, ModelVersionRow, RolloutRow
 from controller.gates import (
+    CohortStats,
     compare_ab,
     describe_failures,
     evaluate_gates,
@@ -1224,6 +1225,16 @@ class Controller:
         if live is not None:
             live.row = self.store.get_rollout(rollout.rollout_id)
 
+    def _candidate(self, live: LiveRollout) -> CohortStats:
+        """The candidate cohort, knowing its registered task before its first window:
+        a gate the model cannot have (confidence of a task `none`) is `not_applicable`
+        with or without samples."""
+        stats = live.cohort("candidate")
+        if stats.tasks:
+            return stats
+        task = self.store.registered_task(live.row.model, live.version)
+        return replace(stats, tasks=frozenset({task})) if task is not None else stats
+
     def _shadow_seconds(self, live: LiveRollout) -> float:
         # Mirror through the whole bake, with room for devices that start late.
         return live.spec.shadow_duration_s + live.row.device_timeout_s
@@ -1242,7 +1253,7 @@ class Controller:
             return None, ABChoice(ab.winner, ab.detail)
         if not spec.gates.any:
             return None, None
-        verdicts = evaluate_gates(spec.gates, live.cohort("candidate"), live.cohort("baseline"))
+        verdicts = evaluate_gates(spec.gates, self._candidate(live), live.cohort("baseline"))
         verdict = overall(verdicts)
         detail = (
             describe_failures(verdicts)
@@ -1629,19 +1640,14 @@ class Controller:
         sends = []
         for resend in plan_resends(live.strategy, views):
             devices = (resend.device_id,)
-            if isinstance(resend, ResendSwitch):
-                sends.append(
-                    self._publish_switch(
-                        live.row,
-                        resend.command_id,
-                        region=None,
-                        devices=devices,
-                        since=resend.since,
-                    )
+            if isinstance(resend, ResendSwitch | ResendRollback):
+                publish = (
+                    self._publish_switch
+                    if isinstance(resend, ResendSwitch)
+                    else self._publish_rollback
                 )
-            elif isinstance(resend, ResendRollback):
                 sends.append(
-                    self._publish_rollback(
+                    publish(
                         live.row,
                         resend.command_id,
                         region=None,
@@ -1769,7 +1775,7 @@ class Controller:
         if row.strategy == "ab":
             candidate, baseline = live.cohort("a"), live.cohort("b")
         else:
-            candidate, baseline = live.cohort("candidate"), live.cohort("baseline")
+            candidate, baseline = self._candidate(live), live.cohort("baseline")
         gates = (
             evaluate_gates(spec.gates, candidate, baseline)
             if spec.gates.any and row.strategy != "ab"

@@ -987,6 +987,11 @@ class Store:
             ).all()
             return total, list(rows)
 
+    def registered_task(self, model: str, version: str) -> ModelTask | None:
+        """The task a registered version's telemetry is read by; None if unregistered."""
+        meaning = self._meaning(model, version)
+        return meaning.task if meaning is not None else None
+
     def model_task(self, model: str, version: str) -> str | None:
         """The task a registered version's telemetry is read by, saying where it came from
         ("classifier on 'out' (inferred from the signature)"); None if unregistered."""

@@ -476,14 +476,8 @@ class Agent:
         detail: str | None = None,
         model: ModelRef | None = None,
     ) -> DeviceEvent:
-        return DeviceEvent(
-            device_id=self.config.device_id,
-            command_id=command.command_id,
-            rollout_id=command.rollout_id,
-            phase=phase,
-            reason=reason,
-            detail=detail[:2048] if detail else None,
-            model=model,
+        return DeviceEvent.answering(
+            command, self.config.device_id, phase, reason=reason, detail=detail, model=model
         )
 
     async def handle(self, command: Command) -> DeviceEvent | None:

@@ -199,6 +199,28 @@ class DeviceEvent(WireModel):
     model: ModelRef | None = None
     at: datetime = Field(default_factory=utcnow)
 
+    @classmethod
+    def answering(
+        cls,
+        command: _Command,
+        device_id: str,
+        phase: EventPhase,
+        *,
+        reason: str | None = None,
+        detail: str | None = None,
+        model: ModelRef | None = None,
+    ) -> DeviceEvent:
+        """A device's answer to `command` (its ids), `detail` cut to what the contract takes."""
+        return cls(
+            device_id=device_id,
+            command_id=command.command_id,
+            rollout_id=command.rollout_id,
+            phase=phase,
+            reason=reason,
+            detail=detail[:2048] if detail else None,
+            model=model,
+        )
+
 
 # Fixed bucket upper bounds, so that windows from any device merge by adding counts.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (

@@ -98,9 +98,12 @@ async def engine(tmp_path: Path, s3: S3, model_v1: bytes) -> Any:
     for i in range(N):
         device = f"d-{i:05d}"
         state = DeviceState(
-            device_id=device, region=REGIONS[i % 2], device_type="cam", online=True,
+            device_id=device,
+            region=REGIONS[i % 2],
+            device_type="cam",
+            online=True,
             active=ModelRef(name="m", version="1.0", sha256="1" * 64),
-        )  # fmt: skip
+        )
         controller.receive(topics.device_state(device), state.to_wire(), retain=True)
     await controller.flush()
     return controller, recorder
@@ -178,3 +181,35 @@ async def test_a_fleet_rollout_and_rollback_publish_per_region_not_per_device(
     assert len(recorder.published) - before < 20, len(recorder.published) - before
     answered = await controller.request(GetRollout(rollout_id=rid))
     assert answered["deviceStates"] == {"rolled_back": N}
+
+
+async def test_a_confidence_gate_on_a_task_none_model_is_not_applicable_before_any_window(
+    engine: Any, tmp_path: Path, model_v1: bytes
+) -> None:
+    """The candidate's registered task says the gate cannot apply: `not_applicable` at once,
+    not `inconclusive` until samples come (a last stage that just began has none)."""
+    from shared.manifest import ModelTask
+    from shared.messages import GateSpec
+
+    controller, recorder = engine
+    priv, _ = init_keys(tmp_path / "k-none")
+    manifest = build_manifest(
+        name="m", version="3.0", data=model_v1, signature=read_signature(model_v1),
+        task=ModelTask(kind="none"),
+    )  # fmt: skip
+    controller.store.register_model(sign_manifest(manifest, load_private_key(priv)), "m/3", 0.0)
+    started = await controller.request(
+        StartRollout(
+            model="m",
+            version="3.0",
+            devices=("d-00000", "d-00001"),
+            strategy="canary",
+            canary_percent=50,
+            gates=GateSpec(max_confidence_drop=0.01, min_samples=20),
+        )
+    )
+    await controller.tick()
+    status, _ = recorder.status(started["rolloutId"])
+    verdicts = {g.gate: g for g in status.gates}
+    assert verdicts["max_confidence_drop"].verdict == "not_applicable", status.gates
+    assert "no confidence (task none)" in verdicts["max_confidence_drop"].detail
