@@ -587,7 +587,8 @@ class Controller:
     def _forget(self, rollout_id: str) -> None:
         """A finished rollout's status refresh is over: out of memory."""
         live = self._live.pop(rollout_id, None)
-        self._published.pop(rollout_id, None)
+        for memo in (self._published, self._status_at, self._status_names, self._step_errors):
+            memo.pop(rollout_id, None)
         for device_id in live.views if live is not None else ():
             if self._finished_of.get(device_id) == rollout_id:
                 del self._finished_of[device_id]
