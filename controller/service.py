@@ -18,7 +18,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -289,7 +289,7 @@ class Controller:
         self._moved: set[str] = set()  # rollouts to step at once (they just moved on)
         self._status_at: dict[str, float] = {}  # rollout -> when its status last went out
         self._status_names: dict[str, str] = {}  # rollout -> the status it last said
-        self._urls: dict[tuple[str, str], tuple[ModelVersionRow, str, float]] = {}
+        self._urls: dict[tuple[str, str], tuple[SignedManifest, str, float]] = {}
         self._inbox: asyncio.Queue[_Inbound] = asyncio.Queue()
         # Ingest, ticks and operator changes take turns: rows and memory change together.
         self._lock = asyncio.Lock()
@@ -1405,24 +1405,11 @@ class Controller:
                 live.set_view(assignment_view(row))
                 bound.warning("rollback_timed_out", device_id=row.device_id)
         elif isinstance(first, SendRollback):
-            sends = []
-            for region, chunk in self._chunks(live, devices):
-                command_id = f"c-{uuid.uuid4().hex}"
-                rows = await asyncio.to_thread(
-                    self.store.mark_rollback_sent, rid, chunk, command_id, now
-                )
-                for row in rows:
-                    live.set_view(assignment_view(row))
-                if rows:
-                    sends.append(
-                        self._publish_rollback(
-                            live.row,
-                            command_id,
-                            region=region,
-                            devices=[r.device_id for r in rows],
-                        )
-                    )
-            await asyncio.gather(*sends)
+
+            async def rollback(command_id: str, region: str | None, to: tuple[str, ...]) -> None:
+                await self._publish_rollback(live.row, command_id, region=region, devices=to)
+
+            await self._in_chunks(live, devices, self.store.mark_rollback_sent, rollback, now)
 
     def _chunks(
         self, live: LiveRollout, devices: Sequence[str]
@@ -1441,6 +1428,27 @@ class Controller:
             out += [(region, members[i : i + size]) for i in range(0, len(members), size)]
         return out
 
+    async def _in_chunks(
+        self,
+        live: LiveRollout,
+        devices: Sequence[str],
+        persist: Callable[[str, Sequence[str], str, float], list[AssignmentRow]],
+        publish: Callable[[str, str | None, tuple[str, ...]], Awaitable[None]],
+        now: float,
+    ) -> None:
+        """One command per region chunk (`_chunks`): its intent persisted for the devices
+        it still applies to (`persist` returns those rows), then published to just them;
+        the chunks' publishes run concurrently."""
+        sends = []
+        for region, chunk in self._chunks(live, devices):
+            command_id = f"c-{uuid.uuid4().hex}"
+            rows = await asyncio.to_thread(persist, live.rollout_id, chunk, command_id, now)
+            for row in rows:
+                live.set_view(assignment_view(row))
+            if rows:
+                sends.append(publish(command_id, region, tuple(r.device_id for r in rows)))
+        await asyncio.gather(*sends)
+
     async def _deploy(
         self,
         live: LiveRollout,
@@ -1451,54 +1459,34 @@ class Controller:
         shadow: bool = False,
     ) -> None:
         """Deploy to pending devices: persisted per chunk, published concurrently."""
-        rid = live.rollout_id
         by_version: dict[str, list[str]] = {}
         for d in devices:
             view = live.views.get(d)
             by_version.setdefault(view.version if view is not None else "", []).append(d)
-        sends = []
+        shadow_s = self._shadow_seconds(live) if shadow else None
         for version, members in by_version.items():
-            for region, chunk in self._chunks(live, members):
-                command_id = f"c-{uuid.uuid4().hex}"
-                rows = await asyncio.to_thread(self.store.mark_sent, rid, chunk, command_id, now)
-                for row in rows:
-                    live.set_view(assignment_view(row))
-                if not rows:
-                    continue
-                sent = tuple(r.device_id for r in rows)
-                sends.append(
-                    self._publish_deploy(
-                        live.row,
-                        sent[0] if region is None else None,
-                        command_id,
-                        region=region,
-                        cohort=sent if region is not None else (),
-                        activate=activate,
-                        shadow_s=self._shadow_seconds(live) if shadow else None,
-                        version=version or None,
-                    )
+
+            async def deploy(
+                command_id: str, region: str | None, to: tuple[str, ...], version: str = version
+            ) -> None:
+                await self._publish_deploy(
+                    live.row,
+                    to[0] if region is None else None,
+                    command_id,
+                    region=region,
+                    cohort=to if region is not None else (),
+                    activate=activate,
+                    shadow_s=shadow_s,
+                    version=version or None,
                 )
-        await asyncio.gather(*sends)
+
+            await self._in_chunks(live, members, self.store.mark_sent, deploy, now)
 
     async def _switch(self, live: LiveRollout, devices: Sequence[str], now: float) -> None:
-        sends = []
-        for region, chunk in self._chunks(live, devices):
-            command_id = f"c-{uuid.uuid4().hex}"
-            rows = await asyncio.to_thread(
-                self.store.mark_switching, live.rollout_id, chunk, command_id, now
-            )
-            for row in rows:
-                live.set_view(assignment_view(row))
-            if rows:
-                sends.append(
-                    self._publish_switch(
-                        live.row,
-                        command_id,
-                        region=region,
-                        devices=tuple(r.device_id for r in rows),
-                    )
-                )
-        await asyncio.gather(*sends)
+        async def switch(command_id: str, region: str | None, to: tuple[str, ...]) -> None:
+            await self._publish_switch(live.row, command_id, region=region, devices=to)
+
+        await self._in_chunks(live, devices, self.store.mark_switching, switch, now)
 
     def _envelope(
         self,
@@ -1684,20 +1672,21 @@ class Controller:
 
     async def _model_and_url(
         self, rollout: RolloutRow, version: str | None
-    ) -> tuple[ModelVersionRow, str]:
-        """The version's row and a presigned URL for it, reused while it has most of its
-        life left: one presign per version, not one per device."""
+    ) -> tuple[SignedManifest, str]:
+        """The version's signed manifest and a presigned URL for it, reused while the URL
+        has most of its life left: one read and one presign per version, not per device."""
         key = self._model_key(rollout, version)
         cached = self._urls.get(key)
         now = time.monotonic()
         if cached is not None and now - cached[2] < self.config.presign_ttl_s / 2:
             return cached[0], cached[1]
         model = self.store.get_model(*key)
+        manifest = SignedManifest.model_validate_json(model.signed_manifest)
         url = await asyncio.to_thread(
             self.artifacts.presign_get, model.s3_key, self.config.presign_ttl_s
         )
-        self._urls[key] = (model, url, now)
-        return model, url
+        self._urls[key] = (manifest, url, now)
+        return manifest, url
 
     async def _publish_deploy(
         self,
@@ -1717,12 +1706,15 @@ class Controller:
         `version`: the device's own side of an A/B test (or its winner); the rollout's
         version when None.
         """
-        model, url = await self._model_and_url(rollout, version)
+        manifest, url = await self._model_and_url(rollout, version)
         devices = cohort if region is not None else (str(device_id),)
-        spec = StartRolloutRequest.model_validate_json(rollout.spec)
+        live = self._live.get(rollout.rollout_id)
+        spec = (
+            live.spec if live is not None else StartRolloutRequest.model_validate_json(rollout.spec)
+        )
         command = DeployCommand(
             **self._envelope(rollout, command_id, region, devices, since=since),
-            manifest=SignedManifest.model_validate_json(model.signed_manifest),
+            manifest=manifest,
             url=url,
             activate=activate,
             shadow_s=shadow_s,

@@ -9,7 +9,7 @@ through `ListRolloutDevices`.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from controller.db import RolloutRow
@@ -30,17 +30,6 @@ def device_states(counts: Mapping[str, int], rollback_counts: Mapping[str, int])
             shown["activated"] -= n
             shown[state] += n
     return {k: v for k, v in sorted(shown.items()) if v > 0}
-
-
-def count_states(views: Iterable[AssignmentView]) -> tuple[Counter[str], Counter[str]]:
-    """Devices per deploy state and per rollback state."""
-    counts: Counter[str] = Counter()
-    rollbacks: Counter[str] = Counter()
-    for v in views:
-        counts[v.state] += 1
-        if v.rollback_state is not None:
-            rollbacks[v.rollback_state] += 1
-    return counts, rollbacks
 
 
 def build_status(

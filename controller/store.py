@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, func, update
+from sqlalchemy import bindparam, func, or_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
@@ -55,6 +55,8 @@ from shared.tasks import (
 from shared.tasks import describe as describe_task
 
 OPEN_STATUSES = ("Pending", "InProgress", "Paused")
+# A rollback the device answered: its line says rolled_back or rollback_failed.
+ANSWERED_ROLLBACK_STATES = ("rolled_back", "failed", "timed_out")
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,18 +572,6 @@ class Store:
                 s.exec(select(RolloutRow).where(col(RolloutRow.finished_at) >= since)).all()
             )
 
-    def open_assignment(self, device_id: str) -> tuple[RolloutRow, list[AssignmentRow]] | None:
-        """The open rollout that claims a device, with that device's assignment."""
-        with self.session() as s:
-            claim = s.get(DeviceClaimRow, device_id)
-            if claim is None:
-                return None
-            rollout = s.get(RolloutRow, claim.rollout_id)
-            row = s.get(AssignmentRow, (claim.rollout_id, device_id))
-            if rollout is None or row is None or rollout.status not in OPEN_STATUSES:
-                return None
-            return rollout, [row]
-
     def assignment_states(self, rollout_id: str) -> list[Assignment]:
         """A rollout's assignments as plain rows (no ORM objects: 10,000 of them load in
         a fraction of the time), by device id."""
@@ -898,25 +888,6 @@ class Store:
             rollout.served_latency_total_ms, rollout.served_count = r.served
             s.add(rollout)
 
-    def fleet_telemetry(
-        self, model: str, version: str, since_minute: int, *, shadow: bool = False
-    ) -> tuple[int, CohortStats]:
-        """Windows and merged telemetry of a version across the fleet since a minute."""
-        total, windows = Rollup(), 0
-        with self.session() as s:
-            for row in s.exec(
-                select(TelemetryMinuteRow).where(
-                    TelemetryMinuteRow.model == model,
-                    TelemetryMinuteRow.version == version,
-                    TelemetryMinuteRow.shadow == shadow,
-                    col(TelemetryMinuteRow.minute) >= since_minute,
-                )
-            ).all():
-                windows += row.windows
-                if row.data:
-                    total.add(Rollup.from_json(row.data))
-        return windows, total.stats(0)
-
     def load_rollups(self, rollout_id: str, stage_index: int) -> list[TelemetryRollupRow]:
         with self.session() as s:
             return list(
@@ -971,12 +942,20 @@ class Store:
     def assignments_page(
         self, rollout_id: str, state: str | None, offset: int, limit: int
     ) -> tuple[int, list[AssignmentRow]]:
-        """A page of a rollout's devices by id (optionally in one state), and how many
-        there are in all."""
+        """A page of a rollout's devices by id (optionally in one state as the status
+        counts it, `rolled_back` and `rollback_failed` included), and how many there are
+        in all."""
         with self.session() as s:
             where: list[ColumnElement[bool]] = [col(AssignmentRow.rollout_id) == rollout_id]
-            if state is not None:
+            rollback = col(AssignmentRow.rollback_state)
+            if state == "rolled_back":
+                where.append(rollback == "rolled_back")
+            elif state == "rollback_failed":
+                where.append(rollback.in_(("failed", "timed_out")))
+            elif state is not None:
                 where.append(col(AssignmentRow.state) == state)
+                if state == "activated":  # the status shows an answered rollback instead
+                    where.append(or_(rollback.is_(None), rollback.not_in(ANSWERED_ROLLBACK_STATES)))
             total = int(s.exec(select(func.count()).select_from(AssignmentRow).where(*where)).one())
             rows = s.exec(
                 select(AssignmentRow)

@@ -181,6 +181,11 @@ async def test_a_fleet_rollout_and_rollback_publish_per_region_not_per_device(
     assert len(recorder.published) - before < 20, len(recorder.published) - before
     answered = await controller.request(GetRollout(rollout_id=rid))
     assert answered["deviceStates"] == {"rolled_back": N}
+    # Paged by the state the status counts them in.
+    back = await controller.request(ListRolloutDevices(rollout_id=rid, state="rolled_back"))
+    assert back["total"] == N
+    still = await controller.request(ListRolloutDevices(rollout_id=rid, state="activated"))
+    assert still["total"] == 0
 
 
 async def test_a_confidence_gate_on_a_task_none_model_is_not_applicable_before_any_window(
