@@ -218,3 +218,34 @@ async def test_a_confidence_gate_on_a_task_none_model_is_not_applicable_before_a
     verdicts = {g.gate: g for g in status.gates}
     assert verdicts["max_confidence_drop"].verdict == "not_applicable", status.gates
     assert "no confidence (task none)" in verdicts["max_confidence_drop"].detail
+
+
+def test_the_incoming_queue_drops_only_telemetry_past_its_backlog_and_counts_it() -> None:
+    """aiomqtt's own bounded queue discarded anything silently when full; ours keeps every
+    event, state and request and drops telemetry past the backlog, counted as `backlog`."""
+    from aiomqtt import Message
+
+    from controller import metrics
+    from controller.service import _IncomingQueue
+
+    class Small(_IncomingQueue):
+        limit = 2
+
+    def message(topic: str) -> Message:
+        return Message(topic, b"{}", qos=1, retain=False, mid=1, properties=None)
+
+    def dropped() -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "hotswap_device_messages_dropped_total", {"reason": "backlog"}
+        )
+        return value or 0.0
+
+    before = dropped()
+    queue = Small()
+    for _ in range(3):
+        queue.put_nowait(message(topics.device_telemetry("d-1")))
+    queue.put_nowait(message(topics.device_events("d-1")))
+    queue.put_nowait(message(topics.device_state("d-1")))
+    kinds = [queue.get_nowait().topic.value.rsplit("/", 1)[-1] for _ in range(queue.qsize())]
+    assert kinds == ["telemetry", "telemetry", "events", "state"]
+    assert dropped() - before == 1
