@@ -24,16 +24,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from controller.db import RolloutRow
 from controller.gates import CohortStats, TensorInputs
-from controller.planner import AssignmentView
-from controller.strategies import Stage
+from controller.progress import AssignmentView, Progress
+from controller.strategies import Cohort, Stage, strategy
 from shared.manifest import ModelTask
 from shared.messages import Histogram, StartRollout
-
-Cohort = Literal["candidate", "baseline", "a", "b"]
 
 
 @dataclass(slots=True)
@@ -183,38 +181,17 @@ def _hist(counts: list[int], total: float, default: Histogram) -> Histogram:
 
 
 def cohort_of(
-    strategy: str,
+    strategy_of: str,
     view: AssignmentView,
     version: str,
     version_b: str | None,
     window_version: str,
     shadow: bool,
 ) -> Cohort | None:
-    """Which cohort a device's windows of `window_version` count for, in its state now.
-
-    Shadow rollouts compare what the staged devices mirrored to the candidate with
-    what the same devices served; A/B tests the two sides as served; the others
-    the devices that activated the candidate with those not yet touched.
-    """
-    if strategy == "shadow":
-        if view.state != "staged":
-            return None
-        if shadow:
-            return "candidate" if window_version == version else None
-        return "baseline" if window_version != version else None
-    if shadow:
-        return None
-    if strategy == "ab":
-        if view.state != "activated" or window_version != (view.version or version):
-            return None
-        if window_version == version:
-            return "a"
-        return "b" if window_version == version_b else None
-    if view.state == "activated":
-        return "candidate" if window_version == version else None
-    if view.state == "pending":
-        return "baseline" if window_version != version else None
-    return None
+    """Which cohort a device's windows of `window_version` count for, in its state now
+    (the strategy's `cohort` rule)."""
+    rule = strategy(strategy_of).cohort
+    return rule(view.state, view.version, version, version_b, window_version, shadow)
 
 
 RollupKey = tuple[str, bool]  # (version, shadow)
@@ -227,10 +204,8 @@ class LiveRollout:
     row: RolloutRow  # as last persisted
     spec: StartRollout
     stages: list[Stage]
-    views: dict[str, AssignmentView] = field(default_factory=dict)
+    progress: Progress  # the devices' assignments, as the planner reads them
     regions: dict[str, str] = field(default_factory=dict)  # device -> region
-    counts: Counter[str] = field(default_factory=Counter)
-    rollback_counts: Counter[str] = field(default_factory=Counter)
     # device -> (version, shadow) -> what it reported this stage
     rollups: dict[str, dict[RollupKey, Rollup]] = field(default_factory=dict)
     cohorts: dict[Cohort, Rollup] = field(default_factory=dict)
@@ -252,18 +227,26 @@ class LiveRollout:
         views: list[AssignmentView],
         regions: dict[str, str],
     ) -> LiveRollout:
-        live = cls(row, spec, stages)
+        live = cls(row, spec, stages, Progress.of(stages, views, spec.retries))
         live.stage_index = row.stage_index
         live.stage_started_at = row.stage_started_at or row.created_at
         live.served_latency_total_ms = row.served_latency_total_ms
         live.served_count = row.served_count
         live.regions = dict(regions)
-        for v in views:
-            live.views[v.device_id] = v
-            live.counts[v.state] += 1
-            if v.rollback_state is not None:
-                live.rollback_counts[v.rollback_state] += 1
         return live
+
+    @property
+    def views(self) -> dict[str, AssignmentView]:
+        """Each device's assignment (read only: changes go through `set_view`)."""
+        return self.progress.views
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self.progress.counts
+
+    @property
+    def rollback_counts(self) -> Counter[str]:
+        return self.progress.rollback_counts
 
     @property
     def rollout_id(self) -> str:
@@ -286,14 +269,7 @@ class LiveRollout:
     def set_view(self, view: AssignmentView) -> None:
         """A device's assignment changed (already persisted): counts and cohorts follow."""
         old = self.views.get(view.device_id)
-        self.views[view.device_id] = view
-        if old is not None:
-            self.counts[old.state] -= 1
-            if old.rollback_state is not None:
-                self.rollback_counts[old.rollback_state] -= 1
-        self.counts[view.state] += 1
-        if view.rollback_state is not None:
-            self.rollback_counts[view.rollback_state] += 1
+        self.progress.update(view)
         for (wv, shadow), rollup in self.rollups.get(view.device_id, {}).items():
             before = (
                 cohort_of(self.strategy, old, self.version, self.version_b, wv, shadow)
@@ -306,9 +282,6 @@ class LiveRollout:
                     self._count(before, view.device_id, rollup, -1)
                 if after is not None:
                     self._count(after, view.device_id, rollup, 1)
-
-    def assignment_views(self) -> list[AssignmentView]:
-        return list(self.views.values())
 
     # ------------------------------------------------------------ telemetry
 
@@ -341,7 +314,7 @@ class LiveRollout:
             or shadow
             or version != self.version
             or view.state != "activated"
-            or self.strategy == "shadow"
+            or strategy(self.strategy).mirrors
         ):
             return False
         self.served_latency_total_ms += rollup.latency_total

@@ -1,10 +1,12 @@
-"""The rollout planner: a pure function from what the database says to actions.
+"""The rollout planner: a pure function from what a rollout's state says to actions.
 
-`plan_next_actions(rollout, stages, assignments, gates, now)` has no I/O and no
-clock of its own; the executor (controller.service) loads the inputs, persists
-the intent of each action and only then publishes. Every decision is re-derived
-from the rows on every tick, so a controller killed at any moment resumes where
-it was. Tested with plain data.
+`plan_next_actions(rollout, stages, progress, gates, now)` has no I/O and no
+clock of its own; the executor (controller.service) persists the intent of each
+action and only then publishes. It reads the rollout's devices through
+`controller.progress.Progress` (counts and small indexes kept in step with every
+change), so a step costs what it decides, not the rollout's size. Every decision
+is re-derived from that state on every step, so a controller killed at any
+moment resumes where it was. Tested with plain data.
 
 A stage runs like this: deploy to its pending devices (or one region-wide
 command), time out the ones that take too long, *settle* once every device of
@@ -12,7 +14,8 @@ the stage is final, *bake* for the stage's duration while the gates watch, then
 advance (or wait for the operator's approval, or pause when the gates stay
 inconclusive). A failing gate or too many failed devices starts a rollback:
 every device that activated the candidate gets a rollback command, and the
-rollout ends `RolledBack` once they answered.
+rollout ends `RolledBack` once they answered. What differs per strategy is read
+from its `controller.strategies.Strategy`.
 """
 
 from __future__ import annotations
@@ -22,28 +25,26 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from controller.gates import Verdict
-from controller.strategies import Stage
+from controller.progress import (
+    DEVICE_STATES,
+    FINAL_DEVICE_STATES,
+    FINAL_ROLLBACK_STATES,
+    LEFT_STATES,
+    AssignmentView,
+    Progress,
+)
+from controller.strategies import Stage, strategy
 from shared.messages import RolloutState, StrategyName
 
-# Device progress within a rollout, in the order it normally advances.
-DEVICE_STATES = (
-    "pending",
-    "sent",
-    "received",
-    "downloading",
-    "verified",
-    "staged",  # blue-green: loaded in standby, waiting for the switch
-    "switching",  # blue-green: the switch command is out
-    "activated",
-    "failed",
-    "rolled_back",
-    "timed_out",
-    "cancelled",  # taken out of the rollout: superseded by another one, or revoked
-)
-FINAL_DEVICE_STATES = frozenset({"activated", "failed", "rolled_back", "timed_out", "cancelled"})
-FINAL_ROLLBACK_STATES = frozenset({"rolled_back", "failed", "timed_out"})
-# Final, but neither a success nor a failure: the device left the rollout.
-LEFT_STATES = frozenset({"cancelled"})
+__all__ = [
+    "DEVICE_STATES",
+    "FINAL_DEVICE_STATES",
+    "FINAL_ROLLBACK_STATES",
+    "LEFT_STATES",
+    "AssignmentView",
+    "Progress",
+]
+
 # What a device that timed out may still say about the same command: the record then
 # shows what it really runs (its deploy was bounded by the command's expiry, not undone).
 LATE_ANSWERS = frozenset({"staged", "activated", "failed"})
@@ -86,19 +87,6 @@ class RolloutView:
     winner: str | None = None
 
 
-_STRATEGIES: dict[str, StrategyName] = {
-    s: s
-    for s in (
-        "direct",
-        "canary",
-        "progressive",
-        "regional",
-        "rolling",
-        "ab",
-        "blue-green",
-        "shadow",
-    )
-}
 _STATUSES: dict[str, RolloutState] = {
     s: s
     for s in ("Pending", "InProgress", "Paused", "Succeeded", "Failed", "RolledBack", "Aborted")
@@ -107,10 +95,7 @@ _STATUSES: dict[str, RolloutState] = {
 
 def strategy_name(text: str) -> StrategyName:
     """A stored strategy as its type; ValueError for one this controller does not know."""
-    try:
-        return _STRATEGIES[text]
-    except KeyError:
-        raise ValueError(f"unknown strategy {text!r}") from None
+    return strategy(text).name
 
 
 def rollout_state(text: str) -> RolloutState:
@@ -119,20 +104,6 @@ def rollout_state(text: str) -> RolloutState:
         return _STATUSES[text]
     except KeyError:
         raise ValueError(f"unknown rollout status {text!r}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class AssignmentView:
-    device_id: str
-    state: str
-    sent_at: float | None
-    reason: str | None = None
-    rollback_state: str | None = None
-    rollback_sent_at: float | None = None
-    attempts: int = 0
-    command_id: str | None = None
-    rollback_command_id: str | None = None
-    version: str = ""  # A/B: the side this device is to run ("" means the rollout's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +221,7 @@ Action = (
 def plan_next_actions(
     rollout: RolloutView,
     stages: Sequence[Stage],
-    assignments: Sequence[AssignmentView],
+    progress: Progress,
     gates: GateReading | None,
     now: float,
     ab: ABChoice | None = None,
@@ -259,8 +230,9 @@ def plan_next_actions(
 
     Invariant: at most one command intent per device (a device pending in the current
     stage and in an earlier one, as A/B winners and retried devices are, is sent once).
+    Devices are named in the order of their ids.
     """
-    return _one_command_per_device(_plan(rollout, stages, assignments, gates, now, ab))
+    return _one_command_per_device(_plan(rollout, stages, progress, gates, now, ab))
 
 
 def _one_command_per_device(actions: list[Action]) -> list[Action]:
@@ -284,7 +256,7 @@ def _one_command_per_device(actions: list[Action]) -> list[Action]:
 def _plan(
     rollout: RolloutView,
     stages: Sequence[Stage],
-    assignments: Sequence[AssignmentView],
+    progress: Progress,
     gates: GateReading | None,
     now: float,
     ab: ABChoice | None,
@@ -295,77 +267,63 @@ def _plan(
     if rollout.status == "Pending":
         actions.append(StartRollout())
     if rollout.rolling_back:
-        return actions + _plan_rollback(rollout, assignments, now)
+        return actions + _plan_rollback(rollout, progress, now)
     if not stages:
         return [*actions, FinishRollout("Failed", "the rollout has no target devices")]
+    kind = strategy(rollout.strategy)
 
-    # Retries first: a device with attempts left is not counted as failed yet.
-    retry = [
-        a
-        for a in assignments
-        if rollout.retries
-        and a.state in ("failed", "timed_out")
-        and a.attempts <= rollout.retries  # attempts counts sends: 1 + retries in all
-    ]
-    if retry:
-        actions += [RetryDevice(a.device_id) for a in retry]
-        retrying = {a.device_id for a in retry}
-        assignments = [
-            AssignmentView(a.device_id, "pending", None) if a.device_id in retrying else a
-            for a in assignments
-        ]
-    gated = rollout.strategy != "direct"
-    if gated:
-        finished = [
-            a for a in assignments if a.state in FINAL_DEVICE_STATES and a.state not in LEFT_STATES
-        ]
-        failed = [a for a in finished if a.state != "activated"]
+    # Retries first: a device with attempts left is not counted as failed yet
+    # (attempts counts sends: 1 + retries in all).
+    retrying = set(progress.retryable) if rollout.retries else set()
+    actions += [RetryDevice(d) for d in sorted(retrying)]
+    if kind.failure_threshold:
+        finished = progress.finished() - len(retrying)
+        failed = finished - progress.counts["activated"]
         if (
             failed
-            and len(finished) >= rollout.min_executed
-            and 100.0 * len(failed) / len(finished) > rollout.max_failure_percent
+            and finished >= rollout.min_executed
+            and 100.0 * failed / finished > rollout.max_failure_percent
         ):
             return [
                 *actions,
                 BeginRollback(
-                    f"{len(failed)} of {len(finished)} devices failed, over the "
-                    f"{rollout.max_failure_percent:g}% abort threshold: {_failures(failed)}"
+                    f"{failed} of {finished} devices failed, over the "
+                    f"{rollout.max_failure_percent:g}% abort threshold: "
+                    f"{_failures(progress, progress.failures - retrying, failed)}"
                 ),
             ]
     if gates is not None and gates.verdict == "fail":
         return [*actions, BeginRollback(f"gate failed: {gates.detail}")]
 
-    by_device = {a.device_id: a for a in assignments}
     index = min(rollout.stage_index, len(stages) - 1)
     stage = stages[index]
-    members = [by_device[d] for d in stage.devices if d in by_device]
-    pending = tuple(a.device_id for a in members if a.state == "pending")
-    activate = stage.action not in ("stage", "shadow")
+
+    def waiting(i: int) -> list[str]:
+        """Stage i's devices to send to: pending, or to be retried."""
+        again = [d for d in retrying if i in progress.stage_of.get(d, ())]
+        return sorted(progress.pending[i].union(again))
+
+    pending = tuple(waiting(index))
     if stage.action == "shadow":
         actions += [SendDeploy(d, activate=False, shadow=True) for d in pending]
     elif stage.action == "switch":
-        staged = tuple(a.device_id for a in members if a.state == "staged")
+        staged = tuple(sorted(progress.staged[index]))
         if staged:
             actions.append(SendSwitch(staged))
         actions += [SendDeploy(d, activate=False) for d in pending]  # retried ones: stage first
     elif pending and stage.region is not None:
-        actions.append(SendRegionDeploy(stage.region, pending, activate))
+        actions.append(SendRegionDeploy(stage.region, pending, stage.action != "stage"))
     else:
-        actions += [SendDeploy(d, activate) for d in pending]
+        actions += [SendDeploy(d, stage.action != "stage") for d in pending]
     # Retried devices of stages already passed go again on their own.
-    earlier = {d for s in stages[:index] for d in s.devices}
-    actions += [
-        SendDeploy(a.device_id)
-        for a in assignments
-        if a.device_id in earlier and a.state == "pending"
-    ]
-    members = members + [a for a in assignments if a.device_id in earlier and a.state == "pending"]
+    earlier = sorted({d for i in range(index) for d in waiting(i)})
+    actions += [SendDeploy(d) for d in earlier]
     staging = stage.action in ("stage", "shadow")
-    done_states = FINAL_DEVICE_STATES | {"staged"} if staging else FINAL_DEVICE_STATES
-    actions += _timeouts(
-        [a for a in members if a.state not in done_states], rollout.device_timeout_s, now
-    )
-    if not all(a.state in done_states for a in members):
+    actions += [
+        TimeOutDevice(d)
+        for d in progress.timed_out(index, now, rollout.device_timeout_s, staged_too=not staging)
+    ]
+    if retrying or progress.not_done(index, staged_is_done=staging):
         return actions
     if rollout.stage_settled_at is None:
         return [*actions, SettleStage(index)]
@@ -383,18 +341,18 @@ def _plan(
                 *actions,
                 PauseRollout(f"shadow: gates inconclusive ({gates.detail}); approve to accept"),
             ]
-        shadowing = sum(a.state == "staged" for a in assignments)
+        shadowing = progress.counts["staged"]
         return [
             *actions,
             FinishRollout(
                 "Succeeded" if shadowing else "Failed",
-                f"shadow on {shadowing} of {len(assignments)} devices; nothing was served",
+                f"shadow on {shadowing} of {progress.total} devices; nothing was served",
             ),
         ]
     if last:
-        return [*actions, _finish(assignments, gated)]
+        return [*actions, _finish(progress, kind.failure_threshold)]
     following = stages[index + 1].name
-    if rollout.strategy == "ab" and rollout.winner is None:
+    if kind.two_versions and rollout.winner is None:
         choice = ab.winner if ab is not None else None
         if choice is None and rollout.approved_stage <= index:
             detail = ab.detail if ab is not None else "no reading"
@@ -420,81 +378,52 @@ def _plan(
     return [*actions, AdvanceStage(index + 1)]
 
 
-def _timeouts(
-    members: Sequence[AssignmentView], timeout_s: float, now: float
-) -> list[TimeOutDevice]:
-    return [
-        TimeOutDevice(a.device_id)
-        for a in members
-        if a.state not in FINAL_DEVICE_STATES
-        and a.sent_at is not None
-        and now - a.sent_at >= timeout_s
-    ]
-
-
-def _plan_rollback(
-    rollout: RolloutView, assignments: Sequence[AssignmentView], now: float
-) -> list[Action]:
-    actions: list[Action] = []
-    for a in assignments:
-        if a.state == "activated" and a.rollback_state is None:
-            actions.append(SendRollback(a.device_id))
-        elif (
-            a.rollback_state == "sent"
-            and a.rollback_sent_at is not None
-            and now - a.rollback_sent_at >= rollout.device_timeout_s
-        ):
-            actions.append(TimeOutRollback(a.device_id))
+def _plan_rollback(rollout: RolloutView, progress: Progress, now: float) -> list[Action]:
+    timeout = rollout.device_timeout_s
+    actions: list[Action] = [SendRollback(d) for d in sorted(progress.rollback_todo)]
+    actions += [TimeOutRollback(d) for d in sorted(progress.rollback_sent.expired(now, timeout))]
     # Staged devices still serve the old model: nothing to wait for or undo there.
-    in_flight = [
-        a
-        for a in assignments
-        if a.state not in FINAL_DEVICE_STATES and a.state not in ("pending", "staged")
+    actions += [TimeOutDevice(d) for d in sorted(progress.sent.expired(now, timeout))]
+    waiting = len(progress.in_flight) + progress.counts["activated"] - progress.activated_rolled
+    if waiting or progress.rollback_todo:
+        return actions
+    # Only what the devices confirmed counts: a refused or unanswered rollback leaves
+    # that device on the candidate, and the record must say so.
+    unconfirmed = progress.rollback_problems
+    if not unconfirmed:
+        return [*actions, FinishRollout("RolledBack", None)]
+    shown = ", ".join(
+        f"{a.device_id}: {a.reason if a.rollback_state == 'failed' else 'no answer'}"
+        for a in progress.smallest(unconfirmed)
+    )
+    more = f" (+{len(unconfirmed) - 5} more)" if len(unconfirmed) > 5 else ""
+    reverted = progress.rollback_counts["rolled_back"]
+    return [
+        *actions,
+        FinishRollout(
+            "Failed",
+            f"rollback failed on {len(unconfirmed)} device(s), {reverted} rolled back: "
+            f"{shown}{more}",
+        ),
     ]
-    actions += _timeouts(in_flight, rollout.device_timeout_s, now)
-    waiting = in_flight + [
-        a
-        for a in assignments
-        if a.state == "activated" and a.rollback_state not in FINAL_ROLLBACK_STATES
-    ]
-    if not waiting and not any(isinstance(x, SendRollback) for x in actions):
-        # Only what the devices confirmed counts: a refused or unanswered rollback
-        # leaves that device on the candidate, and the record must say so.
-        unconfirmed = [a for a in assignments if a.rollback_state in ("failed", "timed_out")]
-        if unconfirmed:
-            shown = ", ".join(
-                f"{a.device_id}: {a.reason if a.rollback_state == 'failed' else 'no answer'}"
-                for a in unconfirmed[:5]
-            )
-            more = f" (+{len(unconfirmed) - 5} more)" if len(unconfirmed) > 5 else ""
-            reverted = sum(a.rollback_state == "rolled_back" for a in assignments)
-            actions.append(
-                FinishRollout(
-                    "Failed",
-                    f"rollback failed on {len(unconfirmed)} device(s), {reverted} rolled back: "
-                    f"{shown}{more}",
-                )
-            )
-        else:
-            actions.append(FinishRollout("RolledBack", None))
-    return actions
 
 
-def _failures(failed: Sequence[AssignmentView]) -> str:
-    shown = ", ".join(f"{a.device_id}: {a.reason or a.state}" for a in failed[:5])
-    return shown + (f" (+{len(failed) - 5} more)" if len(failed) > 5 else "")
+def _failures(progress: Progress, failed: set[str], count: int) -> str:
+    shown = ", ".join(f"{a.device_id}: {a.reason or a.state}" for a in progress.smallest(failed))
+    return shown + (f" (+{count - 5} more)" if count > 5 else "")
 
 
-def _finish(assignments: Sequence[AssignmentView], gated: bool) -> FinishRollout:
-    left = [a for a in assignments if a.state in LEFT_STATES]
-    remaining = [a for a in assignments if a.state not in LEFT_STATES]
+def _finish(progress: Progress, gated: bool) -> FinishRollout:
+    remaining = progress.total - len(progress.left)
     if not remaining:
+        left = [progress.views[d] for d in progress.left]
         reasons = sorted({a.reason or a.state for a in left})
         return FinishRollout("Aborted", f"every device left the rollout ({', '.join(reasons)})")
-    failed = [a for a in remaining if a.state != "activated"]
+    failed = remaining - progress.counts["activated"]
     if not failed:
         return FinishRollout("Succeeded", None)
-    summary = f"{len(failed)} of {len(remaining)} devices failed: {_failures(failed)}"
+    shown = _failures(progress, progress.failures, failed)
+    summary = f"{failed} of {remaining} devices failed: {shown}"
     # A gated rollout got here within its abort threshold: the fleet is on the candidate.
     return FinishRollout("Succeeded" if gated else "Failed", summary)
 
@@ -530,7 +459,7 @@ class ResendRollback:
 Resend = ResendDeploy | ResendSwitch | ResendRollback
 
 
-def plan_resends(strategy: str, assignments: Sequence[AssignmentView]) -> list[Resend]:
+def plan_resends(strategy_of: str, assignments: Sequence[AssignmentView]) -> list[Resend]:
     """Every command whose outcome is still open, to be sent again under its own id.
 
     After the controller reconnects (what it published may have died with the
@@ -539,7 +468,7 @@ def plan_resends(strategy: str, assignments: Sequence[AssignmentView]) -> list[R
     rolling back gets its rollback, not the deploy it already answered.
     """
     out: list[Resend] = []
-    stage_only = strategy in ("blue-green", "shadow")
+    kind = strategy(strategy_of)
     for a in assignments:
         if a.rollback_command_id and a.rollback_state == "sent":
             out.append(ResendRollback(a.device_id, a.rollback_command_id, a.rollback_sent_at))
@@ -553,8 +482,8 @@ def plan_resends(strategy: str, assignments: Sequence[AssignmentView]) -> list[R
                     a.device_id,
                     a.command_id,
                     a.sent_at,
-                    activate=not stage_only,
-                    shadow=strategy == "shadow",
+                    activate=not kind.standby,
+                    shadow=kind.mirrors,
                 )
             )
     return out

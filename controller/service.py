@@ -75,7 +75,7 @@ from controller.planner import (
 from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status, progress
 from controller.store import Assignment, RolloutRollups, Store, Superseded
-from controller.strategies import STRATEGIES, Target
+from controller.strategies import Target, strategy
 from shared import __version__, topics
 from shared.command_auth import COMMAND_REFUSAL_REASONS, SIGNATURE_PROPERTY, sign_command
 from shared.errors import BrokerError, HotswapError, RequestError
@@ -526,7 +526,7 @@ class Controller:
             # is unchanged, so a device that already has it answers without redoing work.
             for live in list(self._live.values()):
                 if live.row.finished_at is None:
-                    await self._resend(live, live.assignment_views())
+                    await self._resend(live, live.progress.open_views())
                 await self._publish_status(live, force=True)
         self.connected.set()
         self._wake.set()
@@ -555,7 +555,7 @@ class Controller:
         live = LiveRollout.start(
             row,
             spec,
-            STRATEGIES[row.strategy](targets, spec, row.rollout_id),
+            strategy(row.strategy).stages(targets, spec, row.rollout_id),
             [assignment_view(a) for a in assignments],
             {a.device_id: a.region for a in assignments},
         )
@@ -1049,7 +1049,7 @@ class Controller:
                 reason="bad_request",
             )
         model = self.store.get_model(request.model, request.version)
-        if request.strategy == "ab" and request.version_b:
+        if strategy(request.strategy).two_versions and request.version_b:
             other = self.store.get_model(request.model, request.version_b)
             if other.signature != model.signature:
                 raise RequestError(
@@ -1243,7 +1243,7 @@ class Controller:
     def _readings(self, live: LiveRollout) -> tuple[GateReading | None, ABChoice | None]:
         """What the gates (or an A/B test's comparison) say of the current stage."""
         spec = live.spec
-        if live.strategy == "ab":
+        if strategy(live.strategy).two_versions:
             ab = compare_ab(
                 spec.winner_metric,
                 spec.min_improvement,
@@ -1288,7 +1288,7 @@ class Controller:
                 winner=row.winner,
             ),
             live.stages,
-            live.assignment_views(),
+            live.progress,
             reading,
             now,
             ab_choice,
@@ -1625,7 +1625,7 @@ class Controller:
 
     async def _resend(self, live: LiveRollout, views: Sequence[AssignmentView]) -> None:
         """Publish again what `plan_resends` says is still open for these devices."""
-        shadow_s = self._shadow_seconds(live) if live.strategy == "shadow" else None
+        shadow_s = self._shadow_seconds(live) if strategy(live.strategy).mirrors else None
         sends = []
         for resend in plan_resends(live.strategy, views):
             devices = (resend.device_id,)
@@ -1720,7 +1720,7 @@ class Controller:
             shadow_s=shadow_s,
             # Anti-rollback override: an A/B winner may be the lower version; otherwise
             # only when the operator started the rollout with allow_downgrade.
-            allow_downgrade=rollout.strategy == "ab" or spec.allow_downgrade,
+            allow_downgrade=strategy(rollout.strategy).two_versions or spec.allow_downgrade,
             allow_interface_change=spec.allow_interface_change,
         )
         await self._send(command, region=region, devices=devices)
@@ -1728,7 +1728,7 @@ class Controller:
     def _comparison(self, live: LiveRollout) -> ABComparison | None:
         """An A/B test's comparison: as decided once there is a winner, else live."""
         row, spec = live.row, live.spec
-        if row.strategy != "ab" or not row.version_b:
+        if not strategy(row.strategy).two_versions or not row.version_b:
             return None
         if row.ab_result is not None:
             return ABComparison.model_validate_json(row.ab_result)
@@ -1765,13 +1765,14 @@ class Controller:
             live.avg_served_latency_ms(),
             self.clock(),
         )
-        if row.strategy == "ab":
+        two_versions = strategy(row.strategy).two_versions
+        if two_versions:
             candidate, baseline = live.cohort("a"), live.cohort("b")
         else:
             candidate, baseline = self._candidate(live), live.cohort("baseline")
         gates = (
             evaluate_gates(spec.gates, candidate, baseline)
-            if spec.gates.any and row.strategy != "ab"
+            if spec.gates.any and not two_versions
             else ()
         )
         stage = ""
@@ -1796,7 +1797,7 @@ class Controller:
     def _task_text(self, rollout: RolloutRow) -> str | None:
         """The candidate's task as the telemetry reads it (both sides' in an A/B test)."""
         task = self.store.model_task(rollout.model, rollout.version)
-        if rollout.strategy == "ab" and rollout.version_b:
+        if strategy(rollout.strategy).two_versions and rollout.version_b:
             task_b = self.store.model_task(rollout.model, rollout.version_b)
             if task_b != task:
                 return f"A: {task or '-'}; B: {task_b or '-'}"

@@ -32,7 +32,7 @@ from controller.db import (
 from controller.gates import CohortStats, TensorInputs
 from controller.live import Rollup
 from controller.planner import FINAL_DEVICE_STATES, advances
-from controller.strategies import ab_split
+from controller.strategies import ab_split, strategy
 from shared.errors import ArtifactError, RequestError
 from shared.manifest import Manifest, ModelTask, SignedManifest
 from shared.messages import (
@@ -425,7 +425,7 @@ class Store:
             spec=req.model_dump_json(by_alias=True),
             status="Pending",
             device_timeout_s=req.device_timeout_s,
-            version_b=req.version_b if req.strategy == "ab" else None,
+            version_b=req.version_b if strategy(req.strategy).two_versions else None,
             created_at=now,
             updated_at=now,
         )
@@ -441,7 +441,7 @@ class Store:
                     ).all()
                 }
                 side_b: set[str] = set()
-                if req.strategy == "ab" and req.version_b:
+                if strategy(req.strategy).two_versions and req.version_b:
                     side_b = set(ab_split(list(targets), rollout.rollout_id)[1])
                 for device_id in targets:
                     s.add(

@@ -1,9 +1,18 @@
-"""Rollout strategies: small functions of one shape, `(targets, spec, rollout_id) -> stages`.
+"""Rollout strategies: each one its stages and the few things that make it itself.
 
-A strategy only decides which devices go in which stage and how long each stage
-bakes; the planner decides when a stage starts, what the gates say and when it
-ends. Cohorts are chosen by a stable hash of rollout id and device id, so a
-restarted controller picks the same devices. Pure: no I/O.
+A strategy's stages come from a small function of one shape,
+`(targets, spec, rollout_id) -> stages`: which devices go in which stage, how long
+each stage bakes, what its command does (deploy, stage in standby, switch,
+shadow). Cohorts are chosen by a stable hash of rollout id and device id, so a
+restarted controller picks the same devices.
+
+Everything else a strategy does differently is said once, here, in its
+`Strategy` entry of `STRATEGIES`, and read from there by the planner, the
+controller and its in-memory rollouts, instead of `if strategy == …` checks
+spread over them: which cohort a device's telemetry counts for (`cohort`), whether
+failed devices count against the abort threshold, whether deploys activate or
+only load in standby, whether they mirror live inputs (shadow), whether two
+versions run side by side and a winner is decided (A/B). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -12,8 +21,9 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from shared.messages import StartRollout
+from shared.messages import StartRollout, StrategyName
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +42,7 @@ class Stage:
     action: str = "deploy"
 
 
-Strategy = Callable[[Sequence[Target], StartRollout, str], list[Stage]]
+StageFn = Callable[[Sequence[Target], StartRollout, str], list[Stage]]
 
 
 def stable_order(targets: Sequence[Target], rollout_id: str) -> list[Target]:
@@ -146,13 +156,89 @@ def shadow(targets: Sequence[Target], spec: StartRollout, rollout_id: str) -> li
     return [Stage("shadow", everyone, spec.shadow_duration_s, action="shadow")]
 
 
+# ------------------------------------------------------------ cohorts
+
+# The telemetry the gates compare: the candidate with the baseline, or the two sides
+# of an A/B test.
+Cohort = Literal["candidate", "baseline", "a", "b"]
+
+# (device state, the device's side ("" = the rollout's version), the rollout's
+# version, its B version, the window's version, mirrored or served) -> cohort
+CohortRule = Callable[[str, str, str, str | None, str, bool], Cohort | None]
+
+
+def served_cohort(
+    state: str, side: str, version: str, version_b: str | None, window: str, mirrored: bool
+) -> Cohort | None:
+    """Devices that activated the candidate against those not yet touched, as served."""
+    if mirrored:
+        return None
+    if state == "activated":
+        return "candidate" if window == version else None
+    if state == "pending":
+        return "baseline" if window != version else None
+    return None
+
+
+def shadow_cohort(
+    state: str, side: str, version: str, version_b: str | None, window: str, mirrored: bool
+) -> Cohort | None:
+    """What the staged devices mirrored to the candidate against what they served."""
+    if state != "staged":
+        return None
+    if mirrored:
+        return "candidate" if window == version else None
+    return "baseline" if window != version else None
+
+
+def ab_cohort(
+    state: str, side: str, version: str, version_b: str | None, window: str, mirrored: bool
+) -> Cohort | None:
+    """The two sides of an A/B test, each as served by the devices running it."""
+    if mirrored or state != "activated" or window != (side or version):
+        return None
+    if window == version:
+        return "a"
+    return "b" if window == version_b else None
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """A strategy: its stages, and how it differs from a plain deploy."""
+
+    name: StrategyName
+    stages: StageFn
+    cohort: CohortRule = served_cohort
+    # Failed devices count against `max_failure_percent` (a direct rollout has no
+    # threshold: it deploys everywhere and reports what failed).
+    failure_threshold: bool = True
+    # Two versions served side by side; after the first stage a winner is decided
+    # from their comparison (not from the gates) and goes everywhere.
+    two_versions: bool = False
+    # Deploys only load the candidate in standby (a later switch, or never).
+    standby: bool = False
+    # Deploys mirror live inputs to the standby candidate: nothing of it is served.
+    mirrors: bool = False
+
+
 STRATEGIES: dict[str, Strategy] = {
-    "direct": direct,
-    "canary": canary,
-    "progressive": progressive,
-    "regional": regional,
-    "rolling": rolling,
-    "ab": ab,
-    "blue-green": blue_green,
-    "shadow": shadow,
+    s.name: s
+    for s in (
+        Strategy("direct", direct, failure_threshold=False),
+        Strategy("canary", canary),
+        Strategy("progressive", progressive),
+        Strategy("regional", regional),
+        Strategy("rolling", rolling),
+        Strategy("ab", ab, cohort=ab_cohort, two_versions=True),
+        Strategy("blue-green", blue_green, standby=True),
+        Strategy("shadow", shadow, cohort=shadow_cohort, standby=True, mirrors=True),
+    )
 }
+
+
+def strategy(name: str) -> Strategy:
+    """The strategy of that name; ValueError for one this controller does not know."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}") from None

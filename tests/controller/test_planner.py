@@ -10,6 +10,7 @@ from controller.planner import (
     DEVICE_STATES,
     FINAL_DEVICE_STATES,
     ABChoice,
+    Action,
     AdvanceStage,
     AssignmentView,
     BeginRollback,
@@ -17,6 +18,7 @@ from controller.planner import (
     FinishRollout,
     GateReading,
     PauseRollout,
+    Progress,
     RetryDevice,
     RolloutView,
     SendDeploy,
@@ -28,8 +30,8 @@ from controller.planner import (
     TimeOutDevice,
     TimeOutRollback,
     advances,
-    plan_next_actions,
 )
+from controller.planner import plan_next_actions as plan_on_progress
 from controller.strategies import Stage
 
 TIMEOUT = 30.0
@@ -39,6 +41,19 @@ THREE_STAGES = [
     Stage("s1", ("b",), bake_s=10),
     Stage("s2", ("c",)),
 ]
+
+
+def plan_next_actions(
+    rollout: RolloutView,
+    stages: list[Stage],
+    assignments: list[AssignmentView],
+    gates: GateReading | None,
+    now: float,
+    ab: ABChoice | None = None,
+) -> list[Action]:
+    """The planner on these assignments (their `Progress` built from the list)."""
+    progress = Progress.of(stages, assignments, rollout.retries)
+    return plan_on_progress(rollout, stages, progress, gates, now, ab)
 
 
 def view(status: str = "InProgress", strategy: str = "canary", **kw: object) -> RolloutView:

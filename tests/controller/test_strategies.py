@@ -228,7 +228,7 @@ def test_every_strategy_partitions_the_targets(name: str) -> None:
         regions=("us",),
         batch_size=7,
     )
-    assert_partition(STRATEGIES[name](FLEET, s, "r-3"), FLEET)
+    assert_partition(STRATEGIES[name].stages(FLEET, s, "r-3"), FLEET)
 
 
 # ---------------------------------------------------------------- StartRollout validation
