@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from controller import metrics
 from controller.artifacts import ArtifactStore, find_orphans
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller, ControllerConfig
@@ -88,7 +89,14 @@ def controller_run(
     s3_region: Annotated[str, typer.Option(envvar="HOTSWAP_S3_REGION")] = _DEFAULTS.s3_region,
     metrics_port: Annotated[
         int, typer.Option(envvar="HOTSWAP_METRICS_PORT", help="Prometheus port; 0 turns it off")
-    ] = 9100,
+    ] = metrics.DEFAULT_PORT,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            envvar="HOTSWAP_METRICS_HOST",
+            help="address the metrics endpoint binds (0.0.0.0: every interface)",
+        ),
+    ] = metrics.DEFAULT_HOST,
     presign_ttl: Annotated[
         int, typer.Option(envvar="HOTSWAP_PRESIGN_TTL_S", help="presigned URL lifetime, s")
     ] = _DEFAULTS.presign_ttl_s,
@@ -120,12 +128,10 @@ def controller_run(
         except Exception as exc:  # the database URL is the usual suspect
             fail(f"cannot open the database {db_url}: {str(exc).splitlines()[0]}")
         if metrics_port:
-            from controller.metrics import serve_metrics
-
             try:
-                serve_metrics(metrics_port)
+                metrics.serve_metrics(metrics_port, metrics_host)
             except OSError as exc:
-                fail(f"cannot serve metrics on port {metrics_port}: {exc.strerror}")
+                fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}")
         progress(f"controller: broker {config.mqtt}, database {db_url}, bucket {s3_bucket}")
         run_until_signalled(controller.run())
 

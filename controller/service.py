@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from controller import metrics
 from controller.artifacts import ArtifactStore
 from controller.db import AssignmentRow, ModelVersionRow, RolloutRow
+from controller.fanout import COHORT_BUDGET_BYTES, plan_fanout
 from controller.gates import (
     CohortStats,
     compare_ab,
@@ -227,8 +228,11 @@ class ControllerConfig:
     step_interval_s: float = 1.0
     step_gap_s: float = 0.2  # between steps of a rollout its devices' events move
     status_interval_s: float = 0.5
-    # Devices named in one region command's selector (a larger stage takes several).
-    region_command_devices: int = 1000
+    # The bytes of device ids one region command's selector may carry (a larger stage
+    # takes several), and how often the registered devices per region are counted:
+    # both decide between region and device topics (`controller.fanout`).
+    cohort_budget_bytes: int = COHORT_BUDGET_BYTES
+    region_sizes_s: float = 10.0
     # Telemetry rollups of finished rollouts are kept this long; pruned this often.
     telemetry_retention_s: float = 7 * 24 * 3600.0
     # Merged telemetry reaches the database this often (a crash loses at most this much).
@@ -295,6 +299,8 @@ class Controller:
         self._lock = asyncio.Lock()
         self._requests: set[asyncio.Task[None]] = set()
         self._pruned_at = 0.0
+        self._region_sizes_cache: dict[str, int] = {}
+        self._region_sizes_at = -1e9
         self._runner: asyncio.Task[None] | None = None
         # Telemetry merged in memory, written every telemetry_flush_s (one transaction)
         self._fleet_pending: dict[tuple[str, str, bool, int], tuple[int, Rollup]] = {}
@@ -1411,22 +1417,14 @@ class Controller:
 
             await self._in_chunks(live, devices, self.store.mark_rollback_sent, rollback, now)
 
-    def _chunks(
-        self, live: LiveRollout, devices: Sequence[str]
-    ) -> list[tuple[str | None, list[str]]]:
-        """Devices grouped for as few publishes as the contract allows: per region (its
-        topic, a selector naming them) in chunks; a device alone on its own topic."""
-        by_region: dict[str, list[str]] = {}
-        for d in devices:
-            by_region.setdefault(live.regions.get(d, ""), []).append(d)
-        out: list[tuple[str | None, list[str]]] = []
-        size = self.config.region_command_devices
-        for region, members in sorted(by_region.items()):
-            if not region or len(members) == 1:
-                out += [(None, [d]) for d in members]
-                continue
-            out += [(region, members[i : i + size]) for i in range(0, len(members), size)]
-        return out
+    def _region_sizes(self) -> dict[str, int]:
+        """Devices registered per region (each subscribed to its region's topic), read
+        at most every `region_sizes_s`: what a region command costs the broker."""
+        now = time.monotonic()
+        if now - self._region_sizes_at >= self.config.region_sizes_s:
+            self._region_sizes_cache = self.store.region_sizes()
+            self._region_sizes_at = now
+        return self._region_sizes_cache
 
     async def _in_chunks(
         self,
@@ -1436,11 +1434,17 @@ class Controller:
         publish: Callable[[str, str | None, tuple[str, ...]], Awaitable[None]],
         now: float,
     ) -> None:
-        """One command per region chunk (`_chunks`): its intent persisted for the devices
-        it still applies to (`persist` returns those rows), then published to just them;
-        the chunks' publishes run concurrently."""
+        """One command per region chunk or device (`plan_fanout`): its intent persisted
+        for the devices it still applies to (`persist` returns those rows), then
+        published to just them; the publishes run concurrently."""
+        sizes = await asyncio.to_thread(self._region_sizes)
         sends = []
-        for region, chunk in self._chunks(live, devices):
+        plan = plan_fanout(
+            ((d, live.regions.get(d, "")) for d in devices),
+            sizes,
+            budget_bytes=self.config.cohort_budget_bytes,
+        )
+        for region, chunk in plan:
             command_id = f"c-{uuid.uuid4().hex}"
             rows = await asyncio.to_thread(persist, live.rollout_id, chunk, command_id, now)
             for row in rows:

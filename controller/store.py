@@ -349,6 +349,16 @@ class Store:
             query = select(DeviceRow).order_by(col(DeviceRow.device_id)).offset(offset)
             return list(s.exec(query.limit(limit) if limit is not None else query).all())
 
+    def region_sizes(self) -> dict[str, int]:
+        """Devices per region that may be subscribed to its topic (not revoked)."""
+        with self.session() as s:
+            rows = s.exec(
+                select(DeviceRow.region, func.count())
+                .where(~col(DeviceRow.revoked))
+                .group_by(col(DeviceRow.region))
+            ).all()
+            return {str(region): int(n) for region, n in rows}
+
     def devices_online(self) -> int:
         with self.session() as s:
             return int(

@@ -55,6 +55,7 @@ from pydantic import ValidationError
 from edge_agent.faults import crash_point
 from edge_agent.fetch import FetchLimits, UrlExpiredError, fetch_artifact
 from edge_agent.health import health_problem
+from edge_agent.metrics import AgentMetrics
 from edge_agent.runtime import (
     DoubleBufferedRuntime,
     HealthSample,
@@ -153,13 +154,19 @@ class AgentConfig:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, metrics: AgentMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics  # counted only for a scraped agent (`--metrics-port`)
         self.log = log.bind(device_id=config.device_id)
         self._trusted = trusted_keyring(config.trusted_keys)
         self._controller_keys = trusted_keyring(config.controller_keys)
         self.telemetry = TelemetryRecorder(config.device_id, utcnow())
-        self.runtime = DoubleBufferedRuntime(observer=self.telemetry.observe)
+        observe = self.telemetry.observe
+        self.runtime = DoubleBufferedRuntime(
+            observer=metrics.observing(observe) if metrics else observe
+        )
+        if metrics is not None:
+            metrics.follow(lambda: self.active)
         self.store = ModelStore(config.data_dir)
         self._state = StoreState()
         self._queue: asyncio.Queue[Command] = asyncio.Queue()
@@ -529,6 +536,8 @@ class Agent:
         self._state.commands[command.command_id] = CommandRecord(
             final.model_dump_json(by_alias=True), until
         )
+        if self.metrics is not None:
+            self.metrics.command_done(command.kind, final)
         # Pointers and the answer reach the disk before the controller hears of them.
         await asyncio.to_thread(self.store.write_state, self._state)
         crash_point("committed")

@@ -15,6 +15,7 @@ import typer
 
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.fetch import FetchLimits
+from edge_agent.metrics import AgentMetrics
 from shared.console import cli_errors, fail, progress, run_until_signalled
 from shared.credentials import apply_credentials, load_credentials
 from shared.durations import parse_duration
@@ -113,6 +114,23 @@ def agent_run(
             "--download-timeout", parser=parse_duration, hidden=True, help="old --download-budget"
         ),
     ] = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            envvar="HOTSWAP_METRICS_PORT",
+            help="serve this agent's Prometheus metrics on this port (0: off; 19101 usual)",
+        ),
+    ] = 0,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            "--metrics-host",
+            envvar="HOTSWAP_METRICS_HOST",
+            help="address the metrics endpoint binds (0.0.0.0: every interface)",
+        ),
+    ] = "127.0.0.1",
     log_level: Annotated[str, typer.Option("--log-level", envvar="HOTSWAP_LOG_LEVEL")] = (
         _DEFAULTS.log_level
     ),
@@ -173,4 +191,10 @@ def agent_run(
         progress(
             f"agent {device_id} ({region}/{device_type}): broker {config.mqtt}, data {data_dir}"
         )
-        run_until_signalled(Agent(config).run())
+        metrics = AgentMetrics(device_id) if metrics_port else None
+        if metrics is not None:
+            try:
+                metrics.serve(metrics_port, metrics_host)
+            except OSError as exc:
+                fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}")
+        run_until_signalled(Agent(config, metrics=metrics).run())

@@ -8,6 +8,7 @@ ports other services listen on, and the Dockerfile copies what exists.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,24 @@ import typer.main
 import yaml
 
 from broker.cli import app
+from controller import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 HOTSWAP = {name: s for name, s in SERVICES.items() if s.get("image") == "hotswap:local"}
+GRAFANA_PROVISIONING = (
+    "docs/grafana/provisioning/datasources/prometheus.yaml",
+    "docs/grafana/provisioning/dashboards/hotswap.yaml",
+)
 
 
 def test_compose_has_the_parts_of_the_design() -> None:
-    """Broker, MinIO with its bucket, PostgreSQL, controller, three agents, Prometheus."""
-    assert {"mosquitto", "minio", "minio-bucket", "postgres", "controller", "prometheus"} <= set(
-        SERVICES
-    )
+    """Broker, MinIO with its bucket, PostgreSQL, controller, three agents, Prometheus,
+    Grafana."""
+    assert {
+        "mosquitto", "minio", "minio-bucket", "postgres", "controller", "prometheus", "grafana"
+    } <= set(SERVICES)  # fmt: skip
     assert len([n for n in SERVICES if n.startswith("agent-")]) == 3
     assert "hotswap-models" in SERVICES["minio-bucket"]["entrypoint"]
 
@@ -77,23 +84,26 @@ def test_every_hotswap_command_uses_real_subcommands_and_options() -> None:
 
 
 def test_ports_that_services_dial_are_ports_that_services_serve() -> None:
-    """mqtt://mosquitto:1883, http://minio:9000, postgres:5432, controller:9100 all exist."""
+    """mqtt://mosquitto:1883, http://minio:9000, postgres:5432, controller:19100,
+    agent-3:19101 and prometheus:9090 (Grafana's data source) all exist."""
     listening = {
         "mosquitto": 1883,  # mosquitto.conf's listener
         "minio": 9000,
         "postgres": 5432,
-        "controller": 9100,
+        "controller": int(_option(SERVICES["controller"]["command"], "--metrics-port")),
+        "agent-3": int(_option(SERVICES["agent-3"]["command"], "--metrics-port")),
+        "prometheus": 9090,  # prom/prometheus's default
     }
     conf = (ROOT / "mosquitto.conf").read_text()
     assert re.search(r"^listener 1883\b", conf, re.M)
-    assert "--metrics-port" in SERVICES["controller"]["command"]
-    assert (
-        SERVICES["controller"]["command"][
-            SERVICES["controller"]["command"].index("--metrics-port") + 1
-        ]
-        == "9100"
+    # Scraped from Prometheus's container: bound to every interface, not loopback.
+    for name in ("controller", "agent-3"):
+        assert _option(SERVICES[name]["command"], "--metrics-host") == "0.0.0.0", name  # noqa: S104
+    assert listening["controller"] == metrics.DEFAULT_PORT != 9100  # node_exporter's
+    text = "".join(
+        (ROOT / f).read_text()
+        for f in ("compose.yaml", "broker/prometheus.yml", *GRAFANA_PROVISIONING)
     )
-    text = (ROOT / "compose.yaml").read_text() + (ROOT / "broker" / "prometheus.yml").read_text()
     dialled = set(re.findall(r"(?:://|@|\")([a-z][a-z0-9-]*):(\d+)", text))
     assert dialled, "no host:port references found"
     for host, port in dialled:
@@ -164,3 +174,43 @@ def test_every_identity_comes_from_the_brokers_volume_or_its_provisioner() -> No
         assert "provision-" + str(n) in agent["depends_on"]
         devices.add(_option(argv, "--device-id"))
     assert len(devices) == 3
+
+
+def test_prometheus_scrapes_the_services_that_serve_metrics() -> None:
+    """broker/prometheus.yml's targets are the controller's and the gateway agent's
+    --metrics-port, and the file compose mounts is that one."""
+    prometheus = SERVICES["prometheus"]
+    source, target = prometheus["volumes"][0].split(":")[:2]
+    assert (ROOT / source).resolve() == ROOT / "broker" / "prometheus.yml"
+    assert target == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((ROOT / source).read_text())
+    targets = {
+        t for job in config["scrape_configs"] for s in job["static_configs"] for t in s["targets"]
+    }
+    assert targets == {
+        f"controller:{_option(SERVICES['controller']['command'], '--metrics-port')}",
+        f"agent-3:{_option(SERVICES['agent-3']['command'], '--metrics-port')}",
+    }
+
+
+def test_grafana_provisions_the_prometheus_data_source_and_the_dashboard() -> None:
+    """The mounted provisioning names the Prometheus service and a dashboards path that is
+    the mounted dashboards directory; the dashboard's data source uid is the provisioned one."""
+    mounts = _mounts(SERVICES["grafana"])
+    assert mounts["/etc/grafana/provisioning"] == ("./docs/grafana/provisioning", True)
+    dashboards_source, _ = mounts["/var/lib/grafana/dashboards"]
+    provisioning = ROOT / "docs" / "grafana" / "provisioning"
+    for f in GRAFANA_PROVISIONING:
+        assert (ROOT / f).is_file() and (ROOT / f).is_relative_to(provisioning), f
+    source = yaml.safe_load((ROOT / GRAFANA_PROVISIONING[0]).read_text())["datasources"][0]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((ROOT / GRAFANA_PROVISIONING[1]).read_text())["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    files = sorted((ROOT / dashboards_source).glob("*.json"))
+    assert [f.name for f in files] == ["hotswap.json"]
+    dashboard = json.loads(files[0].read_text())
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"] if p.get("type") != "row"} | {
+        t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])
+    }
+    assert uids == {source["uid"]}

@@ -111,8 +111,9 @@ async def engine(tmp_path: Path, s3: S3, model_v1: bytes) -> Any:
 
 async def answer(controller: Controller, commands: list[tuple[str, Any]], phase: str) -> None:
     """Every device a command names answers it with `phase`."""
-    for _, command in commands:
-        for device in command.selector.cohort if command.selector else ():
+    for topic, command in commands:
+        named = command.selector.cohort if command.selector else ()
+        for device in named or (topics.parse_device_topic(topic).device_id,):
             event = DeviceEvent(
                 device_id=device, rollout_id=command.rollout_id,
                 command_id=command.command_id, phase=phase,
@@ -186,6 +187,37 @@ async def test_a_fleet_rollout_and_rollback_publish_per_region_not_per_device(
     assert back["total"] == N
     still = await controller.request(ListRolloutDevices(rollout_id=rid, state="activated"))
     assert still["total"] == 0
+
+
+async def test_a_canary_goes_to_its_devices_topics_not_to_whole_regions(engine: Any) -> None:
+    """A 10 % canary names 100 devices of each 1,000-device region: one region command
+    each would make the broker deliver it to 1,000 devices (10 times the devices named;
+    before `controller.fanout`, that is what went out). Each canary device gets its own
+    command instead; the rest of the fleet, whole regions, gets one region command."""
+    controller, recorder = engine
+    started = await controller.request(
+        StartRollout(
+            model="m", version="2.0", all_devices=True, strategy="canary",
+            canary_percent=10, canary_duration_s=0,
+        )
+    )  # fmt: skip
+    await controller.tick()
+    await controller.tick()
+    canary = recorder.commands(DeployCommand)
+    assert len(canary) == N // 10
+    assert all(c.selector is None and t.startswith("hotswap/v1/devices/") for t, c in canary)
+    await answer(controller, canary, "activated")
+    for _ in range(3):
+        await controller.tick()
+    rest = recorder.commands(DeployCommand)[len(canary) :]
+    assert {t for t, _ in rest} == {topics.region_cmd(r) for r in REGIONS}, [t for t, _ in rest]
+    named = [d for _, c in canary + rest for d in (c.selector.cohort if c.selector else ())]
+    assert len(named) == N - N // 10
+    await answer(controller, rest, "activated")
+    await controller.tick()
+    await controller.tick()
+    status, _ = recorder.status(started["rolloutId"])
+    assert (status.status, status.devices_updated) == ("Succeeded", N), status.reason
 
 
 async def test_a_confidence_gate_on_a_task_none_model_is_not_applicable_before_any_window(
