@@ -543,6 +543,9 @@ class Controller:
         self._live.clear()
         self._rollout_of.clear()
         self._finished_of.clear()
+        metrics.LIVE_ROLLOUTS.clear()
+        # The fleet's versions are read once per session, then follow each change.
+        metrics.FLEET.load(await asyncio.to_thread(self.store.list_devices))
         since = self.clock() - self.config.status_refresh_s
         for row in self.store.recently_finished(since) + self.store.open_rollouts():
             try:
@@ -593,6 +596,7 @@ class Controller:
     def _forget(self, rollout_id: str) -> None:
         """A finished rollout's status refresh is over: out of memory."""
         live = self._live.pop(rollout_id, None)
+        metrics.LIVE_ROLLOUTS.forget(rollout_id)
         for memo in (self._published, self._status_at, self._status_names, self._step_errors):
             memo.pop(rollout_id, None)
         for device_id in live.views if live is not None else ():
@@ -746,6 +750,7 @@ class Controller:
         states = [i.msg for i in batch if isinstance(i.msg, DeviceState)]
         if states:
             refused = await asyncio.to_thread(self.store.upsert_devices, states, now)
+            metrics.FLEET.apply_states(states)
             for device_id, detail in refused.items():
                 # Provisioning fixed who it is; the rest of its state is still taken.
                 metrics.DROPPED.labels("identity_claim").inc()
@@ -757,8 +762,6 @@ class Controller:
                     online=st.online,
                     active=st.active.ref if st.active else None,
                 )
-        if records or states:
-            metrics.DEVICES_ONLINE.set(await asyncio.to_thread(self.store.devices_online))
         await self._apply_events([i.msg for i in batch if isinstance(i.msg, DeviceEvent)], now)
         self._apply_telemetry([i.msg for i in batch if isinstance(i.msg, TelemetryWindow)])
         due = self._telemetry_due()
@@ -820,6 +823,7 @@ class Controller:
         """Merge windows into the fleet's minutes and their rollout's cohorts (in memory;
         written every `telemetry_flush_s`, see `_telemetry_due`)."""
         for w in windows:
+            metrics.INFERENCE.add(w)
             rollup = Rollup.of(self.store.window_stats(w))
             end = w.window_end.timestamp()
             key = (w.model.name, w.model.version, w.shadow, int(end // 60))
@@ -915,6 +919,7 @@ class Controller:
 
     async def _apply_records(self, records: Sequence[DeviceRecord], now: float) -> None:
         touched = await asyncio.to_thread(self.store.apply_records, records, now)
+        metrics.FLEET.apply_records(records)
         for record in records:
             if record.revoked:
                 log.warning("device_revoked", device_id=record.device_id)
@@ -974,6 +979,7 @@ class Controller:
                 ok=False, error=f"controller error: {type(exc).__name__}: {exc}", reason="internal"
             )
         metrics.REQUESTS.labels(kind, str(response.ok).lower()).inc()
+        metrics.REQUEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
         log.info(
             "request",
             kind=kind,
@@ -1119,7 +1125,7 @@ class Controller:
         command = CancelCommand(**self._envelope(rollout, command_id, None, older.devices))
         await self._send(command, region=None, devices=older.devices)
         if older.ended:
-            metrics.ROLLOUTS.labels("Aborted").inc()
+            metrics.rollout_finished(rollout, "Aborted", rollout.finished_at or self.clock())
         log.warning(
             "rollout_superseded",
             rollout_id=older.rollout_id,
@@ -1330,6 +1336,7 @@ class Controller:
                 continue
             i += 1
             if isinstance(action, StartRollout):
+                metrics.rollout_started(live.row)
                 live.row = self.store.update_rollout(
                     rid, now, status="InProgress", stage_started_at=now
                 )
@@ -1355,6 +1362,7 @@ class Controller:
                 live.row = self.store.update_rollout(rid, now, stage_settled_at=now)
                 bound.info("stage_settled", stage=live.stages[action.index].name)
             elif isinstance(action, AdvanceStage):
+                metrics.stage_ended(live.row, now)
                 live.row = self.store.update_rollout(
                     rid, now, stage_index=action.index, stage_started_at=now, stage_settled_at=None
                 )
@@ -1377,9 +1385,9 @@ class Controller:
                 self.store.set_rollout_status(
                     rid, action.status, action.reason or live.row.reason, now, final=True
                 )
+                metrics.rollout_finished(live.row, action.status, now)
                 live.row = self.store.get_rollout(rid)
                 self._untrack_devices(rid)
-                metrics.ROLLOUTS.labels(action.status).inc()
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
 
     async def _execute_run(self, live: LiveRollout, run: Sequence[Action], now: float) -> None:
@@ -1594,7 +1602,7 @@ class Controller:
             self.store.update_rollout(rollout.rollout_id, now, **dict(plan.changes))
         if plan.finish is not None:
             self.store.set_rollout_status(rollout.rollout_id, *plan.finish, now, final=True)
-            metrics.ROLLOUTS.labels(plan.finish[0]).inc()
+            metrics.rollout_finished(rollout, plan.finish[0], now)
         log.info("rollout_control", rollout_id=rollout.rollout_id, action=action)
         live = await self._reload(rollout.rollout_id)
         self._moved.add(rollout.rollout_id)  # the operator's word is acted on at once
@@ -1830,6 +1838,8 @@ class Controller:
         await self._publish(topics.rollout_status(rid), status.to_wire(), retain=True)
         self._published[rid] = fingerprint
         self._status_at[rid] = now
+        if rid in self._live:
+            metrics.LIVE_ROLLOUTS.update(status)
         self._status_names[rid] = live.row.status
 
     async def _publish(
