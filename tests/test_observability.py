@@ -174,8 +174,9 @@ async def test_metrics_of_a_real_rollout_pass_promtool_and_feed_the_dashboard(
     wanted = dashboard_metrics() - PROMETHEUS_OWN
     assert len(wanted) >= 20, sorted(wanted)
     assert sorted(wanted - declared(scraped.controller)) == []
-    # With samples too, but for drops: none happened here (the family is declared).
-    assert sorted(wanted - exposed.keys()) == ["hotswap_device_messages_dropped_total"]
+    # With samples too, but for drops: none happen here (an earlier test in this process
+    # may have dropped some; the family is declared either way).
+    assert wanted - exposed.keys() <= {"hotswap_device_messages_dropped_total"}
 
     serving = {
         (labels["region"], labels["version"]): v for labels, v in exposed["hotswap_devices_serving"]
