@@ -543,6 +543,7 @@ class Worker:
         }
 
     async def stop(self) -> dict[str, Any]:
+        _quiet_teardown(asyncio.get_running_loop())
         for device in self.devices:
             device.stopping = True
         for task in self.tasks:
@@ -553,6 +554,27 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         return self.report()
+
+
+def _quiet_teardown(loop: asyncio.AbstractEventLoop) -> None:
+    """While thousands of sessions close, paho still asks the loop to watch sockets it
+    has just closed (a callback already scheduled), and aiomqtt leaves the sessions'
+    pending futures failed with the disconnection: asyncio reports each as an error
+    with a traceback. Those are expected here and left out; anything else is not."""
+    default = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError | KeyError) and "add_" in repr(context.get("handle")):
+            return
+        if isinstance(exc, aiomqtt.MqttError) and "never retrieved" in context.get("message", ""):
+            return
+        if default is not None:
+            default(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 async def _serve(conn: Connection) -> None:
