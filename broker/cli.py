@@ -10,11 +10,14 @@ Does process, network, file and terminal I/O.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiomqtt
 import typer
 
 from broker.launcher import Mosquitto
@@ -27,10 +30,11 @@ from broker.provision import (
     revoke_device,
 )
 from broker.tls import DEFAULT_DAYS, DEFAULT_HOSTS, init_tls
-from controller.cli import controller_app, device_app, model_app, rollout_app
+from controller.cli import Timeout, controller_app, device_app, model_app, rollout_app, wait_until
 from edge_agent.cli import app as agent_app
-from shared.console import cli_errors, emit_json, fail, progress
-from shared.credentials import DeviceIdentity, endpoint_for
+from shared import __version__
+from shared.console import OneLineErrors, cli_errors, duration_option, emit_json, fail, progress
+from shared.credentials import DeviceIdentity, endpoint_for, load_credentials
 from shared.keys import (
     PRIVATE_NAME,
     PUBLIC_NAME,
@@ -39,7 +43,8 @@ from shared.keys import (
     load_public_key,
 )
 from shared.model_builder import build_dense_model
-from shared.settings import Settings, parse_mqtt_url
+from shared.mqtt import connection_error, make_client
+from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
 
 _DEFAULTS = Settings()
 
@@ -48,6 +53,7 @@ app = typer.Typer(
     help="Roll signed TFLite models out to edge devices over MQTT, without dropping inferences.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 broker_app = typer.Typer(help="Run the local mosquitto broker.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage the operator's signing keys.", no_args_is_help=True)
@@ -61,9 +67,29 @@ app.add_typer(device_app, name="device")
 app.add_typer(rollout_app, name="rollout")
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"hotswap {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Roll signed TFLite models out to edge devices over MQTT, without dropping inferences."""
+
+
 @broker_app.command("run")
 def broker_run(
-    port: Annotated[int, typer.Option("--port", help="TCP port to listen on")] = 1883,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="TCP port to listen on")
+    ] = 1883,
     data_dir: Annotated[
         Path, typer.Option("--data-dir", envvar="HOTSWAP_DATA_DIR", help="persistence and logs")
     ] = Path("hotswap-data/broker"),
@@ -75,9 +101,17 @@ def broker_run(
             help="ca.crt, server.crt, server.key (from `broker init-tls`); default: DATA_DIR/tls",
         ),
     ] = None,
-    tls_port: Annotated[int, typer.Option("--tls-port", help="TLS listener")] = 8883,
+    tls_port: Annotated[
+        int, typer.Option("--tls-port", min=1, max=65535, help="TLS listener")
+    ] = 8883,
     tls_cert_port: Annotated[
-        int, typer.Option("--tls-cert-port", help="TLS listener with client-certificate identity")
+        int,
+        typer.Option(
+            "--tls-cert-port",
+            min=1,
+            max=65535,
+            help="TLS listener with client-certificate identity",
+        ),
     ] = 8884,
 ) -> None:
     """Run mosquitto with the project's mosquitto.conf until SIGINT/SIGTERM.
@@ -128,6 +162,81 @@ def broker_run(
 
 class _StopSignalError(Exception):
     """SIGTERM or SIGINT arrived while `broker run` waited for mosquitto."""
+
+
+async def _logs_in(endpoint: MqttEndpoint) -> bool:
+    """Whether the broker answers and accepts this login (connect, then leave)."""
+    try:
+        async with make_client(endpoint, identifier=f"hotswap-wait-{uuid.uuid4().hex[:12]}"):
+            return True
+    except aiomqtt.MqttError as exc:
+        raise connection_error(endpoint, exc) from exc
+
+
+@broker_app.command("wait")
+def broker_wait(
+    credentials: Annotated[
+        Path,
+        typer.Option(
+            "--credentials",
+            envvar="HOTSWAP_CREDENTIALS",
+            help="an identity to log in with (DATA_DIR/credentials/admin, …)",
+        ),
+    ],
+    timeout: Timeout = 30.0,
+    mqtt_url: Annotated[
+        str, typer.Option("--mqtt-url", envvar="HOTSWAP_MQTT_URL", help="broker, mqtt://host:port")
+    ] = _DEFAULTS.mqtt_url,
+) -> None:
+    """Wait until the broker accepts this login; exit 1 after --timeout.
+
+    For scripts that start `broker run` in the background: the credentials
+    directory its first start writes may not exist yet either.
+    """
+    with cli_errors():
+        parsed = parse_mqtt_url(mqtt_url)
+
+        async def ready() -> bool:
+            return await _logs_in(endpoint_for(parsed, credentials))
+
+        asyncio.run(wait_until(ready, timeout_s=timeout, what=f"the broker at {parsed}"))
+    progress(f"broker at {parsed} accepts {credentials}")
+
+
+@broker_app.command("sub-command")
+def broker_sub_command(
+    topic: Annotated[str, typer.Argument(help="topic filter")] = "hotswap/v1/devices/+/state",
+    credentials: Annotated[
+        Path,
+        typer.Option(
+            "--credentials",
+            envvar="HOTSWAP_CREDENTIALS",
+            help="whose login (an operator's: DATA_DIR/credentials/operator)",
+        ),
+    ] = Path("hotswap-data/broker/credentials/operator"),
+    mqtt_url: Annotated[
+        str, typer.Option("--mqtt-url", envvar="HOTSWAP_MQTT_URL", help="broker, mqtt://host:port")
+    ] = _DEFAULTS.mqtt_url,
+) -> None:
+    """Print the `mosquitto_sub` command that reads TOPIC with these credentials.
+
+    Host, port, login (and CA and client certificate for mqtts://), shell-quoted:
+    `eval "$(hotswap broker sub-command) -W 1"` runs it. The line holds the password.
+    """
+    with cli_errors():
+        endpoint = parse_mqtt_url(mqtt_url)
+        creds = load_credentials(credentials)
+    argv = ["mosquitto_sub", "-h", endpoint.host, "-p", str(endpoint.port), "-V", "mqttv5"]
+    argv += ["-u", creds.login.username, "-P", creds.login.password]
+    if creds.login.client_id:
+        argv += ["-i", creds.login.client_id]
+    if endpoint.tls:
+        if creds.ca_file is not None:
+            argv += ["--cafile", str(creds.ca_file)]
+        if creds.cert_file is not None and creds.key_file is not None:
+            argv += ["--cert", str(creds.cert_file), "--key", str(creds.key_file)]
+    argv += ["-t", topic, "-v"]
+    print(shlex.join(argv))
 
 
 @broker_app.command("init-tls")
@@ -437,7 +546,9 @@ def generate_model(
 def demo(
     devices: Annotated[int, typer.Option("--devices", min=1, max=200, help="agents to run")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="summary as JSON on stdout")] = False,
-    timeout: Annotated[float, typer.Option(help="seconds each rollout may take")] = 90.0,
+    timeout: Annotated[
+        float, duration_option("--timeout", help="how long each rollout may take (90, 2m)")
+    ] = 90.0,
 ) -> None:
     """Run broker, S3, controller and N agents here; push and roll out v1 then v2."""
     from broker.demo import run_demo

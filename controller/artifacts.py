@@ -10,15 +10,21 @@ environment variables; devices never get any, only presigned URLs.
 
 from __future__ import annotations
 
+import io
 import re
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
 
 from shared.errors import StorageError
 from shared.manifest import SignedManifest
@@ -29,6 +35,9 @@ LEGACY_ARTIFACT = "model.tflite"
 LEGACY_MANIFEST = "manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
+# Uploads above this go in parts, several at a time, each part reported as it lands.
+_PART_BYTES = 8 * 1024 * 1024
+UploadProgress = Callable[[int, int], None]  # (bytes sent so far, bytes in all)
 
 
 def _checked_sha256(sha256: str) -> str:
@@ -87,9 +96,20 @@ def find_orphans(
 
 
 class ArtifactStore:
-    def __init__(self, endpoint: str | None, bucket: str, region: str = "us-east-1") -> None:
+    def __init__(
+        self,
+        endpoint: str | None,
+        bucket: str,
+        region: str = "us-east-1",
+        *,
+        upload_progress: UploadProgress | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.bucket = bucket
+        self.upload_progress = upload_progress
+        # boto3 is imported here: a fifth of a second of start-up that most commands never use.
+        import boto3
+
         self._s3: Any = boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -114,8 +134,47 @@ class ArtifactStore:
                 return StorageError(f"{action}: object not found in {self._where()}")
             return StorageError(f"{action} failed in {self._where()}: {code or exc}")
         if isinstance(exc, EndpointConnectionError):
-            return StorageError(f"cannot reach S3 at {self.endpoint or 'AWS'}")
+            return StorageError(
+                f"cannot reach S3 at {self.endpoint or 'AWS'}", reason="storage_unreachable"
+            )
+        if isinstance(exc, NoCredentialsError):
+            return StorageError(
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE)",
+                reason="bad_credentials",
+            )
         return StorageError(f"{action} failed in {self._where()}: {exc}")
+
+    def check_bucket(self, *, create: bool = False) -> bool:
+        """Check that the bucket exists and answers us; with `create`, create it if missing.
+
+        True if it was created. StorageError otherwise: `storage_unreachable` (nothing
+        answers at the endpoint), `bad_credentials` (none, or refused), `no_bucket`.
+        """
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+            return False
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(
+                    f"{self._where()} refused our S3 credentials ({code})",
+                    reason="bad_credentials",
+                ) from exc
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._fail("check bucket", exc) from exc
+        except BotoCoreError as exc:
+            raise self._fail("check bucket", exc) from exc
+        if not create:
+            raise StorageError(
+                f"{self._where()} does not exist: create it, or pass --create-bucket",
+                reason="no_bucket",
+            )
+        try:
+            self._s3.create_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail("create bucket", exc) from exc
+        return True
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it is missing (the demo; real buckets are provisioned)."""
@@ -138,9 +197,7 @@ class ArtifactStore:
         sha256 = signed.unverified().sha256
         key = artifact_key(name, version, sha256)
         try:
-            self._s3.put_object(
-                Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream"
-            )
+            self._upload(key, data)
             self._s3.put_object(
                 Bucket=self.bucket,
                 Key=manifest_key(name, version, sha256),
@@ -150,6 +207,36 @@ class ArtifactStore:
         except (ClientError, BotoCoreError) as exc:
             raise self._fail("upload", exc) from exc
         return key
+
+    def _upload(self, key: str, data: bytes) -> None:
+        """The artifact: one PUT, or parts above `_PART_BYTES`, telling `upload_progress`."""
+        report = self.upload_progress
+        if report is None or len(data) <= _PART_BYTES:
+            self._s3.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType="application/octet-stream"
+            )
+            if report is not None:
+                report(len(data), len(data))
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        sent = 0
+        lock = threading.Lock()  # parts land on the transfer manager's threads
+
+        def landed(n: int) -> None:
+            nonlocal sent
+            with lock:
+                sent += n
+                report(sent, len(data))
+
+        self._s3.upload_fileobj(
+            io.BytesIO(data),
+            self.bucket,
+            key,
+            ExtraArgs={"ContentType": "application/octet-stream"},
+            Callback=landed,
+            Config=TransferConfig(multipart_threshold=_PART_BYTES, multipart_chunksize=_PART_BYTES),
+        )
 
     def list_objects(self, prefix: str = MODELS_PREFIX) -> list[StoredObject]:
         """Every object whose key starts with `prefix`."""

@@ -9,24 +9,42 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import aiomqtt
+import structlog
 import typer
 
 from controller import metrics
 from controller.artifacts import ArtifactStore, find_orphans
 from controller.operator import OperatorClient, push_model, read_rollout_status
-from controller.service import Controller, ControllerConfig
-from shared.console import cli_errors, emit_json, fail, print_table, progress, run_until_signalled
-from shared.credentials import apply_credentials, endpoint_for, load_credentials
+from shared import topics
+from shared.console import (
+    LogJson,
+    LogLevel,
+    cli_errors,
+    duration_option,
+    emit_json,
+    fail,
+    iso_time,
+    print_table,
+    progress,
+    run_until_signalled,
+    with_iso_times,
+)
+from shared.credentials import CredentialsError, apply_credentials, endpoint_for, load_credentials
 from shared.durations import parse_duration
-from shared.errors import HotswapError
+from shared.errors import BrokerError, HotswapError, StorageError
 from shared.keys import load_private_key
 from shared.logs import configure_logging
 from shared.manifest import ModelTask
 from shared.messages import (
+    ControllerState,
     ControlRollout,
     GateSpec,
     ListDevices,
@@ -39,6 +57,7 @@ from shared.messages import (
     StageSpec,
     StartRollout,
 )
+from shared.mqtt import connection_error, make_client, subscribe_checked
 from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
 
 T = TypeVar("T")
@@ -66,8 +85,11 @@ CredentialsDir = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output on stdout")]
-LogLevel = Annotated[str, typer.Option("--log-level", envvar="HOTSWAP_LOG_LEVEL")]
-LogJson = Annotated[bool, typer.Option("--log-json", envvar="HOTSWAP_LOG_JSON")]
+Timeout = Annotated[float, duration_option("--timeout", help="give up after (90, 30s, 5m, 1h)")]
+# Wire fields that are times (epoch seconds in the controller's rows) and comma lists:
+# `--json` writes every time as ISO 8601 UTC and every list as a list.
+_TIME_FIELDS = ("createdAt", "updatedAt", "finishedAt", "lastSeen", "at")
+_LIST_FIELDS = ("deviceTypes",)
 
 controller_app = typer.Typer(help="Run the fleet controller.", no_args_is_help=True)
 model_app = typer.Typer(help="Push and list signed models.", no_args_is_help=True)
@@ -98,17 +120,44 @@ def controller_run(
         ),
     ] = metrics.DEFAULT_HOST,
     presign_ttl: Annotated[
-        int, typer.Option(envvar="HOTSWAP_PRESIGN_TTL_S", help="presigned URL lifetime, s")
+        float,
+        duration_option(
+            "--presign-ttl",
+            envvar="HOTSWAP_PRESIGN_TTL_S",
+            help="presigned URL lifetime (3600, 30m, 1h)",
+        ),
     ] = _DEFAULTS.presign_ttl_s,
+    create_bucket: Annotated[
+        bool,
+        typer.Option(
+            "--create-bucket",
+            envvar="HOTSWAP_CREATE_BUCKET",
+            help="create the S3 bucket if it is missing (a local moto or MinIO; "
+            "without it a missing bucket is an error at start)",
+        ),
+    ] = False,
+    s3_wait: Annotated[
+        float,
+        duration_option(
+            "--s3-wait",
+            envvar="HOTSWAP_S3_WAIT",
+            help="how long to wait at start for S3 to answer (15s)",
+        ),
+    ] = 15.0,
     log_level: LogLevel = _DEFAULTS.log_level,
     log_json: LogJson = _DEFAULTS.log_json,
 ) -> None:
     """Run the controller until SIGINT/SIGTERM.
 
     With --credentials (the broker's `credentials/controller`), it logs in as the
-    controller and signs every command with the directory's command.key.
+    controller and signs every command with the directory's command.key. At start
+    it checks the S3 bucket (waiting up to --s3-wait for S3 to answer).
     """
-    configure_logging(log_level, json=log_json)
+    configure_logging(log_level, json=log_json, native=True)
+    # Imported here: the service pulls in the gates' statistics (scipy) and the store,
+    # a second of start-up that no operator command needs.
+    from controller.service import Controller, ControllerConfig
+
     with cli_errors():
         creds = load_credentials(credentials) if credentials is not None else None
         endpoint = parse_mqtt_url(mqtt_url)
@@ -118,7 +167,7 @@ def controller_run(
             s3_endpoint=s3_endpoint,
             s3_bucket=s3_bucket,
             s3_region=s3_region,
-            presign_ttl_s=presign_ttl,
+            presign_ttl_s=round(presign_ttl),
             command_key=(
                 load_private_key(creds.command_key) if creds and creds.command_key else None
             ),
@@ -132,8 +181,44 @@ def controller_run(
                 metrics.serve_metrics(metrics_port, metrics_host)
             except OSError as exc:
                 fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}")
-        progress(f"controller: broker {config.mqtt}, database {db_url}, bucket {s3_bucket}")
+        if check_bucket(controller.artifacts, create=create_bucket, wait_s=s3_wait):
+            _say(log_json, "bucket_created", f"created bucket {s3_bucket}", bucket=s3_bucket)
+        _say(
+            log_json,
+            "controller_starting",
+            f"controller: broker {config.mqtt}, database {db_url}, bucket {s3_bucket}",
+            broker=str(config.mqtt),
+            database=db_url,
+            bucket=s3_bucket,
+        )
         run_until_signalled(controller.run())
+
+
+def check_bucket(artifacts: ArtifactStore, *, create: bool, wait_s: float) -> bool:
+    """The bucket exists (True if just created); S3 that does not answer yet is waited
+    for up to `wait_s` (started together with the controller); StorageError otherwise."""
+    deadline = time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            return artifacts.check_bucket(create=create)
+        except StorageError as exc:
+            if exc.reason != "storage_unreachable" or time.monotonic() >= deadline:
+                raise
+            if not told:
+                structlog.get_logger().warning(
+                    "s3_not_answering_yet", endpoint=artifacts.endpoint or "AWS", wait_s=wait_s
+                )
+                told = True
+        time.sleep(0.5)
+
+
+def _say(as_json: bool, event: str, text: str, **facts: Any) -> None:
+    """A start-up line for people, or the same as a log event under --log-json."""
+    if as_json:
+        structlog.get_logger().info(event, **facts)
+    else:
+        progress(text)
 
 
 def _endpoint(mqtt_url: str, credentials: Path | None) -> MqttEndpoint:
@@ -192,7 +277,9 @@ def model_push(
                 version=version,
                 signing_key=signing_key,
                 endpoint=_endpoint(mqtt_url, credentials),
-                artifacts=ArtifactStore(s3_endpoint, s3_bucket, _DEFAULTS.s3_region),
+                artifacts=ArtifactStore(
+                    s3_endpoint, s3_bucket, _DEFAULTS.s3_region, upload_progress=UploadMeter()
+                ),
                 device_types=tuple(device_type or ()),
                 task=model_task,
                 interface_change=interface_change,
@@ -200,9 +287,27 @@ def model_push(
             )
         )
     if as_json:
-        emit_json(result.registered)
+        emit_json(with_iso_times(result.registered, _TIME_FIELDS, _LIST_FIELDS))
     else:
         print(f"pushed {result.name}@{result.version} sha256={result.sha256} ({result.size} bytes)")
+
+
+class UploadMeter:
+    """Upload progress on stderr for models above a few MB: a line per 10 % (stdout is
+    for `--json`); smaller uploads are over before anyone could read it."""
+
+    MIN_BYTES = 8 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self._shown = -1
+
+    def __call__(self, sent: int, total: int) -> None:
+        if total <= self.MIN_BYTES:
+            return
+        tenth = min(10, sent * 10 // total)
+        if tenth > self._shown:
+            self._shown = tenth
+            progress(f"uploading {sent / 2**20:.1f}/{total / 2**20:.1f} MiB ({tenth * 10}%)")
 
 
 @model_app.command("list")
@@ -213,12 +318,14 @@ def model_list(
 ) -> None:
     """List registered models."""
     with cli_errors():
-        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListModels()))
+        raw = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListModels()))
+    rows = [with_iso_times(r, _TIME_FIELDS, _LIST_FIELDS) for r in raw]
     if as_json:
         emit_json(rows)
         return
     for r in rows:
         r["sha"] = r["sha256"][:12]
+        r["types"] = ",".join(r["deviceTypes"]) or "any"
     print_table(
         rows,
         [
@@ -227,7 +334,7 @@ def model_list(
             ("SHA256", "sha"),
             ("SIZE", "size"),
             ("SIGNATURE", "signature"),
-            ("DEVICE TYPES", "deviceTypes"),
+            ("DEVICE TYPES", "types"),
         ],
     )
 
@@ -236,13 +343,13 @@ def model_list(
 def model_orphans(
     delete: Annotated[bool, typer.Option("--delete", help="delete the orphans listed")] = False,
     older_than: Annotated[
-        str,
-        typer.Option(
+        float,
+        duration_option(
             "--older-than",
             help="only objects older than this (90, 30s, 5m, 1h): a push in flight "
             "between upload and registration is not an orphan",
         ),
-    ] = "10m",
+    ] = 600.0,
     mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
     credentials: CredentialsDir = None,
     s3_endpoint: S3Endpoint = _DEFAULTS.s3_endpoint,
@@ -258,7 +365,7 @@ def model_orphans(
     registered meanwhile is taken for an orphan.
     """
     with cli_errors():
-        min_age = parse_duration(older_than)
+        min_age = older_than
         artifacts = ArtifactStore(s3_endpoint, s3_bucket, _DEFAULTS.s3_region)
         objects = artifacts.list_objects()
         rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListModels()))
@@ -272,7 +379,7 @@ def model_orphans(
                 {
                     "key": o.key,
                     "size": o.size,
-                    "lastModified": o.last_modified.isoformat(),
+                    "lastModified": iso_time(o.last_modified),
                     "deleted": delete,
                 }
                 for o in orphans
@@ -320,7 +427,8 @@ def device_list(
 ) -> None:
     """List devices with what they serve."""
     with cli_errors():
-        rows = asyncio.run(_all_devices(_endpoint(mqtt_url, credentials)))
+        raw = asyncio.run(_all_devices(_endpoint(mqtt_url, credentials)))
+    rows = [with_iso_times(r, _TIME_FIELDS, _LIST_FIELDS) for r in raw]
     if as_json:
         emit_json(rows)
         return
@@ -392,9 +500,6 @@ def _ids(text: str | None) -> tuple[str, ...]:
     return tuple(d.strip() for d in (text or "").split(",") if d.strip())
 
 
-Duration = Annotated[str, typer.Option(help="90, 30s, 5m or 1h")]
-
-
 @rollout_app.command("start")
 def rollout_start(
     model: Annotated[str, typer.Option("--model", help="model name")],
@@ -421,7 +526,7 @@ def rollout_start(
         ),
     ] = False,
     device_timeout: Annotated[
-        float, typer.Option("--device-timeout", help="seconds a device may take")
+        float, duration_option("--device-timeout", help="how long a device may take (600, 10m)")
     ] = 600.0,
     retries: Annotated[
         int, typer.Option("--retries", min=0, max=10, help="re-sends to a failed device")
@@ -430,8 +535,8 @@ def rollout_start(
         float, typer.Option("--canary-percent", help="canary: share of the targets")
     ] = 10.0,
     canary_duration: Annotated[
-        str, typer.Option("--canary-duration", help="canary: bake time (30s, 5m)")
-    ] = "5m",
+        float, duration_option("--canary-duration", help="canary: bake time (30s, 5m)")
+    ] = 300.0,
     stages: Annotated[
         str | None, typer.Option("--stages", help="progressive: 10:5m,25:5m,50:10m,100:0")
     ] = None,
@@ -439,18 +544,18 @@ def rollout_start(
         str | None, typer.Option("--regions", help="regional: a,b,c in this order")
     ] = None,
     region_delay: Annotated[
-        str, typer.Option("--region-delay", help="regional: bake time per region")
-    ] = "0",
+        float, duration_option("--region-delay", help="regional: bake time per region")
+    ] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="rolling: batch")] = 1,
     batch_delay: Annotated[
-        str, typer.Option("--batch-delay", help="rolling: pause between batches")
-    ] = "0",
+        float, duration_option("--batch-delay", help="rolling: pause between batches")
+    ] = 0.0,
     version_b: Annotated[
         str | None, typer.Option("--version-b", help="ab: the version tested against --version")
     ] = None,
     test_duration: Annotated[
-        str, typer.Option("--test-duration", help="ab: how long both versions run")
-    ] = "5m",
+        float, duration_option("--test-duration", help="ab: how long both versions run")
+    ] = 300.0,
     winner_metric: Annotated[
         str, typer.Option("--winner-metric", help="ab: latency, errors or confidence")
     ] = "latency",
@@ -474,14 +579,14 @@ def rollout_start(
         float | None, typer.Option("--min-agreement", help="gate (shadow): same top class share")
     ] = None,
     shadow_duration: Annotated[
-        str, typer.Option("--shadow-duration", help="shadow: how long inputs are mirrored")
-    ] = "5m",
+        float, duration_option("--shadow-duration", help="shadow: how long inputs are mirrored")
+    ] = 300.0,
     max_input_psi: Annotated[
         float | None, typer.Option("--max-input-psi", help="gate: input drift (PSI) vs baseline")
     ] = None,
     min_samples: Annotated[
         int, typer.Option("--min-samples", min=1, help="gate: inferences per cohort")
-    ] = 20,
+    ] = GateSpec().min_samples,
     manual_approval: Annotated[
         bool, typer.Option("--manual-approval", help="wait for approve at every stage")
     ] = False,
@@ -540,17 +645,17 @@ def rollout_start(
                 "device_timeout_s": device_timeout,
                 "retries": retries,
                 "canary_percent": canary_percent,
-                "canary_duration_s": parse_duration(canary_duration),
+                "canary_duration_s": canary_duration,
                 "stages": parse_stages(stages or ""),
                 "regions": _ids(regions),
-                "region_delay_s": parse_duration(region_delay),
+                "region_delay_s": region_delay,
                 "batch_size": batch_size,
-                "batch_delay_s": parse_duration(batch_delay),
+                "batch_delay_s": batch_delay,
                 "version_b": version_b,
-                "test_duration_s": parse_duration(test_duration),
+                "test_duration_s": test_duration,
                 "winner_metric": winner_metric,
                 "min_improvement": min_improvement,
-                "shadow_duration_s": parse_duration(shadow_duration),
+                "shadow_duration_s": shadow_duration,
                 "gates": GateSpec(
                     max_latency_ms=max_latency_ms,
                     max_error_rate=max_error_rate,
@@ -628,6 +733,8 @@ def _print_status(status: RolloutStatus) -> None:
         print(f"task      {status.task}")
     if status.agreement_rule:
         print(f"agreement {status.agreement_rule}")
+    from controller.status import cohort_window, gate_line
+
     for label, cohort in (("candidate", status.candidate), ("baseline", status.baseline)):
         if cohort is not None and cohort.inferences:
             by_tensor = cohort.input_psi_by_tensor or {}
@@ -648,12 +755,10 @@ def _print_status(status: RolloutStatus) -> None:
             f"a/b       {ab.metric}: A {ab.version_a} {ab.value_a}, B {ab.version_b} {ab.value_b}"
             f" -> winner {ab.winner or '-'} ({ab.detail})"
         )
+    if status.candidate is not None and (window := cohort_window(status.candidate)):
+        print(f"window    {window}")
     for gate in status.gates:
-        observed = "-" if gate.observed is None else f"{gate.observed:.4g}"
-        print(
-            f"gate      {gate.gate}: {gate.verdict.replace('_', ' ')} "
-            f"({observed} vs {gate.threshold}) {gate.detail}"
-        )
+        print(f"gate      {gate_line(gate)}")
     if status.device_states:
         states = ", ".join(f"{n} {state}" for state, n in sorted(status.device_states.items()))
         print(f"states    {states}")
@@ -700,7 +805,8 @@ def rollout_devices(
 def rollout_status(
     rollout_id: Annotated[str, typer.Argument(help="the rollout id")],
     wait: Annotated[
-        float | None, typer.Option("--wait", help="block up to SECONDS for a final status")
+        float | None,
+        duration_option("--wait", help="block up to this long for a final status (120, 2m)"),
     ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", help="redraw the status every second until it ends")
@@ -728,8 +834,10 @@ def rollout_status(
 async def _watch(endpoint: MqttEndpoint, rollout_id: str, as_json: bool) -> RolloutStatus:
     """Print the status whenever it changes (a JSON line each with --json) until final."""
     last = ""
+    stages = StageProgress()
     while True:
         status = await read_rollout_status(endpoint, rollout_id)
+        stages.update(status)
         shown = status.model_dump_json(exclude={"updated_at"})
         if shown != last:
             last = shown
@@ -738,10 +846,37 @@ async def _watch(endpoint: MqttEndpoint, rollout_id: str, as_json: bool) -> Roll
             else:
                 print("\x1b[2J\x1b[H" if sys.stdout.isatty() else "", end="")
                 _print_status(status)
+                for line in stages.lines():
+                    print(line)
                 print(flush=True)
         if status.final:
             return status
         await asyncio.sleep(1.0)
+
+
+class StageProgress:
+    """What `rollout status --watch` shows of each stage it saw: devices done (activated
+    or finished otherwise) of those targeted, as a bar; a stage's line freezes when the
+    next one begins. Counts are the rollout's own (the retained status has no per-stage
+    targets), so a stage's line shows how far the whole rollout had come by its end."""
+
+    WIDTH = 20
+
+    def __init__(self) -> None:
+        self._stages: dict[str, tuple[int, int]] = {}  # stage -> (done, targeted), in order
+
+    def update(self, status: RolloutStatus) -> None:
+        if status.stage:
+            done = status.devices_targeted - status.devices_pending
+            self._stages[status.stage] = (done, status.devices_targeted)
+
+    def lines(self) -> list[str]:
+        out = []
+        for stage, (done, targeted) in self._stages.items():
+            filled = self.WIDTH * done // targeted if targeted else 0
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            out.append(f"progress  {stage:<16} [{bar}] {done}/{targeted} devices done")
+        return out
 
 
 @rollout_app.command("list")
@@ -752,7 +887,8 @@ def rollout_list(
 ) -> None:
     """List rollouts, oldest first."""
     with cli_errors():
-        rows = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListRollouts()))
+        raw = asyncio.run(_request(_endpoint(mqtt_url, credentials), ListRollouts()))
+    rows = [with_iso_times(r, _TIME_FIELDS) for r in raw]
     if as_json:
         emit_json(rows)
         return
@@ -769,3 +905,92 @@ def rollout_list(
             ("UPDATED", "progress"),
         ],
     )
+
+
+# ------------------------------------------------------------------ waiting for readiness
+
+_POLL_S = 0.5
+
+
+async def wait_until(probe: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str) -> None:
+    """Call `probe` until it returns True; a broker that does not answer yet (or a
+    credentials directory not written yet) is retried, anything else raises. After
+    `timeout_s`: BrokerError naming `what` and the last reason."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            if await probe():
+                return
+        except HotswapError as exc:
+            retried = isinstance(exc, BrokerError | CredentialsError) or (
+                exc.reason == "controller_unavailable"
+            )
+            if not retried or exc.reason == "not_authorized":
+                raise  # waiting would not change the broker's (or the request's) mind
+            last = str(exc)
+        if time.monotonic() >= deadline:
+            raise BrokerError(f"{what} not ready after {timeout_s:g}s: {last}", reason="timeout")
+        await asyncio.sleep(_POLL_S)
+
+
+async def _controller_online(endpoint: MqttEndpoint) -> bool:
+    """Whether the controller's retained state says online (read from the broker)."""
+    client = make_client(endpoint, identifier=f"hotswap-cli-{uuid.uuid4().hex[:12]}")
+    try:
+        async with client:
+            await subscribe_checked(client, endpoint, topics.CONTROLLER_STATE)
+            try:
+                async with asyncio.timeout(1.0):  # a retained state comes right away
+                    async for message in client.messages:
+                        if isinstance(message.payload, bytes | bytearray) and message.payload:
+                            return ControllerState.model_validate_json(message.payload).online
+            except TimeoutError:
+                return False
+    except aiomqtt.MqttError as exc:
+        raise connection_error(endpoint, exc) from exc
+    return False
+
+
+@controller_app.command("wait")
+def controller_wait(
+    timeout: Timeout = 30.0,
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+) -> None:
+    """Wait until the controller is online (its retained state says so); exit 1 after --timeout.
+
+    For scripts that start `controller run` in the background. The broker may
+    still be starting: it is retried too.
+    """
+    with cli_errors():
+        parsed = parse_mqtt_url(mqtt_url)
+
+        async def online() -> bool:
+            return await _controller_online(endpoint_for(parsed, credentials))
+
+        asyncio.run(wait_until(online, timeout_s=timeout, what="the controller"))
+    progress("controller online")
+
+
+@device_app.command("wait")
+def device_wait(
+    device_ids: Annotated[list[str], typer.Argument(help="device ids")],
+    timeout: Timeout = 30.0,
+    mqtt_url: MqttUrl = _DEFAULTS.mqtt_url,
+    credentials: CredentialsDir = None,
+) -> None:
+    """Wait until the controller lists every DEVICE_ID online (so a rollout can target them).
+
+    Asks the controller (`device list`'s pages) every half second; exit 1 after --timeout.
+    """
+    wanted = set(device_ids)
+    with cli_errors():
+        parsed = parse_mqtt_url(mqtt_url)
+
+        async def online() -> bool:
+            rows = await _all_devices(endpoint_for(parsed, credentials))
+            return wanted <= {r["deviceId"] for r in rows if r.get("online")}
+
+        asyncio.run(wait_until(online, timeout_s=timeout, what=", ".join(sorted(wanted))))
+    progress(f"online: {', '.join(sorted(wanted))}")

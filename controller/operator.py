@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from pydantic import ValidationError
 
 from controller.artifacts import ArtifactStore
 from shared import topics
@@ -221,6 +222,8 @@ async def push_model(
             task=task,
             interface_change=interface_change,
         )
+    except ValidationError:
+        raise  # names the field (the CLI: its flag), not pydantic's report
     except ValueError as exc:
         raise RequestError(str(exc).splitlines()[-1].strip()) from exc
     signed = sign_manifest(manifest, key)

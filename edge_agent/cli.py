@@ -11,14 +11,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import structlog
 import typer
 
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.fetch import FetchLimits
 from edge_agent.metrics import AgentMetrics
-from shared.console import cli_errors, fail, progress, run_until_signalled
+from shared.console import (
+    LogJson,
+    LogLevel,
+    cli_errors,
+    duration_option,
+    fail,
+    parse_duration_flag,
+    progress,
+    run_until_signalled,
+)
 from shared.credentials import apply_credentials, load_credentials
-from shared.durations import parse_duration
 from shared.keys import load_public_key, load_public_keys
 from shared.logs import configure_logging
 from shared.settings import Settings, parse_mqtt_url
@@ -75,8 +84,10 @@ def agent_run(
     ] = 0.0,
     telemetry_interval: Annotated[
         float,
-        typer.Option(
-            "--telemetry-interval", min=0.1, envvar="HOTSWAP_TELEMETRY_INTERVAL_S", help="seconds"
+        duration_option(
+            "--telemetry-interval",
+            envvar="HOTSWAP_TELEMETRY_INTERVAL_S",
+            help="telemetry window length, at least 0.1 s (5, 5s, 1m)",
         ),
     ] = _DEFAULTS.telemetry_interval_s,
     memory_mb: Annotated[
@@ -99,11 +110,9 @@ def agent_run(
     ] = 512,
     download_budget: Annotated[
         float,
-        typer.Option(
+        duration_option(
             "--download-budget",
             envvar="HOTSWAP_DOWNLOAD_BUDGET",
-            parser=parse_duration,
-            metavar="DURATION",
             help="time one download may take, retries included (300, 30s, 5m, 1h); "
             "never past the deploy command's expiry",
         ),
@@ -111,7 +120,11 @@ def agent_run(
     download_timeout: Annotated[
         float | None,
         typer.Option(
-            "--download-timeout", parser=parse_duration, hidden=True, help="old --download-budget"
+            "--download-timeout",
+            parser=parse_duration_flag,
+            metavar="DURATION",
+            hidden=True,
+            help="old --download-budget",
         ),
     ] = None,
     metrics_port: Annotated[
@@ -131,15 +144,13 @@ def agent_run(
             help="address the metrics endpoint binds (0.0.0.0: every interface)",
         ),
     ] = "127.0.0.1",
-    log_level: Annotated[str, typer.Option("--log-level", envvar="HOTSWAP_LOG_LEVEL")] = (
-        _DEFAULTS.log_level
-    ),
-    log_json: Annotated[bool, typer.Option("--log-json", envvar="HOTSWAP_LOG_JSON")] = (
-        _DEFAULTS.log_json
-    ),
+    log_level: LogLevel = _DEFAULTS.log_level,
+    log_json: LogJson = _DEFAULTS.log_json,
 ) -> None:
     """Serve the stored model at once, then follow the controller's commands."""
-    configure_logging(log_level, json=log_json)
+    if telemetry_interval < 0.1:
+        fail(f"--telemetry-interval: {telemetry_interval:g}s is below 0.1s", 2)
+    configure_logging(log_level, json=log_json, native=True)
     with cli_errors():
         creds = load_credentials(credentials) if credentials is not None else None
         own = creds.device if creds else None
@@ -188,9 +199,19 @@ def agent_run(
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             fail(f"cannot use data directory {data_dir}: {exc.strerror}")
-        progress(
-            f"agent {device_id} ({region}/{device_type}): broker {config.mqtt}, data {data_dir}"
-        )
+        if log_json:
+            structlog.get_logger().info(
+                "agent_starting",
+                device_id=device_id,
+                region=region,
+                device_type=device_type,
+                broker=str(config.mqtt),
+                data_dir=str(data_dir),
+            )
+        else:
+            progress(
+                f"agent {device_id} ({region}/{device_type}): broker {config.mqtt}, data {data_dir}"
+            )
         metrics = AgentMetrics(device_id) if metrics_port else None
         if metrics is not None:
             try:

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import sys
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+import traceback
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn, TypeVar
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer._click.globals import get_current_context  # typer vendors click: no public alias
+from typer.core import TyperGroup
 
+from shared.durations import parse_duration
 from shared.errors import HotswapError
 
 T = TypeVar("T")
@@ -27,9 +35,42 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 
 
+# Set by `shared.logs.configure_logging(json=True)`: errors then go out as JSON events too,
+# so that a service's stderr stays one JSON object per line.
+json_errors = False
+
+
+def error_line(message: str) -> None:
+    """The one stderr line every failure prints: `error: …` (a JSON event under --log-json)."""
+    one_line = " ".join(message.split())
+    if json_errors:
+        event = {"event": "error", "level": "error", "error": one_line}
+        event["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        line = json.dumps(event)
+    else:
+        line = f"error: {one_line}"
+    print(line, file=sys.stderr, flush=True)
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    error_line(message)
     raise typer.Exit(code)
+
+
+def _flag_of(loc: Sequence[int | str]) -> str | None:
+    """The command-line flag that fed the pydantic field at `loc`, if the running command
+    has one: `device_timeout_s` is `--device-timeout`, `gates.min_samples` `--min-samples`."""
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return None
+    by_name = {p.name: p for p in ctx.command.params if p.name}
+    for part in reversed([str(x) for x in loc]):
+        for name in (part, part.removesuffix("_s"), part.removesuffix("_ms")):
+            param = by_name.get(name)
+            if param is not None:
+                long = [o for o in param.opts if o.startswith("--")]
+                return (long or param.opts or [name])[0]
+    return None
 
 
 @contextmanager
@@ -41,11 +82,15 @@ def cli_errors() -> Iterator[None]:
         fail(str(exc), EXIT_BAD_INPUT if exc.reason in BAD_INPUT_REASONS else EXIT_FAILURE)
     except ValidationError as exc:  # a request model refused a flag's value
         first = exc.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
+        where = _flag_of(first["loc"]) or ".".join(str(x) for x in first["loc"])
         message = str(first["msg"]).removeprefix("Value error, ")
         fail(f"{where}: {message}" if where else message, EXIT_BAD_INPUT)
     except ValueError as exc:  # invalid URLs, ids and values from our own validators
         fail(str(exc).splitlines()[-1].strip() or repr(exc), EXIT_BAD_INPUT)
+    except OSError as exc:  # a path given on the command line: missing, not writable, …
+        if exc.filename is None:
+            fail(exc.strerror or str(exc))
+        fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 
@@ -66,12 +111,49 @@ BAD_INPUT_REASONS = frozenset(
         "bad_credentials",
         "not_authorized",
         "rollout_conflict",
+        "no_bucket",
     }
 )
 
 
+def iso_time(value: datetime | float | str | None) -> str | None:
+    """A time as every `--json` output writes it: ISO 8601 in UTC (`…Z`); epoch seconds
+    (floats on the wire) and aware datetimes alike; None stays None."""
+    if value is None or isinstance(value, str):
+        return value
+    when = (
+        datetime.fromtimestamp(value, UTC)
+        if isinstance(value, int | float)
+        else value.astimezone(UTC)
+    )
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso_time(value)
+    if isinstance(value, date | Path):
+        return str(value)
+    return str(value)
+
+
+def with_iso_times(
+    row: Mapping[str, Any], times: Iterable[str], lists: Iterable[str] = ()
+) -> dict[str, Any]:
+    """`row` with its `times` fields as ISO 8601 UTC and its comma-separated `lists` fields
+    as real lists (`""` is `[]`): how a controller's wire rows go out under `--json`."""
+    out = dict(row)
+    for key in times:
+        if key in out:
+            out[key] = iso_time(out[key])
+    for key in lists:
+        if isinstance(out.get(key), str):
+            out[key] = [x for x in out[key].split(",") if x]
+    return out
+
+
 def emit_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=_json_default) + "\n")
     sys.stdout.flush()
 
 
@@ -92,6 +174,99 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
 def progress(message: str) -> None:
     """A progress line for people, on stderr so stdout stays machine-readable."""
     print(message, file=sys.stderr, flush=True)
+
+
+def parse_duration_flag(text: str) -> float:
+    """typer's parser for every duration flag: `90`, `30s`, `5m`, `1h` → seconds."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def duration_option(*names: str, help: str, envvar: str | None = None) -> Any:
+    """A typer option that takes a duration (`90`, `30s`, `5m`, `1h`) and gives seconds."""
+    return typer.Option(
+        *names, parser=parse_duration_flag, metavar="DURATION", envvar=envvar, help=help
+    )
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise typer.BadParameter(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+LogLevel = Annotated[
+    str,
+    typer.Option(
+        "--log-level",
+        envvar="HOTSWAP_LOG_LEVEL",
+        parser=_log_level,
+        metavar="LEVEL",
+        help="debug, info, warning or error",
+    ),
+]
+LogJson = Annotated[
+    bool,
+    typer.Option(
+        "--log-json", envvar="HOTSWAP_LOG_JSON", help="logs as JSON lines on stderr, nothing else"
+    ),
+]
+
+
+class OneLineErrors(TyperGroup):
+    """The root `hotswap` group: every usage error, refused value and unexpected exception
+    ends as one `error: …` line on stderr and an exit code, never a box or a traceback."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors, refused values
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `hotswap model`: the help
+                print(exc.format_message(), file=sys.stderr)
+            else:
+                error_line(_usage_message(exc.format_message()))
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            error_line("aborted")
+            sys.exit(EXIT_FAILURE)
+        except Exception as exc:  # a bug: still one line; the traceback on request
+            if os.environ.get("HOTSWAP_DEBUG"):
+                traceback.print_exc()
+            error_line(
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(HOTSWAP_DEBUG=1 prints the traceback)"
+            )
+            sys.exit(EXIT_FAILURE)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+_INVALID = re.compile(r"^Invalid value for '([^']+)'(?: \(env var: '([^']+)'\))?: (.*)$", re.S)
+
+
+def _usage_message(message: str) -> str:
+    """click's message in the project's voice: `Invalid value for '--x': …` is `--x: …`."""
+    invalid = _INVALID.match(message)
+    if invalid:
+        flag, env, why = invalid.groups()
+        return f"{flag} ({env}): {why}" if env else f"{flag}: {why}"
+    if message.startswith(("Missing option ", "Missing argument ")):
+        return "missing " + message.split(" ", 2)[2].strip("'.").replace("' / '", " / ")
+    return message[:1].lower() + message[1:]
 
 
 RECANCEL_S = 3.0

@@ -78,3 +78,12 @@ async def test_all_and_supersede_are_sent_to_the_controller(mosquitto: Mosquitto
     assert (fleet.devices, fleet.region, fleet.device_type) == ((), None, None)
     region = await sent_request(mosquitto, "--region", "eu-west")
     assert (region.all_devices, region.supersede, region.region) == (False, False, "eu-west")
+
+
+async def test_duration_flags_take_units_on_the_wire(mosquitto: Mosquitto) -> None:
+    """--device-timeout 1m and --canary-duration 90 reach the controller as 60 s and 90 s."""
+    request = await sent_request(
+        mosquitto, "--all", "--strategy", "canary", "--device-timeout", "1m",
+        "--canary-duration", "90",
+    )  # fmt: skip
+    assert (request.device_timeout_s, request.canary_duration_s) == (60.0, 90.0)

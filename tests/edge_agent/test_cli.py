@@ -19,7 +19,7 @@ def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> 
     seen: list[AgentConfig] = []
 
     class Captured:
-        def __init__(self, config: AgentConfig) -> None:
+        def __init__(self, config: AgentConfig, **_: object) -> None:
             seen.append(config)
 
         async def run(self) -> None:

@@ -84,12 +84,13 @@ def test_unexpected_errors_are_not_swallowed() -> None:
 def test_json_goes_to_stdout_alone_sorted_and_serialisable(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """emit_json writes parseable JSON with sorted keys; paths and times become strings."""
+    """emit_json writes parseable JSON with sorted keys; paths become strings, times
+    ISO 8601 in UTC (the one time format of every `--json` output)."""
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     emit_json({"b": 1, "a": Path("/keys/signing.pub"), "at": when})
     out, err = capsys.readouterr()
     assert err == ""
-    assert json.loads(out) == {"a": "/keys/signing.pub", "at": str(when), "b": 1}
+    assert json.loads(out) == {"a": "/keys/signing.pub", "at": "2026-01-02T03:04:05Z", "b": 1}
     assert out.index('"a"') < out.index('"at"') < out.index('"b"')
 
 

@@ -1,0 +1,352 @@
+"""One CLI style, checked on the real `hotswap` command: `--version`; every error one
+`error: …` line naming the flag; every duration flag takes 90, 30s, 5m, 1h; `--log-level`
+checked and `--log-json` nothing but JSON lines (LiteRT's native line and stdlib loggers
+included); `--json` times in ISO 8601 UTC and lists as lists; progress on long work.
+
+Real processes where it matters: mosquitto, moto's S3 server, a controller process,
+edge agents with real LiteRT interpreters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import typer
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from broker.cli import app
+from broker.launcher import Mosquitto, free_port
+from controller.cli import StageProgress
+from shared import topics
+from shared.console import OneLineErrors
+from shared.messages import RolloutStatus
+from shared.model_builder import build_dense_model
+from shared.mqtt import make_client
+from tests.conftest import S3, KeyPair
+from tests.faults.conftest import ControllerProcess, devices_online, make_agents
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+UNREACHABLE = ("--mqtt-url", "mqtt://127.0.0.1:1")
+START = ("rollout", "start", "--model", "clf", "--version", "1.0.0", "--all", *UNREACHABLE)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    """`hotswap --version` prints `hotswap X.Y.Z` and exits 0."""
+    code, out, _ = run("--version")
+    assert code == 0
+    assert re.fullmatch(r"hotswap \d+\.\d+\.\d+\S*\n", out)
+
+
+BAD_INPUT = [
+    # (arguments, the flag or word the one line must name)
+    ((*START, "--device-timeout", "-5"), "--device-timeout"),
+    ((*START, "--device-timeout", "soon"), "--device-timeout"),
+    ((*START, "--min-samples", "0"), "--min-samples"),
+    ((*START, "--strategy", "canary", "--canary-percent", "500"), "--canary-percent"),
+    ((*START, "--max-error-rate", "2"), "--max-error-rate"),
+    ((*START, "--retries", "x"), "--retries"),
+    (("rollout", "status", "r-1", "--wait", "abc", *UNREACHABLE), "--wait"),
+    (("rollout", "devices", "r-1", "--limit", "0", *UNREACHABLE), "--limit"),
+    (("controller", "run", "--log-level", "loud"), "--log-level"),
+    (("agent", "run", "--log-level", "loud"), "--log-level"),
+    (("agent", "run", "--telemetry-interval", "0"), "--telemetry-interval"),
+    (("broker", "run", "--port", "99999"), "--port"),
+    (("demo", "--devices", "0"), "--devices"),
+    (("keys", "init"), "--dir"),
+    (("generate-model", "/nonexistent/dir/x.tflite"), "/nonexistent/dir/x.tflite"),
+    (("generate-model", "x.tflite", "--hidden", "a"), "'a'"),
+    (("model", "orphans", "--older-than", "yesterday"), "--older-than"),
+    (("no-such-command",), "no-such-command"),
+    (("rollout", "start", "--no-such-flag"), "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize(("args", "names"), BAD_INPUT, ids=[" ".join(a[0][:4]) for a in BAD_INPUT])
+def test_bad_input_is_one_error_line_naming_the_flag(args: tuple[str, ...], names: str) -> None:
+    """Exit 2 and exactly one `error: …` line on stderr naming the flag; no box, no
+    traceback, no pydantic link, no internal field name, nothing on stdout."""
+    code, out, err = run(*args)
+    assert code == 2, (code, out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert names in lines[0], err
+    for noise in ("Traceback", "╭", "Usage:", "errors.pydantic.dev", "For further information"):
+        assert noise not in err
+    assert not re.search(r"\b[a-z]+(_[a-z]+)+_s\b", err), f"an internal field name: {err}"
+
+
+def test_push_with_an_invalid_version_is_one_line(tmp_path: Path) -> None:
+    """A version the manifest refuses is `error: --version: …`, not pydantic's report."""
+    model = tmp_path / "m.tflite"
+    model.write_bytes(build_dense_model(seed=1))
+    key = tmp_path / "signing.key"
+    assert run("keys", "init", "--dir", str(tmp_path))[0] == 0
+    code, out, err = run(
+        "model", "push", str(model), "--name", "clf", "--version", "not a version!",
+        "--signing-key", str(key), *UNREACHABLE,
+    )  # fmt: skip
+    assert code == 2, (code, out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: --version"), err
+    assert "pydantic" not in err
+
+
+def test_a_bug_is_one_line_and_exit_1() -> None:
+    """An unexpected exception in a command ends as one `error: internal error …` line."""
+    buggy = typer.Typer(cls=OneLineErrors)
+
+    @buggy.command()
+    def boom() -> None:
+        _ = 1 / 0
+
+    @buggy.command()
+    def other() -> None:
+        pass
+
+    result = CliRunner().invoke(buggy, ["boom"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: internal error: ZeroDivisionError")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_the_installed_entry_point_speaks_the_same_way(tmp_path: Path) -> None:
+    """The `hotswap` console script (not only CliRunner): a missing directory is one line."""
+    hotswap = Path(sys.executable).parent / "hotswap"
+    done = subprocess.run(
+        [str(hotswap), "generate-model", str(tmp_path / "no" / "x.tflite")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"error: {tmp_path / 'no' / 'x.tflite'}: No such file or directory\n"
+
+
+def _all_params(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from _all_params(sub, (*path, name))
+    for param in getattr(command, "params", []):
+        yield " ".join(path), param
+
+
+DURATION_WORDS = ("timeout", "duration", "delay", "wait", "ttl", "interval", "budget", "older")
+
+
+def test_every_duration_flag_takes_seconds_and_units() -> None:
+    """Each flag whose name says it is a time reads `90`, `30s`, `5m` and `1h` as seconds."""
+    root = get_command(app)
+    durations = [
+        (where, p)
+        for where, p in _all_params(root)
+        if any(word in (p.name or "") for word in DURATION_WORDS) and not p.is_flag
+    ]
+    assert len(durations) >= 15, [f"{w} {p.name}" for w, p in durations]
+    for where, param in durations:
+        ctx = typer.Context(root)
+        for text, seconds in (("90", 90.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0)):
+            got = param.process_value(ctx, text)
+            assert got == seconds, f"{where} {param.opts[0]} {text!r} -> {got!r}"
+
+
+def test_stage_progress_shows_done_of_targeted_per_stage() -> None:
+    """`rollout status --watch` keeps one bar per stage seen, frozen when the next begins."""
+    stages = StageProgress()
+
+    def status(stage: str, targeted: int, pending: int) -> RolloutStatus:
+        return RolloutStatus(
+            rollout_id="r-1", model="clf", version="2", strategy="canary",
+            status="InProgress", devices_targeted=targeted, devices_updated=targeted - pending,
+            devices_pending=pending, stage=stage,
+        )  # fmt: skip
+
+    stages.update(status("canary (1/2)", 10, 9))
+    stages.update(status("canary (1/2)", 10, 8))
+    stages.update(status("all (2/2)", 10, 3))
+    assert stages.lines() == [
+        "progress  canary (1/2)     [####................] 2/10 devices done",
+        "progress  all (2/2)        [##############......] 7/10 devices done",
+    ]
+
+
+# ------------------------------------------------------------------ --log-json
+
+NATIVE_AND_STDLIB = textwrap.dedent(
+    """
+    import logging, structlog
+    from shared.logs import configure_logging
+    from shared.model_builder import build_dense_model
+    from shared.tflite import make_interpreter
+    configure_logging("info", json=True, native=True)
+    structlog.get_logger().info("hello", who="us")
+    make_interpreter(build_dense_model(seed=1))   # LiteRT prints its XNNPACK line on fd 2
+    logging.getLogger("mqtt").warning("paho says %s", "hi")
+    """
+)
+
+
+def test_log_json_turns_native_and_stdlib_lines_into_json() -> None:
+    """Under --log-json every stderr line is a JSON object: our events, LiteRT's native
+    "Created TensorFlow Lite XNNPACK delegate" line and stdlib loggers (paho's) alike."""
+    done = subprocess.run(
+        [sys.executable, "-c", NATIVE_AND_STDLIB],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # fails on any non-JSON
+    names = {e["event"] for e in events}
+    assert {"hello", "paho says hi", "native_output"} <= names, events
+    native = next(e for e in events if e["event"] == "native_output")
+    assert "XNNPACK" in native["line"] and native["level"] == "info"
+
+
+def test_controller_log_json_is_json_lines_only_errors_included(
+    mosquitto: Mosquitto, s3_server: Any, tmp_path: Path
+) -> None:
+    """`controller run --log-json` whose bucket is missing: exit 2, and its stderr, start-up
+    line and error included, is JSON lines only (the error names --create-bucket)."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "broker.cli", "controller", "run", "--log-json",
+            "--mqtt-url", mosquitto.url, "--credentials", str(mosquitto.credentials("controller")),
+            "--db-url", f"sqlite:///{tmp_path / 'c.db'}", "--metrics-port", "0",
+            "--s3-endpoint", s3_server.endpoint, "--s3-bucket", "no-such-bucket",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert events[-1]["event"] == "error"
+    assert "does not exist" in events[-1]["error"] and "--create-bucket" in events[-1]["error"]
+
+
+# ------------------------------------------------------------------ the controller checks S3
+
+
+def controller_args(mosquitto: Mosquitto, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "broker.cli", "controller", "run",
+        "--mqtt-url", mosquitto.url, "--credentials", str(mosquitto.credentials("controller")),
+        "--db-url", f"sqlite:///{tmp_path / 'c.db'}", "--metrics-port", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_controller_refuses_to_start_without_s3(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """Nothing answers at the S3 endpoint: after --s3-wait, one line and exit 1."""
+    done = subprocess.run(
+        controller_args(
+            mosquitto, tmp_path, "--s3-endpoint", f"http://127.0.0.1:{free_port()}",
+            "--s3-wait", "1s",
+        ),
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: cannot reach S3 at http://127.0.0.1:")
+
+
+def test_controller_creates_a_missing_bucket_when_asked(
+    mosquitto: Mosquitto, s3_server: Any, tmp_path: Path
+) -> None:
+    """--create-bucket: the controller creates the bucket at start and runs."""
+    bucket = f"created-{os.getpid()}-{free_port()}"
+    args = controller_args(
+        mosquitto, tmp_path, "--s3-endpoint", s3_server.endpoint, "--s3-bucket", bucket,
+        "--create-bucket",
+    )  # fmt: skip
+    with subprocess.Popen(args, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        try:
+            first = proc.stderr.readline()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert first == f"created bucket {bucket}\n"
+    boto3.client("s3", endpoint_url=s3_server.endpoint).head_bucket(Bucket=bucket)
+
+
+# ------------------------------------------------------------------ an operator's session
+
+
+async def test_json_times_lists_upload_progress_and_watch(
+    mosquitto: Mosquitto, s3: S3, signing_keys: KeyPair, tmp_path: Path
+) -> None:
+    """A real session: a 9 MiB push reports upload progress on stderr while stdout stays
+    JSON; `--json` lists give ISO 8601 UTC times and real lists; `--watch` shows per-stage
+    progress to the end."""
+    controller = ControllerProcess(mosquitto, s3, tmp_path, signing_keys)
+    await controller.start()
+    try:
+        await controller.wait_connected()
+        big = tmp_path / "big.tflite"
+        big.write_bytes(build_dense_model(input_size=4, hidden=(1600, 1400), seed=1))
+        assert big.stat().st_size > 8 * 2**20
+        async with make_agents(mosquitto, tmp_path, signing_keys, [("cam-1", "eu", "camera")]):
+            await devices_online(controller, 1)
+            pushed = await controller.cli(
+                "model", "push", str(big), "--name", "big", "--version", "1.0.0",
+                "--device-type", "camera", "--json",
+            )  # fmt: skip
+            assert pushed.code == 0, pushed.err
+            assert pushed.json()["deviceTypes"] == ["camera"]
+            uploads = [x for x in pushed.err.splitlines() if x.startswith("uploading ")]
+            assert len(uploads) >= 2 and uploads[-1].endswith("(100%)"), pushed.err
+
+            started = await controller.cli(
+                "rollout", "start", "--model", "big", "--version", "1.0.0", "--devices", "cam-1",
+                "--device-timeout", "2m", "--json",
+            )  # fmt: skip
+            assert started.code == 0, started.err
+            rollout_id = started.json()["rolloutId"]
+            watched = await controller.cli("rollout", "status", rollout_id, "--watch")
+            assert watched.code == 0, watched.err + watched.out
+            assert "progress  all (1/1)" in watched.out
+            assert "[####################] 1/1 devices done" in watched.out
+
+            models = (await controller.cli("model", "list", "--json")).json()
+            devices = (await controller.cli("device", "list", "--json")).json()
+            rollouts = (await controller.cli("rollout", "list", "--json")).json()
+    finally:
+        await controller.terminate()
+    assert models[0]["deviceTypes"] == ["camera"]
+    times = [models[0]["createdAt"], devices[0]["lastSeen"]]
+    times += [rollouts[0]["createdAt"], rollouts[0]["updatedAt"]]
+    assert all(isinstance(t, str) and ISO_UTC.match(t) for t in times), times
+
+
+async def test_watch_reads_a_retained_status_to_its_end(mosquitto: Mosquitto) -> None:
+    """`rollout status --watch` on a finished rollout: its progress line, exit 0."""
+    status = RolloutStatus(
+        rollout_id="r-0123456789ab", model="clf", version="2", strategy="direct",
+        status="Succeeded", devices_targeted=3, devices_updated=3, stage="all (1/1)",
+    )  # fmt: skip
+    async with make_client(mosquitto.endpoint("controller"), identifier="test-status") as client:
+        await client.publish(
+            topics.rollout_status(status.rollout_id), status.to_wire(), qos=1, retain=True
+        )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker.cli", "rollout", "status", status.rollout_id, "--watch",
+        "--mqtt-url", mosquitto.url, "--credentials", str(mosquitto.credentials("operator")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err
+    assert "progress  all (1/1)        [####################] 3/3 devices done" in out.decode()
