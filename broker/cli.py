@@ -530,13 +530,16 @@ def keys_init(
 def generate_model(
     out: Annotated[Path, typer.Argument(help="where to write the .tflite file")],
     seed: Annotated[int, typer.Option(help="weights seed: another seed, another model")] = 0,
-    inputs: Annotated[int, typer.Option(help="input width")] = 4,
-    outputs: Annotated[int, typer.Option(help="output classes")] = 3,
+    inputs: Annotated[int, typer.Option(min=1, help="input width")] = 4,
+    outputs: Annotated[int, typer.Option(min=2, help="output classes")] = 3,
     hidden: Annotated[str, typer.Option(help="hidden layer widths, comma-separated")] = "8",
 ) -> None:
     """Write a small real TFLite classifier (for trying things out)."""
     with cli_errors():
-        widths = tuple(int(w) for w in hidden.split(",") if w.strip())
+        words = [w.strip() for w in hidden.split(",") if w.strip()]
+        if not all(w.isdigit() and int(w) > 0 for w in words):
+            fail(f"--hidden: {hidden!r} is not a list of widths (e.g. 16,8)", 2)
+        widths = tuple(int(w) for w in words)
         data = build_dense_model(input_size=inputs, hidden=widths, output_size=outputs, seed=seed)
         out.write_bytes(data)
     print(f"wrote {out} ({len(data)} bytes)")

@@ -110,7 +110,10 @@ def controller_run(
     s3_bucket: S3Bucket = _DEFAULTS.s3_bucket,
     s3_region: Annotated[str, typer.Option(envvar="HOTSWAP_S3_REGION")] = _DEFAULTS.s3_region,
     metrics_port: Annotated[
-        int, typer.Option(envvar="HOTSWAP_METRICS_PORT", help="Prometheus port; 0 turns it off")
+        int,
+        typer.Option(
+            min=0, max=65535, envvar="HOTSWAP_METRICS_PORT", help="Prometheus port; 0 turns it off"
+        ),
     ] = metrics.DEFAULT_PORT,
     metrics_host: Annotated[
         str,

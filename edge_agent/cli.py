@@ -132,6 +132,7 @@ def agent_run(
         typer.Option(
             "--metrics-port",
             min=0,
+            max=65535,
             envvar="HOTSWAP_METRICS_PORT",
             help="serve this agent's Prometheus metrics on this port (0: off; 19101 usual)",
         ),

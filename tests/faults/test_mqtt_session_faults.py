@@ -176,7 +176,8 @@ async def test_second_controller_with_the_same_credentials_is_refused_and_the_fi
         if second.alive():
             await second.kill()
     assert code != 0, second.log_text()[-2000:]
-    errors = [line for line in second.log_text().splitlines() if line.startswith("error:")]
+    # --log-json: the error line is a JSON event like every other line of the log
+    errors = [e["error"] for e in second.events("error")]
     assert errors and "another controller" in errors[0], second.log_text()[-2000:]
     await still_serving(controller)
 
