@@ -18,6 +18,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -134,12 +135,39 @@ _INBOUND: dict[str, type[DeviceState] | type[DeviceEvent] | type[TelemetryWindow
 }
 
 
+class _Lanes:
+    """Two FIFO lanes behind one queue: operator requests, then everything else."""
+
+    __slots__ = ("devices", "requests")
+
+    def __init__(self) -> None:
+        self.requests: deque[aiomqtt.Message] = deque()
+        self.devices: deque[aiomqtt.Message] = deque()
+
+    def append(self, item: aiomqtt.Message) -> None:
+        lane = self.requests if item.topic.value == topics.CONTROLLER_REQUESTS else self.devices
+        lane.append(item)
+
+    def popleft(self) -> aiomqtt.Message:
+        return self.requests.popleft() if self.requests else self.devices.popleft()
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self.devices)
+
+
 class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's incoming queue for the controller: never full for events, states and
     requests; telemetry beyond `limit` waiting messages is dropped and counted
-    (reason `backlog`), where aiomqtt's own bounded queue discarded anything, silently."""
+    (reason `backlog`), where aiomqtt's own bounded queue discarded anything, silently.
+
+    Operator requests are taken before the device messages queued ahead of them: a
+    burst of 10,000 device answers must not make `rollout status` wait until each of
+    them has been checked."""
 
     limit = 50_000
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = _Lanes()
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
         if self.qsize() >= self.limit and item.topic.value.endswith("/telemetry"):

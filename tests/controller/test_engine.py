@@ -281,3 +281,23 @@ def test_the_incoming_queue_drops_only_telemetry_past_its_backlog_and_counts_it(
     kinds = [queue.get_nowait().topic.value.rsplit("/", 1)[-1] for _ in range(queue.qsize())]
     assert kinds == ["telemetry", "telemetry", "events", "state"]
     assert dropped() - before == 1
+
+
+def test_an_operator_request_is_taken_before_the_device_messages_queued_ahead_of_it() -> None:
+    """A burst of device answers sits in the incoming queue; a request that arrives after
+    them is read first (before: behind all 1,000), the device messages then in order."""
+    from aiomqtt import Message
+
+    from controller.service import _IncomingQueue
+
+    def message(topic: str, mid: int) -> Message:
+        return Message(topic, b"{}", qos=1, retain=False, mid=mid, properties=None)
+
+    queue = _IncomingQueue()
+    for i in range(1000):
+        queue.put_nowait(message(topics.device_events(f"d-{i:05d}"), i + 1))
+    queue.put_nowait(message(topics.CONTROLLER_REQUESTS, 5000))
+    assert queue.qsize() == 1001
+    assert queue.get_nowait().topic.value == topics.CONTROLLER_REQUESTS
+    order = [queue.get_nowait().mid for _ in range(1000)]
+    assert order == list(range(1, 1001)) and queue.empty()
