@@ -59,6 +59,7 @@ from shared.messages import (
 )
 from shared.mqtt import connection_error, make_client, subscribe_checked
 from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
+from shared.tracing import configure_tracing
 
 T = TypeVar("T")
 STRATEGY_NAMES = (
@@ -157,6 +158,7 @@ def controller_run(
     it checks the S3 bucket (waiting up to --s3-wait for S3 to answer).
     """
     configure_logging(log_level, json=log_json, native=True)
+    configure_tracing("hotswap-controller")  # only when OTEL_* variables ask
     # Imported here: the service pulls in the gates' statistics (scipy) and the store,
     # a second of start-up that no operator command needs.
     from controller.service import Controller, ControllerConfig
@@ -267,6 +269,7 @@ def model_push(
     as_json: Json = False,
 ) -> None:
     """Sign a .tflite model, upload it to S3 and register it with the controller."""
+    configure_tracing("hotswap-cli")  # only when OTEL_* variables ask
     with cli_errors():
         model_task = parse_task(task) if task is not None else None
         try:
@@ -634,6 +637,7 @@ def rollout_start(
             "name the devices: --devices, --region or --device-type, or --all for the whole fleet",
             2,
         )
+    configure_tracing("hotswap-cli")  # the rollout's trace starts here when OTEL_* ask
     with cli_errors():
         request = StartRollout.model_validate(
             {

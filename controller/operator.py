@@ -21,7 +21,7 @@ import aiomqtt
 from pydantic import ValidationError
 
 from controller.artifacts import ArtifactStore
-from shared import topics
+from shared import topics, tracing
 from shared.errors import BrokerError, RequestError
 from shared.keys import load_private_key
 from shared.manifest import ModelTask, TensorSignature, build_manifest, sign_manifest
@@ -75,15 +75,15 @@ class OperatorClient(ListeningSession):
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self._pending[correlation] = future
         try:
+            properties = publish_properties(
+                response_topic=topics.response_topic(self.client_id),
+                correlation=correlation,
+                expiry_s=int(self.timeout) + 1,
+            )
+            if trace := tracing.headers():  # the controller's span joins the caller's trace
+                properties.UserProperty = trace
             await self._client.publish(
-                topics.CONTROLLER_REQUESTS,
-                request.to_wire(),
-                qos=1,
-                properties=publish_properties(
-                    response_topic=topics.response_topic(self.client_id),
-                    correlation=correlation,
-                    expiry_s=int(self.timeout) + 1,
-                ),
+                topics.CONTROLLER_REQUESTS, request.to_wire(), qos=1, properties=properties
             )
             response = await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
@@ -181,6 +181,7 @@ def check_task(task: ModelTask, signature: TensorSignature) -> None:
         raise RequestError(f"--task: {problem}", reason="bad_request")
 
 
+@tracing.traced("push")
 async def push_model(
     data: bytes,
     *,

@@ -78,7 +78,8 @@ from controller.rate_limit import DeviceRateLimiter
 from controller.status import build_status, progress
 from controller.store import Assignment, RolloutRollups, Store, Superseded
 from controller.strategies import Target, strategy
-from shared import __version__, topics
+from controller.tracing import ROLLOUTS as TRACES
+from shared import __version__, topics, tracing
 from shared.command_auth import COMMAND_REFUSAL_REASONS, SIGNATURE_PROPERTY, sign_command
 from shared.errors import BrokerError, HotswapError, RequestError
 from shared.manifest import SignedManifest
@@ -213,6 +214,7 @@ class _Inbound:
     payload: bytes  # registry records: read when applied
     topic: str
     retain: bool  # delivered from the broker's retained store (on subscribe)
+    trace: str | None = None  # an event's `traceparent` (while tracing is on)
 
 
 # Intents after which the planner has more to say at once.
@@ -734,7 +736,8 @@ class Controller:
             )
             return
         metrics.MESSAGES.labels(kind, "accepted").inc()
-        self._queue(_Inbound(kind, msg, b"", topic, message.retain))
+        trace = tracing.traceparent_of(getattr(message, "properties", None))
+        self._queue(_Inbound(kind, msg, b"", topic, message.retain, trace))
 
     def _queue(self, item: _Inbound) -> None:
         self._inbox.put_nowait(item)
@@ -790,6 +793,10 @@ class Controller:
                     online=st.online,
                     active=st.active.ref if st.active else None,
                 )
+        if tracing.enabled():
+            for i in batch:
+                if isinstance(i.msg, DeviceEvent):
+                    TRACES.device_event(i.msg, i.trace)
         await self._apply_events([i.msg for i in batch if isinstance(i.msg, DeviceEvent)], now)
         self._apply_telemetry([i.msg for i in batch if isinstance(i.msg, TelemetryWindow)])
         due = self._telemetry_due()
@@ -990,7 +997,8 @@ class Controller:
                 where = ".".join(map(str, first["loc"]))
                 raise RequestError(f"malformed request: {where}: {first['msg']}") from exc
             kind = request.kind
-            result = await self._handle(request)
+            with tracing.span(kind, context=tracing.context_of(props)):
+                result = await self._handle(request)
             response = Response(ok=True, result=result)
         except HotswapError as exc:
             response = Response(ok=False, error=str(exc), reason=exc.reason)
@@ -1108,6 +1116,10 @@ class Controller:
             devices=len(targets),
             superseded=[x.rollout_id for x in created.superseded],
         )
+        TRACES.begin(
+            rollout.rollout_id, model=model.name, version=model.version,
+            strategy=rollout.strategy, devices=len(targets),
+        )  # fmt: skip
         for older in created.superseded:
             await self._cancel_superseded(older, rollout.rollout_id)
         await self._publish_status(await self._reload(rollout.rollout_id), force=True)
@@ -1154,6 +1166,7 @@ class Controller:
         await self._send(command, region=None, devices=older.devices)
         if older.ended:
             metrics.rollout_finished(rollout, "Aborted", rollout.finished_at or self.clock())
+            TRACES.finish(older.rollout_id, "Aborted", f"superseded by {newer_id}")
         log.warning(
             "rollout_superseded",
             rollout_id=older.rollout_id,
@@ -1370,6 +1383,8 @@ class Controller:
                 )
                 live.new_stage(live.row.stage_index, now)
                 bound.info("rollout_started", strategy=live.strategy, stages=len(live.stages))
+                index = live.row.stage_index
+                TRACES.stage(rid, live.stages[index].name if live.stages else "all", index)
             elif isinstance(action, SendRegionDeploy):
                 await self._deploy(live, action.devices, activate=action.activate, now=now)
             elif isinstance(action, SendSwitch):
@@ -1395,6 +1410,7 @@ class Controller:
                     rid, now, stage_index=action.index, stage_started_at=now, stage_settled_at=None
                 )
                 live.new_stage(action.index, now)
+                TRACES.stage(rid, live.stages[action.index].name, action.index)
                 bound.info(
                     "stage_started", stage=live.stages[action.index].name, index=action.index
                 )
@@ -1408,12 +1424,14 @@ class Controller:
                     rid, now, rolling_back=True, reason=action.reason
                 )
                 metrics.ROLLBACKS.inc()
+                TRACES.event(rid, "rolling back", reason=action.reason)
                 bound.warning("rollout_rolling_back", reason=action.reason)
             elif isinstance(action, FinishRollout):
                 self.store.set_rollout_status(
                     rid, action.status, action.reason or live.row.reason, now, final=True
                 )
                 metrics.rollout_finished(live.row, action.status, now)
+                TRACES.finish(rid, action.status, action.reason)
                 live.row = self.store.get_rollout(rid)
                 self._untrack_devices(rid)
                 bound.info("rollout_finished", status=action.status, reason=action.reason)
@@ -1569,8 +1587,9 @@ class Controller:
         else:
             targets = [topics.device_cmd(d) for d in devices]
         payload = command.to_wire()
+        trace = TRACES.headers(command.rollout_id)  # devices' spans join the rollout's
         for topic in targets:
-            await self._publish(topic, payload, expiry_s=expiry, signed=True)
+            await self._publish(topic, payload, expiry_s=expiry, signed=True, trace=trace)
         metrics.COMMANDS.labels(command.kind).inc()
         log.info(
             f"{command.kind}_sent",
@@ -1631,6 +1650,7 @@ class Controller:
         if plan.finish is not None:
             self.store.set_rollout_status(rollout.rollout_id, *plan.finish, now, final=True)
             metrics.rollout_finished(rollout, plan.finish[0], now)
+            TRACES.finish(rollout.rollout_id, *plan.finish)
         log.info("rollout_control", rollout_id=rollout.rollout_id, action=action)
         live = await self._reload(rollout.rollout_id)
         self._moved.add(rollout.rollout_id)  # the operator's word is acted on at once
@@ -1878,14 +1898,18 @@ class Controller:
         retain: bool = False,
         expiry_s: int | None = None,
         signed: bool = False,
+        trace: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """Publish at QoS 1; with `signed`, over the exact bytes sent (topic + payload)."""
+        """Publish at QoS 1; with `signed`, over the exact bytes sent (topic + payload);
+        `trace`: a `traceparent` user property (not signed: it decides nothing)."""
         if self._client is None:
             raise aiomqtt.MqttError("not connected")
         properties = publish_properties(expiry_s=expiry_s)
         if signed and self.config.command_key is not None:
             signature = sign_command(topic, payload, self.config.command_key)
             properties.UserProperty = [(SIGNATURE_PROPERTY, signature)]
+        if trace:
+            properties.UserProperty = list(trace)  # paho appends to what is there
         await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
 
 

@@ -11,8 +11,9 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import bindparam, func, or_, update
+from sqlalchemy import bindparam, func, insert, or_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
@@ -245,42 +246,59 @@ class Store:
         refused: dict[str, str] = {}
         if not states:
             return refused
-        with self.session() as s:
+        # The hot path of a fleet's answers (every device republishes its state): plain
+        # rows, one SELECT per 500 ids, one executemany UPDATE and one INSERT.
+        table = DeviceRow.__table__  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
             ids = sorted({st.device_id for st in states})
-            rows = {
-                r.device_id: r
-                for r in s.exec(select(DeviceRow).where(col(DeviceRow.device_id).in_(ids))).all()
-            }
+            stored: dict[str, dict[str, Any]] = {}
+            for i in range(0, len(ids), 500):
+                found = conn.execute(select(table).where(table.c.device_id.in_(ids[i : i + 500])))
+                stored.update((r["device_id"], dict(r)) for r in found.mappings())
+            new: dict[str, dict[str, Any]] = {}
             for state in states:
-                row = rows.get(state.device_id)
+                row = stored.get(state.device_id)
                 if row is None:
-                    row = rows[state.device_id] = DeviceRow(
+                    row = new.get(state.device_id)
+                if row is None:
+                    row = new[state.device_id] = DeviceRow(
                         device_id=state.device_id,
                         region=state.region,
                         device_type=state.device_type,
-                    )
-                if row.provisioned and (row.region, row.device_type) != (
+                    ).model_dump()
+                if row["provisioned"] and (row["region"], row["device_type"]) != (
                     state.region,
                     state.device_type,
                 ):
                     refused[state.device_id] = (
                         f"claims region {state.region!r} and type {state.device_type!r}, "
-                        f"provisioned as {row.region!r} and {row.device_type!r}"
+                        f"provisioned as {row['region']!r} and {row['device_type']!r}"
                     )
-                elif not row.provisioned:
-                    row.region, row.device_type = state.region, state.device_type
-                row.online = state.online and not row.revoked
+                elif not row["provisioned"]:
+                    row["region"], row["device_type"] = state.region, state.device_type
+                row["online"] = state.online and not row["revoked"]
                 if state.online or state.active is not None:
                     # A last will carries no model: keep what the device last said it serves.
-                    row.active_name = state.active.name if state.active else None
-                    row.active_version = state.active.version if state.active else None
-                    row.active_sha256 = state.active.sha256 if state.active else None
-                    row.standby_ref = state.standby.ref if state.standby else None
-                row.memory_mb = state.capabilities.memory_mb
-                row.agent_version = state.agent_version or row.agent_version
-                row.last_seen = now
-                s.add(row)
-            s.commit()
+                    active = state.active
+                    row["active_name"] = active.name if active else None
+                    row["active_version"] = active.version if active else None
+                    row["active_sha256"] = active.sha256 if active else None
+                    row["standby_ref"] = state.standby.ref if state.standby else None
+                row["memory_mb"] = state.capabilities.memory_mb
+                row["agent_version"] = state.agent_version or row["agent_version"]
+                row["last_seen"] = now
+            if stored:
+                conn.execute(
+                    update(table)
+                    .where(table.c.device_id == bindparam("k_device"))
+                    .values({n: bindparam(f"v_{n}") for n in _STATE_COLUMNS}),
+                    [
+                        {"k_device": d} | {f"v_{n}": row[n] for n in _STATE_COLUMNS}
+                        for d, row in stored.items()
+                    ],
+                )
+            if new:
+                conn.execute(insert(table), list(new.values()))
         return refused
 
     def apply_record(self, record: DeviceRecord, now: float) -> list[str]:
@@ -1011,6 +1029,19 @@ class Store:
 
 # What an event may change of an assignment (`_apply_event`).
 _EVENT_COLUMNS = ("state", "rollback_state", "reason", "detail", "updated_at")
+# What a device's state message may change of its row.
+_STATE_COLUMNS = (
+    "region",
+    "device_type",
+    "online",
+    "active_name",
+    "active_version",
+    "active_sha256",
+    "standby_ref",
+    "memory_mb",
+    "agent_version",
+    "last_seen",
+)
 
 
 def _apply_event(row: Assignment, event: DeviceEvent, now: float) -> bool:

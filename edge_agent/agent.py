@@ -77,7 +77,7 @@ from edge_agent.verify import (
     verify_tensor_signature,
 )
 from edge_agent.workload import SyntheticWorkload
-from shared import __version__, topics
+from shared import __version__, topics, tracing
 from shared.command_auth import (
     DEFAULT_MAX_CLOCK_SKEW_S,
     check_validity,
@@ -174,6 +174,7 @@ class Agent:
         self._outbox: deque[DeviceEvent] = deque(maxlen=OUTBOX_LIMIT)
         self._cancelled_rollouts: set[str] = set()
         self._url_waiters: dict[str, asyncio.Future[str]] = {}
+        self._traces: dict[str, tuple[str | None, int | None]] = {}  # command id -> its trace
         self._rng = np.random.default_rng()
         self.connected = asyncio.Event()
         self.serving = asyncio.Event()
@@ -383,6 +384,11 @@ class Agent:
                     self._cancelled_rollouts.add(command.rollout_id)
                     self.log.info("rollout_cancelled", rollout_id=command.rollout_id)
                 continue
+            if tracing.enabled():
+                self._traces[command.command_id] = (
+                    tracing.traceparent_of(message.properties),
+                    time.time_ns(),
+                )
             self._queue.put_nowait(command)
 
     def _authenticate(
@@ -449,7 +455,12 @@ class Agent:
             )
 
     async def _publish_event(self, client: aiomqtt.Client, event: DeviceEvent) -> None:
-        await client.publish(topics.device_events(self.config.device_id), event.to_wire(), qos=1)
+        await client.publish(
+            topics.device_events(self.config.device_id),
+            event.to_wire(),
+            qos=1,
+            properties=tracing.publish_properties(),  # the span the event belongs to
+        )
 
     async def _emit(self, event: DeviceEvent) -> None:
         """Send an event now, or keep it until the next connection."""
@@ -468,8 +479,12 @@ class Agent:
         while True:
             raise_if_cancelled()
             command = await self._queue.get()
+            trace = self._traces.pop(command.command_id, (None, None))
+            attributes = {"hotswap.device_id": self.config.device_id,
+                          "hotswap.command_id": command.command_id}  # fmt: skip
             try:
-                await self.handle(command)
+                with tracing.continued(command.kind, trace[0], trace[1], attributes):
+                    await self.handle(command)
             except Exception:
                 # A bug must not take the device down: it keeps serving what it has.
                 self.log.exception("command_crashed", command_id=command.command_id)
@@ -553,9 +568,10 @@ class Agent:
         return final
 
     async def _deploy(self, command: DeployCommand, bound: structlog.BoundLogger) -> DeviceEvent:
-        manifest = verify_manifest(
-            command.manifest, self._trusted, device_type=self.config.device_type
-        )
+        with tracing.span("verify"):
+            manifest = verify_manifest(
+                command.manifest, self._trusted, device_type=self.config.device_type
+            )
         ref = _ref(manifest)
         self._check_not_cancelled(command)
         active, standby = self.runtime.active, self.runtime.standby
@@ -648,7 +664,7 @@ class Agent:
                 url = command.url
                 while True:
                     try:
-                        await fetch_artifact(
+                        download = fetch_artifact(
                             url,
                             dest,
                             size=manifest.size,
@@ -658,6 +674,7 @@ class Agent:
                             ),
                             logger=bound,
                         )
+                        await tracing.timed("download", download, bytes=manifest.size)
                         break
                     except UrlExpiredError:
                         if url != command.url:
@@ -742,13 +759,15 @@ class Agent:
             self._url_waiters.pop(command.command_id, None)
 
     def _load(self, manifest: Manifest, data: ModelBytes) -> ModelSlot:
-        slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
+        with tracing.span("load"):
+            slot = ModelSlot.load(_ref(manifest), data, num_threads=self.config.num_threads)
         self.telemetry.register(slot.ref, slot.signature, effective_task(manifest))
         active = self.runtime.active
         # Warmed up on the shapes the application uses (dynamic dimensions), where the
         # interface is the served one: its first interpreter is then sized for them.
         same = active is not None and active.signature.inputs == slot.signature.inputs
-        slot.warm_up(self._rng, shapes=active.sample_shapes if active and same else None)
+        with tracing.span("warm-up"):
+            slot.warm_up(self._rng, shapes=active.sample_shapes if active and same else None)
         return slot
 
     def _check_not_cancelled(self, command: Command) -> None:
@@ -765,13 +784,14 @@ class Agent:
         """Swap `slot` in, watch it serve, keep it (activated) or swap back (rolled_back)."""
         before = slot.stats.snapshot()
         baseline = old_active.stats.snapshot() if old_active else None
-        self.runtime.activate(slot)
+        with tracing.span("swap"):
+            self.runtime.activate(slot)
         crash_point("swapped")
         # More interpreters for parallel callers, built while the new model serves on its
         # first one and is watched: the stretch where every caller waits for that one
         # interpreter (so one slow call pauses them all) ends as early as it can.
         problem, grown = await asyncio.gather(
-            self._watch(slot, before, old_active, baseline),
+            tracing.timed("health confirmation", self._watch(slot, before, old_active, baseline)),
             asyncio.to_thread(slot.grow, self.config.interpreters),
             return_exceptions=True,
         )

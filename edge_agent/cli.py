@@ -31,6 +31,7 @@ from shared.credentials import apply_credentials, load_credentials
 from shared.keys import load_public_key, load_public_keys
 from shared.logs import configure_logging
 from shared.settings import Settings, parse_mqtt_url
+from shared.tracing import configure_tracing
 
 _DEFAULTS = Settings()
 
@@ -152,6 +153,7 @@ def agent_run(
     if telemetry_interval < 0.1:
         fail(f"--telemetry-interval: {telemetry_interval:g}s is below 0.1s", 2)
     configure_logging(log_level, json=log_json, native=True)
+    configure_tracing("hotswap-agent")  # only when OTEL_* variables ask
     with cli_errors():
         creds = load_credentials(credentials) if credentials is not None else None
         own = creds.device if creds else None

@@ -33,7 +33,8 @@ def test_compose_has_the_parts_of_the_design() -> None:
     """Broker, MinIO with its bucket, PostgreSQL, controller, three agents, Prometheus,
     Grafana."""
     assert {
-        "mosquitto", "minio", "minio-bucket", "postgres", "controller", "prometheus", "grafana"
+        "mosquitto", "minio", "minio-bucket", "postgres", "controller", "prometheus", "grafana",
+        "jaeger",
     } <= set(SERVICES)  # fmt: skip
     assert len([n for n in SERVICES if n.startswith("agent-")]) == 3
     assert "hotswap-models" in SERVICES["minio-bucket"]["entrypoint"]
@@ -85,7 +86,7 @@ def test_every_hotswap_command_uses_real_subcommands_and_options() -> None:
 
 def test_ports_that_services_dial_are_ports_that_services_serve() -> None:
     """mqtt://mosquitto:1883, http://minio:9000, postgres:5432, controller:19100,
-    agent-3:19101 and prometheus:9090 (Grafana's data source) all exist."""
+    agent-3:19101, prometheus:9090 (Grafana's data source) and jaeger:4318 all exist."""
     listening = {
         "mosquitto": 1883,  # mosquitto.conf's listener
         "minio": 9000,
@@ -93,6 +94,7 @@ def test_ports_that_services_dial_are_ports_that_services_serve() -> None:
         "controller": int(_option(SERVICES["controller"]["command"], "--metrics-port")),
         "agent-3": int(_option(SERVICES["agent-3"]["command"], "--metrics-port")),
         "prometheus": 9090,  # prom/prometheus's default
+        "jaeger": 4318,  # OTLP over HTTP
     }
     conf = (ROOT / "mosquitto.conf").read_text()
     assert re.search(r"^listener 1883\b", conf, re.M)
@@ -214,3 +216,13 @@ def test_grafana_provisions_the_prometheus_data_source_and_the_dashboard() -> No
         t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])
     }
     assert uids == {source["uid"]}
+
+
+def test_every_hotswap_process_sends_its_traces_to_jaeger() -> None:
+    """The controller, the agents and the cli export spans (OTLP over HTTP) to the jaeger
+    service, which listens there; nothing else names a trace backend."""
+    for name in ("controller", "agent-1", "agent-2", "agent-3", "cli"):
+        env = SERVICES[name].get("environment", {})
+        assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://jaeger:4318", name
+    assert "4318:4318" in SERVICES["jaeger"]["ports"]
+    assert SERVICES["jaeger"]["image"].startswith("jaegertracing/all-in-one")

@@ -1,0 +1,207 @@
+"""End-to-end tracing: one trace per rollout across the operator, the controller and the
+devices, through a real mosquitto, moto's S3 and agents running real interpreters.
+
+The spans go to the OpenTelemetry SDK's in-memory exporter (the exporter stands in
+for an OTLP backend; everything that produces and carries the spans is real: the
+`traceparent` travels in MQTT 5 user properties through the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from structlog.testing import capture_logs
+
+from broker.launcher import Mosquitto
+from controller.artifacts import ArtifactStore
+from controller.operator import OperatorClient, push_model, read_rollout_status
+from controller.service import Controller
+from edge_agent.agent import Agent, AgentConfig
+from shared import tracing
+from shared.keys import load_public_key
+from shared.messages import ListDevices, StartRollout
+from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
+
+EXPORTER = InMemorySpanExporter()
+# Three in one region: the stage after the canary reaches two or three of them with one
+# region publish (a selector naming them), which carries one traceparent for all.
+DEVICES = (("cam-1", "eu-west"), ("cam-2", "eu-west"), ("cam-3", "eu-west"), ("cam-4", "us-east"))
+AGENT_STEPS = {"receive", "verify", "download", "load", "warm-up", "swap", "health confirmation"}
+
+
+@pytest.fixture
+def traced() -> Iterator[InMemorySpanExporter]:
+    """Tracing on, into the in-memory exporter, for this test only."""
+    assert tracing.configure_tracing("hotswap-tests", exporter=EXPORTER)
+    EXPORTER.clear()
+    try:
+        yield EXPORTER
+    finally:
+        tracing.stop_tracing()
+        EXPORTER.clear()
+
+
+@pytest.fixture
+async def fleet(
+    traced: InMemorySpanExporter,
+    mosquitto: Mosquitto,
+    s3: S3,
+    signing_keys: KeyPair,
+    tmp_path: Path,
+) -> AsyncIterator[Controller]:
+    controller = Controller(controller_config(mosquitto, s3, tmp_path))
+    agents = [
+        Agent(
+            AgentConfig(
+                device_id=device_id,
+                region=region,
+                device_type="camera",
+                data_dir=tmp_path / device_id,
+                trusted_keys=(load_public_key(signing_keys.public_path),),
+                mqtt=device_endpoint(mosquitto, device_id, region, "camera"),
+                workload_hz=50.0,
+                telemetry_interval_s=0.5,
+            )
+        )
+        for device_id, region in DEVICES
+    ]
+    async with running_task(controller.run(), controller.connected):
+        tasks = [asyncio.create_task(a.run()) for a in agents]
+        try:
+            async with OperatorClient(mosquitto.endpoint("operator"), timeout=15) as op:
+                async with asyncio.timeout(20):
+                    while sum(d["online"] for d in await op.request(ListDevices())) < 4:
+                        await asyncio.sleep(0.2)
+            yield controller
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+async def test_a_rollout_is_one_trace_from_the_operator_to_every_device(
+    fleet: Controller,
+    traced: InMemorySpanExporter,
+    mosquitto: Mosquitto,
+    s3: S3,
+    signing_keys: KeyPair,
+    model_v1: bytes,
+) -> None:
+    """push → register_model is one trace; rollout start → rollout → stage canary / rest →
+    each device's deploy (receive, verify, download, load, warm-up, swap, health
+    confirmation) → the controller's spans of its events are another, one trace id."""
+    endpoint = mosquitto.endpoint("operator")
+    await push_model(
+        model_v1, name="clf", version="1.0.0", signing_key=signing_keys.private_path,
+        endpoint=endpoint, artifacts=ArtifactStore(s3.endpoint, s3.bucket),
+    )  # fmt: skip
+    with (
+        capture_logs() as logs,
+        tracing.span("rollout start"),  # what `hotswap rollout start` does with OTEL_* set
+    ):
+        async with OperatorClient(endpoint, timeout=15) as op:
+            started = await op.request(
+                StartRollout(
+                    model="clf", version="1.0.0", devices=tuple(d for d, _ in DEVICES),
+                    strategy="canary", canary_percent=25, canary_duration_s=0.5,
+                )
+            )  # fmt: skip
+        status = await read_rollout_status(endpoint, started["rolloutId"], wait_s=60)
+    assert status.status == "Succeeded", status
+    regional = [e for e in logs if e["event"] == "deploy_sent" and e["region"] == "eu-west"]
+    assert regional and len(regional[0]["devices"]) >= 2, "no region publish to trace"
+    async with asyncio.timeout(10):  # the last events' spans, and the rollout's end
+        while len(by_name(traced.get_finished_spans(), "device activated")) < 4 or not by_name(
+            traced.get_finished_spans(), "rollout"
+        ):
+            await asyncio.sleep(0.1)
+    spans = traced.get_finished_spans()
+
+    (push,) = by_name(spans, "push")
+    (register,) = by_name(spans, "register_model")
+    assert register.context.trace_id == push.context.trace_id
+    assert register.parent is not None and register.parent.span_id == push.context.span_id
+
+    (operator,) = by_name(spans, "rollout start")
+    trace_id = operator.context.trace_id
+    assert trace_id != push.context.trace_id
+    (request,) = by_name(spans, "start_rollout")
+    (rollout,) = by_name(spans, "rollout")
+    stages = {s.name: s for s in spans if s.name.startswith("stage ")}
+    assert set(stages) == {"stage canary", "stage rest"}
+    assert request.parent is not None and request.parent.span_id == operator.context.span_id
+    assert rollout.parent is not None and rollout.parent.span_id == request.context.span_id
+    for stage in stages.values():
+        assert stage.parent is not None and stage.parent.span_id == rollout.context.span_id
+    assert rollout.attributes is not None and rollout.attributes["hotswap.status"] == "Succeeded"
+
+    deploys = by_name(spans, "deploy")
+    devices = {
+        str(d.attributes["hotswap.device_id"]): d for d in deploys if d.attributes is not None
+    }
+    assert set(devices) == {d for d, _ in DEVICES}
+    stage_ids = {s.context.span_id for s in stages.values()}
+    for device, deploy in devices.items():
+        # Every device's deploy is a child of a stage: the traceparent crossed the broker.
+        assert deploy.parent is not None and deploy.parent.span_id in stage_ids, device
+        steps = {s.name for s in spans if s.parent and s.parent.span_id == deploy.context.span_id}
+        assert steps >= AGENT_STEPS, (device, steps)
+    canary = [
+        d
+        for d in deploys
+        if d.parent and d.parent.span_id == stages["stage canary"].context.span_id
+    ]
+    assert 0 < len(canary) < len(DEVICES)  # the canary's part; the rest under `stage rest`
+    # The events came back carrying the device's span: the controller's spans of them.
+    deploy_ids = {d.context.span_id for d in deploys}
+    for phase in ("received", "verified", "activated"):
+        answers = by_name(spans, f"device {phase}")
+        assert len(answers) == len(DEVICES), phase
+        assert all(a.parent is not None and a.parent.span_id in deploy_ids for a in answers)
+
+    rollout_spans = [s for s in spans if s.context.trace_id == trace_id]
+    assert {s.name for s in rollout_spans} >= {
+        "rollout start", "start_rollout", "rollout", "stage canary", "stage rest", "deploy",
+        *AGENT_STEPS, "device activated",
+    }  # fmt: skip
+    print(f"trace {trace_id:032x}: {len(rollout_spans)} spans")
+    for s in sorted(rollout_spans, key=lambda s: s.start_time or 0):
+        who = (s.attributes or {}).get("hotswap.device_id", "")
+        print(f"  {s.name} {who}")
+
+
+def test_tracing_is_off_unless_the_environment_asks() -> None:
+    """No OTEL_* variable: off; an OTLP endpoint or an exporter name: on; none/disabled: off."""
+    assert not tracing.wanted({})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"})
+    assert tracing.wanted({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x:4318/v1/traces"})
+    assert tracing.wanted({"OTEL_TRACES_EXPORTER": "console"})
+    assert not tracing.wanted({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "x"})
+    assert not tracing.wanted({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "otlp"})
+
+
+def test_while_off_nothing_is_recorded_or_carried(traced: InMemorySpanExporter) -> None:
+    """Stopped: spans are no-ops, messages carry no traceparent, received ones are ignored."""
+    with tracing.span("on"):
+        carried = tracing.headers()
+    assert [k for k, _ in carried] == ["traceparent"]
+    tracing.stop_tracing()
+    with tracing.span("off") as off:
+        assert off is None
+        assert tracing.headers() == []
+        assert tracing.publish_properties() is None
+
+    class Props:
+        UserProperty = carried
+
+    assert tracing.context_of(Props()) is None and tracing.traceparent_of(Props()) is None
+    assert [s.name for s in traced.get_finished_spans()] == ["on"]
