@@ -34,6 +34,7 @@ TRACEPARENT = "traceparent"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _state = {"enabled": False}
 _provider: dict[str, Any] = {}  # the SDK's TracerProvider once installed
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -126,19 +127,14 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer("hotswap")
 
 
-@contextlib.contextmanager
 def span(
     name: str, *, context: Context | None = None, attributes: Mapping[str, Any] | None = None
-) -> Iterator[Span | None]:
+) -> contextlib.AbstractContextManager[Span | None]:
     """A span around the block, current inside it (child of `context` or of the current
-    span); None and nothing else while tracing is off."""
+    span); None and nothing else while tracing is off (one shared null context)."""
     if not _state["enabled"]:
-        yield None
-        return
-    with tracer().start_as_current_span(
-        name, context=context, attributes=dict(attributes or {})
-    ) as current:
-        yield current
+        return _OFF
+    return tracer().start_as_current_span(name, context=context, attributes=dict(attributes or {}))
 
 
 async def timed(name: str, awaitable: Awaitable[T], **attributes: Any) -> T:
