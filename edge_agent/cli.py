@@ -88,6 +88,7 @@ def agent_run(
         duration_option(
             "--telemetry-interval",
             envvar="HOTSWAP_TELEMETRY_INTERVAL_S",
+            at_least=0.1,
             help="telemetry window length, at least 0.1 s (5, 5s, 1m)",
         ),
     ] = _DEFAULTS.telemetry_interval_s,
@@ -150,8 +151,6 @@ def agent_run(
     log_json: LogJson = _DEFAULTS.log_json,
 ) -> None:
     """Serve the stored model at once, then follow the controller's commands."""
-    if telemetry_interval < 0.1:
-        fail(f"--telemetry-interval: {telemetry_interval:g}s is below 0.1s", 2)
     configure_logging(log_level, json=log_json, native=True)
     configure_tracing("hotswap-agent")  # only when OTEL_* variables ask
     with cli_errors():

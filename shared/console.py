@@ -184,11 +184,19 @@ def parse_duration_flag(text: str) -> float:
         raise typer.BadParameter(str(exc)) from None
 
 
-def duration_option(*names: str, help: str, envvar: str | None = None) -> Any:
-    """A typer option that takes a duration (`90`, `30s`, `5m`, `1h`) and gives seconds."""
-    return typer.Option(
-        *names, parser=parse_duration_flag, metavar="DURATION", envvar=envvar, help=help
-    )
+def duration_option(
+    *names: str, help: str, envvar: str | None = None, at_least: float = 0.0
+) -> Any:
+    """A typer option that takes a duration (`90`, `30s`, `5m`, `1h`) and gives seconds;
+    below `at_least` seconds is refused while parsing, like any bad value."""
+
+    def parse(text: str) -> float:
+        seconds = parse_duration_flag(text)
+        if seconds < at_least:
+            raise typer.BadParameter(f"{text!r} is below {at_least:g}s")
+        return seconds
+
+    return typer.Option(*names, parser=parse, metavar="DURATION", envvar=envvar, help=help)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -233,12 +241,15 @@ class OneLineErrors(TyperGroup):
     ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        global json_errors
+        json_errors = False  # until this run's --log-json says otherwise
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # click's usage errors, refused values
             if type(exc).__name__ == "NoArgsIsHelpError":  # `hotswap model`: the help
                 print(exc.format_message(), file=sys.stderr)
             else:
+                _json_if_asked(sys.argv[1:] if args is None else args)
                 error_line(_usage_message(exc.format_message()))
             sys.exit(exc.exit_code)
         except typer.Abort:
@@ -255,6 +266,14 @@ class OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _json_if_asked(args: Sequence[str]) -> None:
+    """A service asked for JSON logs: even a flag refused before it starts is a JSON line."""
+    global json_errors
+    env = os.environ.get("HOTSWAP_LOG_JSON", "").strip().lower()
+    json_errors = json_errors or "--log-json" in args or env in ("1", "true", "yes", "on")
+
+
+_MISSING = re.compile(r"^Missing (option|argument) '([^']+)'(?: \(env var: '([^']+)'\))?")
 _INVALID = re.compile(r"^Invalid value for '([^']+)'(?: \(env var: '([^']+)'\))?: (.*)$", re.S)
 
 
@@ -264,8 +283,12 @@ def _usage_message(message: str) -> str:
     if invalid:
         flag, env, why = invalid.groups()
         return f"{flag} ({env}): {why}" if env else f"{flag}: {why}"
-    if message.startswith(("Missing option ", "Missing argument ")):
-        return "missing " + message.split(" ", 2)[2].strip("'.").replace("' / '", " / ")
+    missing = _MISSING.match(message)
+    if missing:
+        kind, name, env = missing.groups()
+        if kind == "argument":
+            return f"missing argument {name.upper()}"
+        return f"missing {name}" + (f" (or {env})" if env else "")
     return message[:1].lower() + message[1:]
 
 

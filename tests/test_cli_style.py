@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from broker.cli import app
 from broker.launcher import Mosquitto, free_port
+from broker.s3server import DEMO_CREDENTIALS
 from controller.cli import StageProgress
 from shared import topics
 from shared.console import OneLineErrors
@@ -75,6 +76,8 @@ BAD_INPUT = [
     (("generate-model", "x.tflite", "--inputs", "0"), "--inputs"),
     (("controller", "run", "--metrics-port", "99999"), "--metrics-port"),
     (("model", "orphans", "--older-than", "yesterday"), "--older-than"),
+    (("rollout", "status"), "ROLLOUT_ID"),
+    (("device", "revoke", "cam-1"), "--credentials"),
     (("no-such-command",), "no-such-command"),
     (("rollout", "start", "--no-such-flag"), "--no-such-flag"),
 ]
@@ -93,6 +96,17 @@ def test_bad_input_is_one_error_line_naming_the_flag(args: tuple[str, ...], name
     for noise in ("Traceback", "╭", "Usage:", "errors.pydantic.dev", "For further information"):
         assert noise not in err
     assert not re.search(r"\b[a-z]+(_[a-z]+)+_s\b", err), f"an internal field name: {err}"
+
+
+def test_a_refused_flag_under_log_json_is_a_json_line() -> None:
+    """`controller run --log-json --log-level x`: the one error line is a JSON event."""
+    code, out, err = run("controller", "run", "--log-json", "--log-level", "x")
+    assert (code, out) == (2, "")
+    (line,) = err.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "error" and event["error"].startswith("--log-level")
+    code, _, err = run("controller", "run", "--log-level", "x")  # the next run: plain again
+    assert code == 2 and err.startswith("error: --log-level")
 
 
 def test_push_with_an_invalid_version_is_one_line(tmp_path: Path) -> None:
@@ -259,10 +273,27 @@ def test_controller_refuses_to_start_without_s3(mosquitto: Mosquitto, tmp_path: 
             mosquitto, tmp_path, "--s3-endpoint", f"http://127.0.0.1:{free_port()}",
             "--s3-wait", "1s",
         ),
+        env=os.environ | DEMO_CREDENTIALS,  # credentials present: only the endpoint is wrong
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines()[-1].startswith("error: cannot reach S3 at http://127.0.0.1:")
+
+
+def test_controller_without_s3_credentials_says_so(
+    mosquitto: Mosquitto, s3_server: Any, tmp_path: Path
+) -> None:
+    """No AWS_* variables, no profile: exit 2 naming the variables to set, at start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true"}
+    done = subprocess.run(
+        controller_args(mosquitto, tmp_path, "--s3-endpoint", s3_server.endpoint),
+        env=env, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "error: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    )
 
 
 def test_controller_creates_a_missing_bucket_when_asked(
