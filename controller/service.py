@@ -220,7 +220,6 @@ class _Inbound:
 # Intents after which the planner has more to say at once.
 _MOVES = (StartRollout, SettleStage, AdvanceStage, BeginRollback, DecideWinner)
 # Device intents the executor applies a run at a time (one transaction, few publishes).
-_BATCHED = (SendDeploy, RetryDevice, TimeOutDevice, TimeOutRollback, SendRollback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1356,120 +1355,155 @@ class Controller:
         await self._publish_status(self._live.get(row.rollout_id, live))
 
     async def _execute(self, live: LiveRollout, actions: Sequence[Action], now: float) -> None:
-        """Each intent: persist it, apply what was persisted in memory, then publish.
+        """Each intent by its effect (`_EFFECTS`, one small method per intent type):
+        persist it, apply what was persisted in memory, then publish.
 
-        Runs of device intents of one kind (deploys, timeouts, retries, rollbacks) go
-        in one transaction and as few publishes as the contract allows: one per region
-        and chunk of devices, per-device commands concurrently.
+        Runs of device intents of one kind (deploys, timeouts, retries, rollbacks) are
+        one effect (`_RUN_EFFECTS`): one transaction per chunk and as few publishes as
+        the contract allows (`controller.fanout`), per-device commands concurrently.
         """
-        rid = live.rollout_id
-        bound = log.bind(rollout_id=rid)
         i = 0
         while i < len(actions):
-            action = actions[i]
-            kind = type(action)
-            if kind in _BATCHED:
-                j = i
+            kind, j = type(actions[i]), i + 1
+            run_effect = _RUN_EFFECTS.get(kind)
+            if run_effect is not None:
                 while j < len(actions) and type(actions[j]) is kind:
                     j += 1
-                await self._execute_run(live, actions[i:j], now)
-                i = j
-                continue
-            i += 1
-            if isinstance(action, StartRollout):
-                metrics.rollout_started(live.row)
-                live.row = self.store.update_rollout(
-                    rid, now, status="InProgress", stage_started_at=now
-                )
-                live.new_stage(live.row.stage_index, now)
-                bound.info("rollout_started", strategy=live.strategy, stages=len(live.stages))
-                index = live.row.stage_index
-                TRACES.stage(rid, live.stages[index].name if live.stages else "all", index)
-            elif isinstance(action, SendRegionDeploy):
-                await self._deploy(live, action.devices, activate=action.activate, now=now)
-            elif isinstance(action, SendSwitch):
-                await self._switch(live, action.devices, now)
-            elif isinstance(action, DecideWinner):
-                # Read before the devices move: the comparison the decision was made on.
-                decided = self._comparison(live)
-                moved = self.store.decide_winner(rid, action.version, now)
-                if decided is not None:
-                    decided = decided.model_copy(update={"winner": action.version})
-                    self.store.update_rollout(rid, now, ab_result=decided.model_dump_json())
-                bound.info("ab_winner", version=action.version, detail=action.detail, moved=moved)
-                reloaded = await self._reload(rid)
-                if reloaded is None:
-                    return
-                live = reloaded
-            elif isinstance(action, SettleStage):
-                live.row = self.store.update_rollout(rid, now, stage_settled_at=now)
-                bound.info("stage_settled", stage=live.stages[action.index].name)
-            elif isinstance(action, AdvanceStage):
-                metrics.stage_ended(live.row, now)
-                live.row = self.store.update_rollout(
-                    rid, now, stage_index=action.index, stage_started_at=now, stage_settled_at=None
-                )
-                live.new_stage(action.index, now)
-                TRACES.stage(rid, live.stages[action.index].name, action.index)
-                bound.info(
-                    "stage_started", stage=live.stages[action.index].name, index=action.index
-                )
-            elif isinstance(action, PauseRollout):
-                live.row = self.store.update_rollout(
-                    rid, now, status="Paused", reason=action.reason
-                )
-                bound.info("rollout_paused", reason=action.reason)
-            elif isinstance(action, BeginRollback):
-                live.row = self.store.update_rollout(
-                    rid, now, rolling_back=True, reason=action.reason
-                )
-                metrics.ROLLBACKS.inc()
-                TRACES.event(rid, "rolling back", reason=action.reason)
-                bound.warning("rollout_rolling_back", reason=action.reason)
-            elif isinstance(action, FinishRollout):
-                self.store.set_rollout_status(
-                    rid, action.status, action.reason or live.row.reason, now, final=True
-                )
-                metrics.rollout_finished(live.row, action.status, now)
-                TRACES.finish(rid, action.status, action.reason)
-                live.row = self.store.get_rollout(rid)
-                self._untrack_devices(rid)
-                bound.info("rollout_finished", status=action.status, reason=action.reason)
+                await run_effect(self, live, actions[i:j], now)
+            else:
+                moved = await _EFFECTS[kind](self, live, actions[i], now)
+                if moved is None:
+                    return  # its rows could not be read again: nothing more to do now
+                live = moved
+            i = j
 
-    async def _execute_run(self, live: LiveRollout, run: Sequence[Action], now: float) -> None:
-        """A run of device intents of one kind, persisted in one transaction."""
+    # -------------------------------------------------- effects of single intents
+
+    async def _on_start(self, live: LiveRollout, _: StartRollout, now: float) -> LiveRollout:
         rid = live.rollout_id
-        bound = log.bind(rollout_id=rid)
-        devices = [a.device_id for a in run if hasattr(a, "device_id")]
-        first = run[0]
-        if isinstance(first, SendDeploy):
-            groups: dict[tuple[bool, bool], list[str]] = {}
-            for a in run:
-                assert isinstance(a, SendDeploy)
-                groups.setdefault((a.activate, a.shadow), []).append(a.device_id)
-            for (activate, shadow), members in groups.items():
-                await self._deploy(live, members, activate=activate, shadow=shadow, now=now)
-        elif isinstance(first, RetryDevice):
-            for row in await asyncio.to_thread(self.store.reset_for_retry, rid, devices, now):
-                live.set_view(assignment_view(row))
-                bound.info("device_retry", device_id=row.device_id)
-        elif isinstance(first, TimeOutDevice):
-            for row in await asyncio.to_thread(self.store.mark_timed_out, rid, devices, now):
-                live.set_view(assignment_view(row))
-                bound.warning("device_timed_out", device_id=row.device_id)
-        elif isinstance(first, TimeOutRollback):
-            timed_out = await asyncio.to_thread(
-                self.store.mark_rollback_timed_out, rid, devices, now
-            )
-            for row in timed_out:
-                live.set_view(assignment_view(row))
-                bound.warning("rollback_timed_out", device_id=row.device_id)
-        elif isinstance(first, SendRollback):
+        metrics.rollout_started(live.row)
+        live.row = self.store.update_rollout(rid, now, status="InProgress", stage_started_at=now)
+        live.new_stage(live.row.stage_index, now)
+        log.info("rollout_started", rollout_id=rid, strategy=live.strategy, stages=len(live.stages))
+        index = live.row.stage_index
+        TRACES.stage(rid, live.stages[index].name if live.stages else "all", index)
+        return live
 
-            async def rollback(command_id: str, region: str | None, to: tuple[str, ...]) -> None:
-                await self._publish_rollback(live.row, command_id, region=region, devices=to)
+    async def _on_region_deploy(
+        self, live: LiveRollout, action: SendRegionDeploy, now: float
+    ) -> LiveRollout:
+        await self._deploy(live, action.devices, activate=action.activate, now=now)
+        return live
 
-            await self._in_chunks(live, devices, self.store.mark_rollback_sent, rollback, now)
+    async def _on_switch(self, live: LiveRollout, action: SendSwitch, now: float) -> LiveRollout:
+        await self._switch(live, action.devices, now)
+        return live
+
+    async def _on_winner(
+        self, live: LiveRollout, action: DecideWinner, now: float
+    ) -> LiveRollout | None:
+        rid = live.rollout_id
+        # Read before the devices move: the comparison the decision was made on.
+        decided = self._comparison(live)
+        moved = self.store.decide_winner(rid, action.version, now)
+        if decided is not None:
+            decided = decided.model_copy(update={"winner": action.version})
+            self.store.update_rollout(rid, now, ab_result=decided.model_dump_json())
+        log.info(
+            "ab_winner", rollout_id=rid, version=action.version, detail=action.detail, moved=moved
+        )
+        return await self._reload(rid)
+
+    async def _on_settle(self, live: LiveRollout, action: SettleStage, now: float) -> LiveRollout:
+        live.row = self.store.update_rollout(live.rollout_id, now, stage_settled_at=now)
+        log.info("stage_settled", rollout_id=live.rollout_id, stage=live.stages[action.index].name)
+        return live
+
+    async def _on_advance(self, live: LiveRollout, action: AdvanceStage, now: float) -> LiveRollout:
+        rid, index = live.rollout_id, action.index
+        metrics.stage_ended(live.row, now)
+        live.row = self.store.update_rollout(
+            rid, now, stage_index=index, stage_started_at=now, stage_settled_at=None
+        )
+        live.new_stage(index, now)
+        TRACES.stage(rid, live.stages[index].name, index)
+        log.info("stage_started", rollout_id=rid, stage=live.stages[index].name, index=index)
+        return live
+
+    async def _on_pause(self, live: LiveRollout, action: PauseRollout, now: float) -> LiveRollout:
+        live.row = self.store.update_rollout(
+            live.rollout_id, now, status="Paused", reason=action.reason
+        )
+        log.info("rollout_paused", rollout_id=live.rollout_id, reason=action.reason)
+        return live
+
+    async def _on_begin_rollback(
+        self, live: LiveRollout, action: BeginRollback, now: float
+    ) -> LiveRollout:
+        rid = live.rollout_id
+        live.row = self.store.update_rollout(rid, now, rolling_back=True, reason=action.reason)
+        metrics.ROLLBACKS.inc()
+        TRACES.event(rid, "rolling back", reason=action.reason)
+        log.warning("rollout_rolling_back", rollout_id=rid, reason=action.reason)
+        return live
+
+    async def _on_finish(self, live: LiveRollout, action: FinishRollout, now: float) -> LiveRollout:
+        rid = live.rollout_id
+        reason = action.reason or live.row.reason
+        self.store.set_rollout_status(rid, action.status, reason, now, final=True)
+        metrics.rollout_finished(live.row, action.status, now)
+        TRACES.finish(rid, action.status, action.reason)
+        live.row = self.store.get_rollout(rid)
+        self._untrack_devices(rid)
+        log.info("rollout_finished", rollout_id=rid, status=action.status, reason=action.reason)
+        return live
+
+    # -------------------------------------------------- effects of runs of device intents
+
+    async def _on_deploys(self, live: LiveRollout, run: Sequence[SendDeploy], now: float) -> None:
+        groups: dict[tuple[bool, bool], list[str]] = {}
+        for a in run:
+            groups.setdefault((a.activate, a.shadow), []).append(a.device_id)
+        for (activate, shadow), members in groups.items():
+            await self._deploy(live, members, activate=activate, shadow=shadow, now=now)
+
+    async def _on_retries(self, live: LiveRollout, run: Sequence[RetryDevice], now: float) -> None:
+        devices = [a.device_id for a in run]
+        for row in await asyncio.to_thread(
+            self.store.reset_for_retry, live.rollout_id, devices, now
+        ):
+            live.set_view(assignment_view(row))
+            log.info("device_retry", rollout_id=live.rollout_id, device_id=row.device_id)
+
+    async def _on_timeouts(
+        self, live: LiveRollout, run: Sequence[TimeOutDevice], now: float
+    ) -> None:
+        devices = [a.device_id for a in run]
+        for row in await asyncio.to_thread(
+            self.store.mark_timed_out, live.rollout_id, devices, now
+        ):
+            live.set_view(assignment_view(row))
+            log.warning("device_timed_out", rollout_id=live.rollout_id, device_id=row.device_id)
+
+    async def _on_rollback_timeouts(
+        self, live: LiveRollout, run: Sequence[TimeOutRollback], now: float
+    ) -> None:
+        devices = [a.device_id for a in run]
+        rows = await asyncio.to_thread(
+            self.store.mark_rollback_timed_out, live.rollout_id, devices, now
+        )
+        for row in rows:
+            live.set_view(assignment_view(row))
+            log.warning("rollback_timed_out", rollout_id=live.rollout_id, device_id=row.device_id)
+
+    async def _on_rollbacks(
+        self, live: LiveRollout, run: Sequence[SendRollback], now: float
+    ) -> None:
+        async def rollback(command_id: str, region: str | None, to: tuple[str, ...]) -> None:
+            await self._publish_rollback(live.row, command_id, region=region, devices=to)
+
+        devices = [a.device_id for a in run]
+        await self._in_chunks(live, devices, self.store.mark_rollback_sent, rollback, now)
 
     def _region_sizes(self) -> dict[str, int]:
         """Devices registered per region (each subscribed to its region's topic), read
@@ -1911,6 +1945,31 @@ class Controller:
         if trace:
             properties.UserProperty = list(trace)  # paho appends to what is there
         await self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+
+
+# Each intent type's effect (Controller._execute). A single intent's effect returns the
+# rollout as it is afterwards (None: its rows could not be read again).
+_Effect = Callable[[Controller, LiveRollout, Any, float], Awaitable[LiveRollout | None]]
+_EFFECTS: dict[type[Action], _Effect] = {
+    StartRollout: Controller._on_start,
+    SendRegionDeploy: Controller._on_region_deploy,
+    SendSwitch: Controller._on_switch,
+    DecideWinner: Controller._on_winner,
+    SettleStage: Controller._on_settle,
+    AdvanceStage: Controller._on_advance,
+    PauseRollout: Controller._on_pause,
+    BeginRollback: Controller._on_begin_rollback,
+    FinishRollout: Controller._on_finish,
+}
+# Runs of device intents of one kind: one effect for the run.
+_RunEffect = Callable[[Controller, LiveRollout, Any, float], Awaitable[None]]
+_RUN_EFFECTS: dict[type[Action], _RunEffect] = {
+    SendDeploy: Controller._on_deploys,
+    RetryDevice: Controller._on_retries,
+    TimeOutDevice: Controller._on_timeouts,
+    TimeOutRollback: Controller._on_rollback_timeouts,
+    SendRollback: Controller._on_rollbacks,
+}
 
 
 def assignment_view(a: AssignmentRow | Assignment) -> AssignmentView:

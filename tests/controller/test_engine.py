@@ -301,3 +301,15 @@ def test_an_operator_request_is_taken_before_the_device_messages_queued_ahead_of
     assert queue.get_nowait().topic.value == topics.CONTROLLER_REQUESTS
     order = [queue.get_nowait().mid for _ in range(1000)]
     assert order == list(range(1, 1001)) and queue.empty()
+
+
+def test_every_intent_the_planner_can_emit_has_exactly_one_effect() -> None:
+    """The executor maps each intent type to one effect: a single one, or one for a run."""
+    from typing import get_args
+
+    from controller.planner import Action
+    from controller.service import _EFFECTS, _RUN_EFFECTS
+
+    kinds = set(get_args(Action))
+    assert kinds == set(_EFFECTS) | set(_RUN_EFFECTS)
+    assert not set(_EFFECTS) & set(_RUN_EFFECTS)
