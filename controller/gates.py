@@ -1,12 +1,29 @@
 """Telemetry gates: candidate cohort vs baseline cohort, over the same window. Pure.
 
 Cohort statistics merge the devices' telemetry windows by adding counts (the
-histograms share fixed buckets). A gate's verdict is `pass`, `fail`,
-`inconclusive` (fewer than `min_samples` inferences in a cohort it needs) or
-`not_applicable`: the gate reads something the model does not have, e.g. the
-confidence of a model whose task is `none` (see `shared.tasks`). `overall`
-treats `not_applicable` as absent: it never fails a rollout and never counts as
-evidence for it.
+histograms share fixed buckets, the sketches a fixed mapping). A gate's verdict is
+`pass`, `fail`, `inconclusive` or `not_applicable`, with the estimate, its
+interval, the samples and devices each side counted (`GateVerdict`):
+
+- the latency-increase gate compares each device's own p95 (read from its sketch,
+  log scale) across the two cohorts with a pooled two-sample t interval: the devices
+  are the unit, so device-to-device spread and per-device sampling noise are both in
+  the interval (docs/gates.md says why this and not a rank test or a bootstrap);
+- the absolute latency gate reads the candidate cohort's p95 from its merged sketch,
+  with the distribution-free order-statistic interval of a quantile;
+- the confidence gate does the same with each device's mean confidence;
+- error-rate and agreement gates use a Wilson score interval of the proportion;
+- a gate **fails** when its whole interval lies beyond the threshold (we are
+  confident it is exceeded), **passes** when its whole interval lies within it,
+  and is **inconclusive** otherwise, or with fewer than `min_samples` inferences,
+  or too few devices for a spread: too little evidence never passes.
+
+Cohorts from agents without sketches (any inference counted without one) fall back
+to the fixed histograms and a point comparison, and the verdict says so. Input
+drift (PSI) stays a point reading. `not_applicable`: the gate reads something the
+model does not have, e.g. the confidence of a model whose task is `none` (see
+`shared.tasks`). `overall` treats `not_applicable` as absent: it never fails a
+rollout and never counts as evidence for it.
 
 Which confidence, input layout and agreement rule a cohort's numbers mean
 comes with them (`CohortStats.tasks`, `input_tensors`, `agreement_rules`), so
@@ -18,7 +35,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from statistics import NormalDist
 from typing import Literal
+
+from scipy import stats as scipy_stats
 
 from shared.manifest import ModelTask
 from shared.messages import (
@@ -31,9 +52,76 @@ from shared.messages import (
     GateVerdict,
     Histogram,
 )
+from shared.sketch import QuantileSketch
 from shared.tasks import LEGACY_AGREEMENT_RULE, describe, has_confidence
 
 Verdict = Literal["pass", "fail", "inconclusive"]
+
+# Two-sided level of every interval: each bound is a one-sided 99 % bound, so a gate
+# with a zero tolerance fails a candidate identical to its baseline 1 % of the time.
+LEVEL = 0.98
+# A device's own p95 (or mean confidence) counts once it has this many samples in the
+# window: fewer make its p95 little more than its maximum.
+DEVICE_MIN_SAMPLES = 50
+GATE_QUANTILE = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpread:
+    """One statistic of each device of a cohort, as sums: devices, sum, sum of squares.
+
+    Sums add and subtract as devices join and leave a cohort, so the cohort's mean and
+    spread cost the same at any fleet size. Latency: the log of each device's p95 (ms);
+    confidence: each device's mean confidence.
+    """
+
+    devices: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> DeviceSpread:
+        out = cls()
+        for v in values:
+            out = out.plus(v)
+        return out
+
+    def plus(self, value: float, sign: int = 1) -> DeviceSpread:
+        n = self.devices + sign
+        if n <= 0:
+            return DeviceSpread()
+        return DeviceSpread(n, self.total + sign * value, self.total_sq + sign * value * value)
+
+    def merged(self, other: DeviceSpread) -> DeviceSpread:
+        return DeviceSpread(
+            self.devices + other.devices,
+            self.total + other.total,
+            self.total_sq + other.total_sq,
+        )
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.devices if self.devices else None
+
+    @property
+    def squares(self) -> float:
+        """Sum of squared deviations from the mean (never negative)."""
+        if not self.devices:
+            return 0.0
+        return max(0.0, self.total_sq - self.total * self.total / self.devices)
+
+
+def device_p95(sketch: QuantileSketch | None) -> float | None:
+    """The log of a device's p95 (ms), once its sketch holds DEVICE_MIN_SAMPLES."""
+    if sketch is None or sketch.count < DEVICE_MIN_SAMPLES:
+        return None
+    p95 = sketch.quantile(GATE_QUANTILE)
+    return math.log(max(p95, 1e-6)) if p95 is not None else None
+
+
+def device_confidence(n: int, total: float) -> float | None:
+    """A device's mean confidence, once it has DEVICE_MIN_SAMPLES confidence values."""
+    return total / n if n >= DEVICE_MIN_SAMPLES else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +170,19 @@ class CohortStats:
     # confidence means. Empty: unknown, the confidence is taken as comparable.
     tasks: frozenset[ModelTask] = frozenset()
     agreement_rules: frozenset[str] = frozenset()  # shadow: how `agreements` were counted
+    # The same latencies and confidences at high resolution (`shared.sketch`); None when
+    # nothing was sketched. `unsketched`: inferences of windows that came without a
+    # sketch (older agents): any makes the latency gates fall back to the histograms.
+    latency_sketch: QuantileSketch | None = None
+    confidence_sketch: QuantileSketch | None = None
+    unsketched: int = 0
+    # Per device of the cohort: the log of its p95 and its mean confidence (`DeviceSpread`).
+    device_p95: DeviceSpread = DeviceSpread()
+    device_confidence: DeviceSpread = DeviceSpread()
+    # The comparison window the cohort covers (epoch seconds, devices' clocks) and the
+    # settle rule that shaped it (`controller.live`); None when not known.
+    window_start: float | None = None
+    settle: str | None = None
 
     def merged(self, other: CohortStats) -> CohortStats:
         return CohortStats(
@@ -95,7 +196,24 @@ class CohortStats:
             merge_tensor_inputs(self.input_tensors, other.input_tensors),
             self.tasks | other.tasks,
             self.agreement_rules | other.agreement_rules,
+            _merged_sketch(self.latency_sketch, other.latency_sketch),
+            _merged_sketch(self.confidence_sketch, other.confidence_sketch),
+            self.unsketched + other.unsketched,
+            self.device_p95.merged(other.device_p95),
+            self.device_confidence.merged(other.device_confidence),
+            _earliest(self.window_start, other.window_start),
+            self.settle or other.settle,
         )
+
+    @property
+    def sketched(self) -> bool:
+        """Every inference's latency is in the sketch (no window came without one; a
+        cohort with histogram latencies and no sketch at all is not sketched either)."""
+        return self.unsketched == 0 and (self.latency_sketch is not None or not self.latency.n)
+
+    @property
+    def quantiles(self) -> str:
+        return "sketch" if self.sketched else "histograms"
 
     @property
     def agreement(self) -> float | None:
@@ -107,7 +225,14 @@ class CohortStats:
         return self.errors / self.count if self.count else None
 
     def p(self, q: float) -> float | None:
+        """The cohort's q-quantile of latency (ms): from the sketch, interpolated, when
+        every inference was sketched; else the histogram's bucket upper bound."""
+        if self.sketched:
+            return self.latency_sketch.quantile(q) if self.latency_sketch is not None else None
         return self.latency.quantile(q, LATENCY_BUCKETS_MS)
+
+    def mean_confidence(self) -> float | None:
+        return self.confidence.mean()
 
     def task_text(self) -> str | None:
         return "; ".join(sorted(describe(t) for t in self.tasks)) or None
@@ -127,7 +252,22 @@ class CohortStats:
             agreement=self.agreement if self.agreements else None,
             task=self.task_text(),
             agreement_rule="; ".join(sorted(self.agreement_rules)) or None,
+            quantiles=self.quantiles if self.count else None,
+            window_start=datetime.fromtimestamp(self.window_start, UTC)
+            if self.window_start is not None
+            else None,
+            settle=self.settle,
         )
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _merged_sketch(a: QuantileSketch | None, b: QuantileSketch | None) -> QuantileSketch | None:
+    if a is None:
+        return b.copy() if b is not None else None
+    return a.merged(b) if b is not None else a.copy()
 
 
 PSI_FLOOR = 1e-4  # empty buckets count as this share, so the index stays finite
@@ -223,30 +363,167 @@ def agreement_problem(candidate: CohortStats) -> str | None:
     return None
 
 
-def _verdict(
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """An estimate and its two-sided LEVEL interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+def t_quantile(df: int) -> float:
+    """The two-sided LEVEL quantile of Student's t with `df` degrees of freedom."""
+    return float(scipy_stats.t.ppf(0.5 + LEVEL / 2, df))
+
+
+def difference_interval(candidate: DeviceSpread, baseline: DeviceSpread) -> Interval | None:
+    """mean(candidate) - mean(baseline) of per-device values: pooled two-sample t interval.
+
+    One variance for both sides (the devices of a fleet, a random share of which run the
+    candidate) estimated from both, so a canary of one device still has an interval
+    when the baseline has two or more. None with fewer than three devices in all.
+    """
+    k1, k2 = candidate.devices, baseline.devices
+    df = k1 + k2 - 2
+    if k1 < 1 or k2 < 1 or df < 1:
+        return None
+    mean1, mean2 = candidate.mean, baseline.mean
+    assert mean1 is not None and mean2 is not None
+    s2 = (candidate.squares + baseline.squares) / df
+    half = t_quantile(df) * math.sqrt(s2 * (1 / k1 + 1 / k2))
+    d = mean1 - mean2
+    return Interval(d, d - half, d + half)
+
+
+def quantile_interval(sketch: QuantileSketch | None, q: float) -> Interval | None:
+    """The q-quantile of a sketch's values and its distribution-free interval at LEVEL: the
+    values at the order-statistic ranks the binomial distribution gives (ranks are exact
+    in a sketch, values within its 2 %). Treats the values as independent draws."""
+    if sketch is None or not sketch.count:
+        return None
+    n = sketch.count
+    estimate = sketch.quantile(q)
+    tail = (1 - LEVEL) / 2
+    lo_rank = int(scipy_stats.binom.ppf(tail, n, q)) - 1
+    hi_rank = int(scipy_stats.binom.ppf(1 - tail, n, q))
+    low, high = sketch.at_rank(lo_rank), sketch.at_rank(hi_rank)
+    if estimate is None or low is None or high is None:
+        return None
+    if lo_rank < 0:
+        low = 0.0  # too few values below the quantile to bound it
+    if hi_rank > n - 1:
+        high = math.inf  # too few values above the quantile to bound it
+    return Interval(estimate, min(low, estimate), max(high, estimate))
+
+
+def wilson_interval(successes: int, n: int) -> Interval | None:
+    """A proportion and its Wilson score interval at LEVEL (sound at 0 and near 0)."""
+    if n <= 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + LEVEL / 2)
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(p, low, high)
+
+
+def decide(interval: Interval, threshold: float, *, lower_is_better: bool) -> GateOutcome:
+    """fail: the whole interval is beyond the threshold; pass: the whole of it within;
+    else inconclusive (the evidence does not settle it)."""
+    if lower_is_better:
+        if interval.low > threshold:
+            return "fail"
+        return "pass" if interval.high <= threshold else "inconclusive"
+    if interval.high < threshold:
+        return "fail"
+    return "pass" if interval.low >= threshold else "inconclusive"
+
+
+@dataclass(frozen=True, slots=True)
+class _Counted:
+    """What a verdict counted on each side."""
+
+    samples: int
+    baseline_samples: int | None = None
+    devices: int | None = None
+    baseline_devices: int | None = None
+
+
+def _reading(
+    gate: str,
+    threshold: float,
+    interval: Interval | None,
+    counted: _Counted,
+    *,
+    lower_is_better: bool,
+    method: str,
+    short: str | None,
+    why_no_interval: str = "",
+) -> GateVerdict:
+    """A statistical verdict: inconclusive while `short` (too few samples) or without an
+    interval; else `decide`."""
+    outcome: GateOutcome = "inconclusive"
+    if short is None and interval is not None:
+        outcome = decide(interval, threshold, lower_is_better=lower_is_better)
+    if short is not None:
+        detail = short
+    elif interval is None:
+        detail = why_no_interval
+    else:
+        detail = method
+    return GateVerdict(
+        gate=gate, verdict=outcome, threshold=threshold, detail=detail,
+        observed=interval.estimate if interval is not None else None,
+        low=interval.low if interval is not None else None,
+        high=interval.high if interval is not None else None,
+        level=LEVEL if interval is not None else None,
+        samples=counted.samples, baseline_samples=counted.baseline_samples,
+        devices=counted.devices, baseline_devices=counted.baseline_devices, method=method,
+    )  # fmt: skip
+
+
+def _point(
     gate: str,
     threshold: float,
     observed: float | None,
+    counted: _Counted,
     *,
     lower_is_better: bool,
-    measure: str,
+    method: str,
     short: str | None,
 ) -> GateVerdict:
-    """`short`: why there are too few samples for a verdict (None: enough)."""
+    """A point comparison (no interval): input PSI, and cohorts without sketches."""
     outcome: GateOutcome = "inconclusive"
     if short is None and observed is not None:
         ok = observed <= threshold if lower_is_better else observed >= threshold
         outcome = "pass" if ok else "fail"
     return GateVerdict(
         gate=gate, verdict=outcome, observed=observed, threshold=threshold,
-        detail=short if short is not None else measure,
+        detail=short if short is not None else method,
+        samples=counted.samples, baseline_samples=counted.baseline_samples,
+        devices=counted.devices, baseline_devices=counted.baseline_devices, method=method,
     )  # fmt: skip
+
+
+HISTOGRAM_FALLBACK = "agents without sketches: fixed histogram buckets, point comparison"
+
+
+def _exp_interval(i: Interval | None, minus_one: bool = False) -> Interval | None:
+    """A log-scale interval back on the ratio scale (minus 1: an increase)."""
+    if i is None:
+        return None
+    k = 1.0 if minus_one else 0.0
+    return Interval(math.exp(i.estimate) - k, math.exp(i.low) - k, math.exp(i.high) - k)
 
 
 def evaluate_gates(
     spec: GateSpec, candidate: CohortStats, baseline: CohortStats
 ) -> tuple[GateVerdict, ...]:
-    """One verdict per configured gate."""
+    """One verdict per configured gate (see the module docstring for the rules)."""
     n = spec.min_samples
 
     def short(needs_base: bool, cand_n: int | None = None, base_n: int | None = None) -> str | None:
@@ -259,45 +536,104 @@ def evaluate_gates(
             return f"baseline {bn} of {n}{what} samples"
         return None
 
+    def devices_short(needs_base: bool, what: str) -> str:
+        k1, k2 = candidate.device_p95.devices, baseline.device_p95.devices
+        if what == "confidence":
+            k1, k2 = candidate.device_confidence.devices, baseline.device_confidence.devices
+        side = f"{k1} candidate" + (f" and {k2} baseline" if needs_base else "")
+        return (
+            f"too few devices with {DEVICE_MIN_SAMPLES}+ {what} samples for a spread "
+            f"({side}; 3 in all needed)"
+        )
+
+    sketched = candidate.sketched and baseline.sketched
+    latency_counted = _Counted(
+        candidate.count, baseline.count, candidate.device_p95.devices, baseline.device_p95.devices
+    )
     out: list[GateVerdict] = []
-    p95, base95 = candidate.p(0.95), baseline.p(0.95)
+    # The fallback compares like with like: both sides' histograms, even if one has sketches.
+    p95 = candidate.latency.quantile(0.95, LATENCY_BUCKETS_MS)
+    base95 = baseline.latency.quantile(0.95, LATENCY_BUCKETS_MS)
     if spec.max_latency_ms is not None:
-        out.append(
-            _verdict(
-                "max_latency_ms", spec.max_latency_ms, p95,
-                lower_is_better=True, measure="candidate p95", short=short(False),
-            )
-        )  # fmt: skip
+        if sketched:
+            i = quantile_interval(candidate.latency_sketch, GATE_QUANTILE)
+            out.append(
+                _reading(
+                    "max_latency_ms", spec.max_latency_ms, i, latency_counted,
+                    lower_is_better=True,
+                    method="candidate p95, order-statistic interval",
+                    short=short(False), why_no_interval="no latencies",
+                )
+            )  # fmt: skip
+        else:
+            out.append(
+                _point(
+                    "max_latency_ms", spec.max_latency_ms, p95, latency_counted,
+                    lower_is_better=True, method=f"candidate p95; {HISTOGRAM_FALLBACK}",
+                    short=short(False),
+                )
+            )  # fmt: skip
     if spec.max_error_rate is not None:
-        out.append(
-            _verdict(
-                "max_error_rate", spec.max_error_rate, candidate.error_rate,
-                lower_is_better=True, measure="candidate errors/inferences", short=short(False),
-            )
+        i = wilson_interval(candidate.errors, candidate.count)
+        verdict = _reading(
+            "max_error_rate", spec.max_error_rate, i,
+            _Counted(candidate.count, None, candidate.devices, None),
+            lower_is_better=True, method="candidate errors/inferences, Wilson interval",
+            short=short(False), why_no_interval="no inferences",
         )  # fmt: skip
+        if (
+            spec.max_error_rate == 0
+            and verdict.verdict == "inconclusive"
+            and short(False) is None
+            and candidate.errors == 0
+        ):
+            # No interval can show a rate of exactly 0: a zero tolerance means "no error".
+            verdict = verdict.model_copy(
+                update={"verdict": "pass", "detail": "no error (zero tolerance)"}
+            )
+        out.append(verdict)
     if spec.max_latency_increase is not None:
-        out.append(
-            _verdict(
-                "max_latency_increase", spec.max_latency_increase,
-                p95 / base95 - 1 if p95 is not None and base95 else None,
-                lower_is_better=True, measure="candidate p95 / baseline p95 - 1",
-                short=short(True),
+        if sketched:
+            i = _exp_interval(
+                difference_interval(candidate.device_p95, baseline.device_p95), minus_one=True
             )
-        )  # fmt: skip
+            out.append(
+                _reading(
+                    "max_latency_increase", spec.max_latency_increase, i, latency_counted,
+                    lower_is_better=True,
+                    method="devices' p95, candidate / baseline - 1 (geometric means), t interval",
+                    short=short(True), why_no_interval=devices_short(True, "latency"),
+                )
+            )  # fmt: skip
+        else:
+            out.append(
+                _point(
+                    "max_latency_increase", spec.max_latency_increase,
+                    p95 / base95 - 1 if p95 is not None and base95 else None, latency_counted,
+                    lower_is_better=True,
+                    method=f"candidate p95 / baseline p95 - 1; {HISTOGRAM_FALLBACK}",
+                    short=short(True),
+                )
+            )  # fmt: skip
     if spec.max_confidence_drop is not None:
         problem = confidence_problem(candidate, baseline, ("candidate", "baseline"))
         if problem is not None:
             out.append(_not_applicable("max_confidence_drop", spec.max_confidence_drop, problem))
         else:
-            cand, base = candidate.confidence.mean(), baseline.confidence.mean()
+            diff = difference_interval(baseline.device_confidence, candidate.device_confidence)
             out.append(
-                _verdict(
-                    "max_confidence_drop", spec.max_confidence_drop,
-                    base - cand if cand is not None and base is not None else None,
-                    lower_is_better=True, measure="baseline mean confidence - candidate's",
+                _reading(
+                    "max_confidence_drop", spec.max_confidence_drop, diff,
+                    _Counted(
+                        candidate.confidence.n, baseline.confidence.n,
+                        candidate.device_confidence.devices, baseline.device_confidence.devices,
+                    ),
+                    lower_is_better=True,
+                    method="devices' mean confidence, baseline - candidate, t interval",
                     # A detector's inferences with nothing above its threshold have no
                     # confidence: the samples that count are those with one.
                     short=short(True, candidate.confidence.n, baseline.confidence.n),
+                    why_no_interval=devices_short(True, "confidence"),
                 )
             )  # fmt: skip
     if spec.min_agreement is not None:
@@ -306,20 +642,25 @@ def evaluate_gates(
         if problem is not None:
             out.append(_not_applicable("min_agreement", spec.min_agreement, problem))
         else:
+            ok = candidate.count - candidate.errors
+            i = wilson_interval(candidate.agreements, ok)
+            what = f"shadow agreement: {rules}" if rules else "shadow agreement"
             out.append(
-                _verdict(
-                    "min_agreement", spec.min_agreement, candidate.agreement,
-                    lower_is_better=False,
-                    measure=f"shadow agreement: {rules}" if rules else "shadow agreement",
-                    short=short(False),
+                _reading(
+                    "min_agreement", spec.min_agreement, i,
+                    _Counted(ok, None, candidate.devices, None),
+                    lower_is_better=False, method=f"{what}, Wilson interval",
+                    short=short(False), why_no_interval="no successful inferences",
                 )
             )  # fmt: skip
     if spec.max_input_psi is not None:
         drift = input_drift(candidate, baseline)
         out.append(
-            _verdict(
+            _point(
                 "max_input_psi", spec.max_input_psi, drift.worst,
-                lower_is_better=True, measure=f"{drift.measure}, candidate vs baseline",
+                _Counted(candidate.count, baseline.count, candidate.devices, baseline.devices),
+                lower_is_better=True,
+                method=f"{drift.measure}, candidate vs baseline",
                 short=short(True),
             )
         )  # fmt: skip
@@ -339,13 +680,21 @@ def overall(verdicts: Sequence[GateVerdict]) -> Verdict:
     return "pass"
 
 
+def format_reading(v: GateVerdict) -> str:
+    """`0.312 [0.24, 0.389]` (estimate and interval), or the estimate alone, or `-`."""
+    if v.observed is None:
+        return "-"
+    if v.low is None or v.high is None:
+        return f"{v.observed:.4g}"
+    return f"{v.observed:.4g} [{v.low:.4g}, {v.high:.4g}]"
+
+
 def describe_failures(verdicts: Sequence[GateVerdict]) -> str:
     parts = []
     for v in verdicts:
         if v.verdict == "fail":
-            observed = "-" if v.observed is None else f"{v.observed:.4g}"
             relation = "<" if v.gate.startswith("min_") else ">"
-            parts.append(f"{v.gate}: {observed} {relation} {v.threshold:g} ({v.detail})")
+            parts.append(f"{v.gate}: {format_reading(v)} {relation} {v.threshold:g} ({v.detail})")
     return "; ".join(parts)
 
 

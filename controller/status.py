@@ -3,7 +3,8 @@
 The status is a bounded summary: counts per state, the stage, the gates, the
 cohorts; its size does not depend on the number of devices. Rollouts of at most
 `STATUS_DEVICE_LINES` devices also carry each device's line; larger ones page
-through `ListRolloutDevices`.
+through `ListRolloutDevices`. `gate_line` and `cohort_window` render the gates'
+readings (estimate, interval, what each side counted) for the CLI.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 
 from controller.db import RolloutRow
 from controller.planner import FINAL_DEVICE_STATES, LEFT_STATES, AssignmentView, rollout_state
-from shared.messages import DeviceProgress, RolloutStatus
+from shared.messages import CohortSummary, DeviceProgress, GateVerdict, RolloutStatus
 
 
 def device_states(counts: Mapping[str, int], rollback_counts: Mapping[str, int]) -> dict[str, int]:
@@ -76,3 +77,41 @@ def progress(a: AssignmentView) -> DeviceProgress:
         reason = a.reason if a.rollback_state == "failed" else "no answer to the rollback"
         return DeviceProgress(device_id=a.device_id, state="rollback_failed", reason=reason)
     return DeviceProgress(device_id=a.device_id, state=a.state, reason=a.reason)
+
+
+def gate_line(v: GateVerdict) -> str:
+    """One gate as operators read it: verdict, estimate and interval against the threshold,
+    what each side counted, how it was computed (or why there is no verdict yet)."""
+    reading = "-"
+    if v.observed is not None:
+        reading = f"{v.observed:.4g}"
+        if v.low is not None and v.high is not None and v.level is not None:
+            reading += f" [{v.low:.4g}, {v.high:.4g}] ({v.level:.0%} interval)"
+        elif v.low is not None and v.level is not None:
+            reading += f" [{v.low:.4g}, unbounded] ({v.level:.0%} interval)"
+    counted = ""
+    if v.samples is not None:
+        counted = f"; candidate {v.samples} samples"
+        if v.devices is not None:
+            counted += f", {v.devices} devices"
+        if v.baseline_samples is not None:
+            counted += f"; baseline {v.baseline_samples} samples"
+            if v.baseline_devices is not None:
+                counted += f", {v.baseline_devices} devices"
+    threshold = "-" if v.threshold is None else f"{v.threshold:g}"
+    detail = v.detail
+    if v.method and v.method != detail:
+        detail = f"{detail} ({v.method})" if detail else v.method
+    return f"{v.gate}: {v.verdict.replace('_', ' ')}, {reading} vs {threshold}{counted}; {detail}"
+
+
+def cohort_window(summary: CohortSummary) -> str | None:
+    """The comparison window and settle rule a cohort's numbers cover, for operators."""
+    parts = []
+    if summary.quantiles:
+        parts.append(f"quantiles from {summary.quantiles}")
+    if summary.window_start is not None:
+        parts.append(f"compared from {summary.window_start:%H:%M:%S} UTC")
+    if summary.settle:
+        parts.append(f"settle: {summary.settle}")
+    return "; ".join(parts) or None

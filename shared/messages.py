@@ -386,13 +386,28 @@ GateOutcome = Literal["pass", "fail", "inconclusive", "not_applicable"]
 
 class GateVerdict(WireModel):
     """One gate's reading. `not_applicable`: the gate measures something the model does
-    not have (confidence of a model with no confidence); it neither passes nor fails."""
+    not have (confidence of a model with no confidence); it neither passes nor fails.
+
+    `observed` is the estimate; `low`/`high` its interval at `level` (two-sided: each
+    bound is one-sided at (1 + level) / 2), None where the gate has none (a point reading,
+    or agents without sketches); the samples and devices each side counted; `method` how
+    it was computed (`docs/gates.md`). Fields after `detail` are optional (older
+    controllers do not send them).
+    """
 
     gate: str
     verdict: GateOutcome
     observed: float | None = None
     threshold: float | None = None
     detail: str = ""
+    low: float | None = None
+    high: float | None = None
+    level: float | None = None
+    samples: int | None = None  # candidate's inferences (or confidence values) counted
+    baseline_samples: int | None = None
+    devices: int | None = None  # candidate devices whose own statistic counted
+    baseline_devices: int | None = None
+    method: str | None = None
 
 
 class DeviceProgress(WireModel):
@@ -418,6 +433,13 @@ class CohortSummary(WireModel):
     agreement: float | None = None  # shadow: share of inferences agreeing with the served
     task: str | None = None  # the task(s) the cohort's confidence means ("; " between)
     agreement_rule: str | None = None  # shadow: how agreement was counted
+    # How the quantiles were read: "sketch" (within 2 %) or "histograms" (agents without
+    # sketches: 15 fixed buckets, a bucket's upper bound). None: an older controller.
+    quantiles: str | None = None
+    # The comparison window: windows counted from this instant (devices' clocks), and
+    # the settle rule that left each device's first calls of a version out.
+    window_start: datetime | None = None
+    settle: str | None = None
 
 
 class ABComparison(WireModel):
@@ -514,7 +536,12 @@ class GateSpec(WireModel):
     max_input_psi: float | None = Field(default=None, gt=0)  # input drift vs the baseline
     # shadow: share agreeing with the served outputs (same top class for classifiers)
     min_agreement: float | None = Field(default=None, ge=0, le=1)
-    min_samples: int = Field(default=20, ge=1)  # inferences per cohort before a verdict
+    # Inferences per cohort before a verdict: 2,000 (e.g. 20 devices x 100) is what the
+    # latency gate needs to catch +10 % in 95 % of canaries (bench/gates.py, docs/gates.md).
+    min_samples: int = Field(default=2000, ge=1)
+    # Seconds after a device's first window of a version (the one holding the swap) before
+    # its windows count for the gates (`controller.live`, docs/gates.md).
+    settle_s: float = Field(default=1.0, ge=0, le=3600)
 
     @property
     def any(self) -> bool:

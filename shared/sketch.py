@@ -318,6 +318,13 @@ class QuantileSketch:
             out.append(v)
         return out
 
+    def at_rank(self, k: int) -> float | None:
+        """The estimated value of the k-th smallest value (0-based, clamped to the ranks)."""
+        n = self.count
+        if not n:
+            return None
+        return self._at_rank(min(max(k, 0), n - 1), n, np.cumsum(self._counts), True)
+
     def _at_rank(self, k: int, n: int, cum: npt.NDArray[np.int64], interpolate: bool) -> float:
         if k <= 0:
             return self._min
@@ -376,6 +383,42 @@ class QuantileSketch:
         self._max = max(self._max, other._max)
         if other.span:
             self._add_counts(other._offset, other._counts)
+
+    def subtract(self, other: QuantileSketch) -> None:
+        """Take `other`'s counts out of this sketch (in place): the inverse of `merge` for a
+        sketch that was merged in before (a device leaving a cohort).
+
+        Counts, sum and dropped subtract exactly; min and max cannot be taken apart, so
+        they become bounds: the old ones, narrowed to the edges of the lowest and highest
+        buckets still counted. Refused (ValueError) when a count would go negative.
+        """
+        if other.mapping != self.mapping:
+            raise SketchMismatchError(self.mapping, other.mapping)
+        if other.zero_count > self.zero_count:
+            raise ValueError("subtracting counts this sketch does not hold")
+        if other.span:
+            lo, hi = other._offset, other._offset + other.span
+            start, end = self._offset, self._offset + self.span
+            if lo < start or hi > end:
+                raise ValueError("subtracting counts this sketch does not hold")
+            mine = self._counts.copy()
+            mine[lo - start : hi - start] -= other._counts
+            if (mine < 0).any():
+                raise ValueError("subtracting counts this sketch does not hold")
+            self._counts = mine
+        self.zero_count -= other.zero_count
+        self.dropped = max(0, self.dropped - other.dropped)
+        self._sum = max(0.0, self._sum - other._sum)
+        self._trim()
+        if not self.count:
+            self._sum, self._min, self._max = 0.0, math.inf, -math.inf
+            return
+        if self.zero_count == 0:
+            self._min = max(self._min, self.mapping.value(self._offset, 0.0))
+        if self.span:
+            self._max = min(self._max, self.mapping.value(self._offset + self.span - 1, 1.0))
+        else:
+            self._max = min(self._max, MIN_INDEXABLE)
 
     def merged(self, other: QuantileSketch) -> QuantileSketch:
         out = self.copy()

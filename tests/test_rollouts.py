@@ -236,9 +236,10 @@ async def test_healthy_canary_then_progressive_reach_every_device(
     await fleet.push(model_v2, "2.0.0")
     rid = await fleet.start(
         version="2.0.0", strategy="canary", canary_percent=25, canary_duration_s=3,
-        # 100 samples: one cold call right after the swap cannot be the p95 (issue 13 adds a
-        # settle rule; until then the cohort must be large enough to outvote it).
-        gates=GateSpec(max_latency_increase=3.0, max_error_rate=0.0, min_samples=100),
+        # One canary device against three: a ratio's interval has 2 degrees of freedom, too
+        # wide to pass on a loaded machine (tests/test_gates_e2e.py judges the ratio with six
+        # devices a side); the candidate's own p95 has an interval of its own.
+        gates=GateSpec(max_latency_ms=1000, max_error_rate=0.0, min_samples=100),
     )  # fmt: skip
     status = await fleet.final(rid)
     assert status.status == "Succeeded", status

@@ -1,22 +1,32 @@
-"""Telemetry gates on plain numbers: each gate's pass/fail/inconclusive, merging, A/B compare."""
+"""Telemetry gates on plain numbers: each gate's pass/fail/inconclusive with its interval,
+the histogram fallback for agents without sketches, merging, A/B compare."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from controller.gates import (
+    LEVEL,
     CohortStats,
+    DeviceSpread,
     TensorInputs,
     compare_ab,
     describe_failures,
+    difference_interval,
     evaluate_gates,
+    format_reading,
     merge_tensor_inputs,
     overall,
     psi,
+    wilson_interval,
 )
+from controller.live import Rollup, cohort_stats
+from edge_agent.telemetry import bucket_counts
 from shared.manifest import ModelTask
 from shared.messages import (
     CONFIDENCE_BUCKETS,
@@ -25,6 +35,7 @@ from shared.messages import (
     GateVerdict,
     Histogram,
 )
+from shared.sketch import QuantileSketch
 from shared.tasks import LEGACY_AGREEMENT_RULE
 
 
@@ -37,7 +48,8 @@ def hist(bounds: Sequence[float], by_bound: Mapping[float, int], total: float) -
 def cohort(
     n: int, latency_ms: float, errors: int = 0, confidence: float = 0.9, devices: int = 1
 ) -> CohortStats:
-    """`n` inferences, `n - errors` successful ones all at `latency_ms` and `confidence`."""
+    """`n` inferences, `n - errors` successful ones all at `latency_ms` and `confidence`,
+    as agents without sketches report them (histograms only)."""
     ok = n - errors
     lat_bound = next(b for b in LATENCY_BUCKETS_MS if latency_ms <= b)
     conf_bound = next(b for b in CONFIDENCE_BUCKETS if confidence <= b)
@@ -47,6 +59,7 @@ def cohort(
         errors,
         hist(LATENCY_BUCKETS_MS, {lat_bound: ok}, latency_ms * ok),
         hist(CONFIDENCE_BUCKETS, {conf_bound: ok}, confidence * ok),
+        unsketched=n,
     )
 
 
@@ -55,6 +68,44 @@ def by_gate(spec: GateSpec, cand: CohortStats, base: CohortStats) -> dict[str, G
 
 
 BASE = cohort(100, 1.0, confidence=0.9)
+
+
+def fleet(
+    k: int,
+    median_ms: float,
+    *,
+    n: int = 400,
+    sigma: float = 0.25,
+    spread: float = 0.03,
+    confidence: float = 0.9,
+    errors: int = 0,
+    seed: int = 0,
+) -> CohortStats:
+    """`k` devices of `n` inferences each (`errors` of them failed): log-normal latencies
+    around `median_ms` (device medians spread by `spread` in log), confidences around
+    `confidence`; as the agents' windows report them (histograms and sketches)."""
+    rng = np.random.default_rng(seed)
+    rollups = []
+    for _ in range(k):
+        ok = n - errors
+        lat = rng.lognormal(math.log(median_ms) + rng.normal(0.0, spread), sigma, ok)
+        conf = np.clip(rng.normal(confidence + rng.normal(0.0, 0.005), 0.03, ok), 0.0, 1.0)
+        ls, cs = QuantileSketch.latency(), QuantileSketch.confidence()
+        ls.add(lat)
+        cs.add(conf)
+        latency = bucket_counts(np.array(LATENCY_BUCKETS_MS), lat)
+        conf_h = bucket_counts(np.array(CONFIDENCE_BUCKETS), conf)
+        stats = CohortStats(
+            0, n, errors,
+            Histogram(counts=tuple(int(c) for c in latency), total=float(lat.sum())),
+            Histogram(counts=tuple(int(c) for c in conf_h), total=float(conf.sum())),
+            latency_sketch=ls, confidence_sketch=cs,
+        )  # fmt: skip
+        rollups.append(Rollup.of(stats))
+    return cohort_stats(rollups)
+
+
+FLEET = fleet(30, 1.0, seed=1)
 
 
 # ---------------------------------------------------------------- max_latency_ms
@@ -92,13 +143,37 @@ def test_min_samples_boundary_is_inclusive() -> None:
 
 
 @pytest.mark.parametrize(
-    ("errors", "verdict"), [(0, "pass"), (1, "pass"), (2, "fail"), (50, "fail")]
-)
-def test_max_error_rate(errors: int, verdict: str) -> None:
-    """errors/count against max_error_rate=0.01 on 100 inferences: ≤1 passes, 2+ fails."""
-    v = by_gate(GateSpec(max_error_rate=0.01, min_samples=10), cohort(100, 1.0, errors), BASE)
-    assert v["max_error_rate"].verdict == verdict
-    assert v["max_error_rate"].observed == errors / 100
+    ("n", "errors", "verdict"),
+    [
+        (10_000, 0, "pass"), (10_000, 50, "pass"), (10_000, 100, "inconclusive"),
+        (10_000, 200, "fail"), (100, 0, "inconclusive"), (100, 1, "inconclusive"),
+        (100, 10, "fail"),
+    ],
+)  # fmt: skip
+def test_max_error_rate_reads_the_wilson_interval(n: int, errors: int, verdict: str) -> None:
+    """max_error_rate=0.01: fails when the whole interval is above 1 %, passes when the
+    whole interval is at or below it; 0 errors in 100 calls cannot show a rate under 1 %."""
+    v = by_gate(GateSpec(max_error_rate=0.01, min_samples=10), cohort(n, 1.0, errors), BASE)
+    g = v["max_error_rate"]
+    assert g.verdict == verdict
+    assert g.observed == errors / n and g.low is not None and g.high is not None
+    assert g.low <= g.observed <= g.high and (g.samples, g.level) == (n, LEVEL)
+
+
+def test_a_zero_error_tolerance_passes_only_without_errors() -> None:
+    """No interval can show a rate of exactly 0: max_error_rate 0 passes on no error."""
+    spec = GateSpec(max_error_rate=0.0, min_samples=50)
+    assert by_gate(spec, cohort(100, 1.0), BASE)["max_error_rate"].verdict == "pass"
+    assert by_gate(spec, cohort(100, 1.0, 1), BASE)["max_error_rate"].verdict == "fail"
+    assert by_gate(spec, cohort(10, 1.0), BASE)["max_error_rate"].verdict == "inconclusive"
+
+
+def test_wilson_interval_covers_the_rate_and_stays_in_0_1() -> None:
+    i = wilson_interval(0, 1000)
+    assert i is not None and i.low == 0.0 and 0 < i.high < 0.01
+    j = wilson_interval(1000, 1000)
+    assert j is not None and j.high == 1.0 and 0.99 < j.low < 1.0
+    assert wilson_interval(0, 0) is None
 
 
 def test_max_error_rate_inconclusive_under_min_samples() -> None:
@@ -110,15 +185,106 @@ def test_max_error_rate_inconclusive_under_min_samples() -> None:
 # ---------------------------------------------------------------- max_latency_increase
 
 
-def test_max_latency_increase_pass_and_fail() -> None:
-    """p95 10 ms vs 1 ms is +900%: fails 1.0, passes 10.0; same speed passes 0."""
+def test_histogram_fallback_max_latency_increase_pass_and_fail() -> None:
+    """Agents without sketches: p95 10 ms vs 1 ms is +900%: fails 1.0, passes 10.0; same
+    speed passes 0 (a point comparison, no interval, and the verdict says so)."""
     spec_tight = GateSpec(max_latency_increase=1.0, min_samples=10)
     v = by_gate(spec_tight, cohort(100, 10.0), BASE)["max_latency_increase"]
     assert v.verdict == "fail" and v.observed == pytest.approx(9.0)
     loose = GateSpec(max_latency_increase=10.0, min_samples=10)
     assert by_gate(loose, cohort(100, 10.0), BASE)["max_latency_increase"].verdict == "pass"
     zero = GateSpec(max_latency_increase=0, min_samples=10)
-    assert by_gate(zero, cohort(100, 1.0), BASE)["max_latency_increase"].verdict == "pass"
+    same = by_gate(zero, cohort(100, 1.0), BASE)["max_latency_increase"]
+    assert same.verdict == "pass" and (same.low, same.high) == (None, None)
+    assert same.method is not None and "agents without sketches" in same.method
+
+
+def test_latency_increase_fails_a_slower_fleet_and_passes_the_same_one() -> None:
+    """Sketched devices: +30 % fails a 10 % tolerance with the whole interval above it; a
+    candidate with the baseline's distribution passes it; the verdict counts both sides."""
+    spec = GateSpec(max_latency_increase=0.1, min_samples=100)
+    slow = by_gate(spec, fleet(10, 1.3, seed=2), FLEET)["max_latency_increase"]
+    assert slow.verdict == "fail" and slow.low is not None and slow.low > 0.1
+    assert slow.observed == pytest.approx(0.3, abs=0.05)
+    assert (slow.devices, slow.baseline_devices) == (10, 30)
+    assert (slow.samples, slow.baseline_samples) == (4000, 12000)
+    same = by_gate(spec, fleet(10, 1.0, seed=3), FLEET)["max_latency_increase"]
+    assert same.verdict == "pass" and same.high is not None and same.high <= 0.1
+    assert same.low is not None and same.low < 0 < same.high
+
+
+def test_latency_increase_is_inconclusive_when_the_interval_straddles_the_tolerance() -> None:
+    """+10 % against a 10 % tolerance with two candidate devices: neither shown."""
+    spec = GateSpec(max_latency_increase=0.1, min_samples=100)
+    v = by_gate(spec, fleet(2, 1.1, seed=4), FLEET)["max_latency_increase"]
+    assert v.verdict == "inconclusive" and v.low is not None and v.high is not None
+    assert v.low < 0.1 < v.high
+
+
+def test_latency_increase_needs_a_device_spread() -> None:
+    """One device each side: no spread to judge a ratio by, inconclusive, saying why; the
+    absolute gate reads one device's p95 all the same."""
+    spec = GateSpec(max_latency_increase=0.1, max_latency_ms=100, min_samples=100)
+    v = by_gate(spec, fleet(1, 3.0, seed=5), fleet(1, 1.0, seed=6))
+    assert v["max_latency_increase"].verdict == "inconclusive"
+    assert "too few devices" in v["max_latency_increase"].detail
+    assert v["max_latency_ms"].verdict == "pass"
+
+
+def test_quantile_interval_covers_the_true_p95() -> None:
+    """The order-statistic interval of a log-normal's p95 holds the true value in about
+    LEVEL of samples, and a bigger sample narrows it."""
+    from controller.gates import quantile_interval
+
+    true = math.exp(1.6448536 * 0.3)
+    rng = np.random.default_rng(3)
+    hits, widths = 0, []
+    for _ in range(300):
+        sk = QuantileSketch.latency()
+        sk.add(rng.lognormal(0.0, 0.3, 400))
+        i = quantile_interval(sk, 0.95)
+        assert i is not None
+        hits += i.low <= true <= i.high
+        widths.append(i.high - i.low)
+    assert hits / 300 >= LEVEL - 0.04
+    big = QuantileSketch.latency()
+    big.add(rng.lognormal(0.0, 0.3, 40_000))
+    j = quantile_interval(big, 0.95)
+    assert j is not None and j.high - j.low < float(np.median(widths)) / 5
+    few = QuantileSketch.latency()
+    few.add([1.0, 2.0, 3.0])
+    k = quantile_interval(few, 0.95)
+    # Of 3 values, at least 2 lie below the p95 but nothing bounds it from above.
+    assert k is not None and k.high == math.inf and k.low == pytest.approx(2.0, rel=0.02)
+
+
+def test_max_latency_ms_reads_the_candidate_devices_p95() -> None:
+    """Devices with p95 about 1.5 ms (median 1 ms, sigma 0.25): pass 2 ms, fail 1.2 ms; the
+    estimate is the cohort's p95, as the status's summary shows it."""
+    cand = fleet(10, 1.0, seed=7)
+    ok = by_gate(GateSpec(max_latency_ms=2, min_samples=100), cand, FLEET)["max_latency_ms"]
+    assert ok.verdict == "pass" and ok.observed == pytest.approx(1.5, rel=0.05)
+    assert ok.observed == cand.summary().latency_p95_ms
+    bad = by_gate(GateSpec(max_latency_ms=1.2, min_samples=100), cand, FLEET)["max_latency_ms"]
+    assert bad.verdict == "fail" and bad.low is not None and bad.low > 1.2
+
+
+def test_pooled_t_interval_of_known_values() -> None:
+    """Candidate devices 1, 2, 3 and baseline 0, 1, 2: difference 1, pooled s^2 = 1, df 4."""
+    from scipy import stats
+
+    i = difference_interval(DeviceSpread.of([1, 2, 3]), DeviceSpread.of([0, 1, 2]))
+    assert i is not None
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, 4)) * math.sqrt(1 * (1 / 3 + 1 / 3))
+    assert (i.estimate, i.low, i.high) == pytest.approx((1.0, 1 - half, 1 + half))
+    assert difference_interval(DeviceSpread.of([1]), DeviceSpread.of([0])) is None
+
+
+def test_device_spread_takes_devices_out_exactly() -> None:
+    d = DeviceSpread.of([0.1, 0.5, 0.9]).plus(0.5, -1)
+    assert d.devices == 2 and d.mean == pytest.approx(0.5)
+    assert d.squares == pytest.approx(0.32)
+    assert DeviceSpread.of([0.3]).plus(0.3, -1) == DeviceSpread()
 
 
 def test_max_latency_increase_inconclusive_with_a_small_baseline() -> None:
@@ -140,12 +306,13 @@ def test_max_latency_increase_inconclusive_with_a_small_candidate() -> None:
 
 
 def test_max_confidence_drop_pass_and_fail() -> None:
-    """Baseline mean 0.9: candidate 0.85 (drop 0.05) passes 0.1, 0.45 (drop 0.45) fails."""
+    """Devices' mean confidence 0.9: candidate 0.85 (drop 0.05) passes 0.1, 0.45 fails."""
     spec = GateSpec(max_confidence_drop=0.1, min_samples=10)
-    ok = by_gate(spec, cohort(100, 1.0, confidence=0.85), BASE)["max_confidence_drop"]
-    assert ok.verdict == "pass" and ok.observed == pytest.approx(0.05)
-    bad = by_gate(spec, cohort(100, 1.0, confidence=0.45), BASE)["max_confidence_drop"]
-    assert bad.verdict == "fail" and bad.observed == pytest.approx(0.45)
+    ok = by_gate(spec, fleet(5, 1.0, confidence=0.85), FLEET)["max_confidence_drop"]
+    assert ok.verdict == "pass" and ok.observed == pytest.approx(0.05, abs=0.01)
+    bad = by_gate(spec, fleet(5, 1.0, confidence=0.45), FLEET)["max_confidence_drop"]
+    assert bad.verdict == "fail" and bad.observed == pytest.approx(0.45, abs=0.01)
+    assert bad.low is not None and bad.low > 0.1 and bad.devices == 5
 
 
 def test_max_confidence_drop_inconclusive_with_a_small_baseline() -> None:
@@ -175,8 +342,8 @@ def test_overall_all_pass() -> None:
         max_confidence_drop=0.05,
         min_samples=10,
     )
-    got = evaluate_gates(spec, cohort(100, 1.0), BASE)
-    assert len(got) == 4 and overall(got) == "pass"
+    got = evaluate_gates(spec, fleet(10, 1.0, seed=8), FLEET)
+    assert len(got) == 4 and overall(got) == "pass", got
 
 
 def test_overall_inconclusive_beats_pass_and_fail_beats_both() -> None:
@@ -189,12 +356,15 @@ def test_overall_inconclusive_beats_pass_and_fail_beats_both() -> None:
 def test_describe_failures_names_only_the_failing_gates() -> None:
     """The text names each failing gate with observed and threshold, and no passing gate."""
     spec = GateSpec(max_latency_ms=5, max_error_rate=0.5, max_confidence_drop=0.1, min_samples=10)
-    got = evaluate_gates(spec, cohort(100, 20.0, confidence=0.3), BASE)
+    got = evaluate_gates(spec, fleet(5, 20.0, confidence=0.3), FLEET)
     text = describe_failures(got)
-    assert "max_latency_ms: 25 > 5" in text
-    assert "max_confidence_drop: 0.6 > 0.1" in text
+    by = {v.gate: v for v in got}
+    assert f"max_latency_ms: {format_reading(by['max_latency_ms'])} > 5" in text
+    assert f"max_confidence_drop: {format_reading(by['max_confidence_drop'])} > 0.1" in text
     assert "max_error_rate" not in text
-    assert describe_failures(evaluate_gates(spec, cohort(100, 1.0), BASE)) == ""
+    assert describe_failures(evaluate_gates(spec, fleet(5, 1.0), FLEET)) == ""
+    v = by["max_latency_ms"]
+    assert format_reading(v) == f"{v.observed:.4g} [{v.low:.4g}, {v.high:.4g}]"
 
 
 # ---------------------------------------------------------------- merging and summaries
@@ -279,7 +449,8 @@ def test_thresholds_are_inclusive() -> None:
     spec = GateSpec(max_latency_ms=5, max_error_rate=0.02, min_samples=10)
     v = by_gate(spec, cohort(100, 5.0, errors=2), BASE)
     assert v["max_latency_ms"].observed == 5.0 and v["max_latency_ms"].verdict == "pass"
-    assert v["max_error_rate"].observed == 0.02 and v["max_error_rate"].verdict == "pass"
+    # The rate's interval: 2 % exactly at the tolerance is not shown to exceed it.
+    assert v["max_error_rate"].observed == 0.02 and v["max_error_rate"].verdict != "fail"
 
 
 def test_psi_is_zero_for_the_same_population_and_large_for_a_shifted_one() -> None:
@@ -337,7 +508,7 @@ def test_confidence_gate_does_not_compare_confidences_that_mean_different_things
     assert v["max_confidence_drop"].verdict == "not_applicable"
     assert "mean different things" in v["max_confidence_drop"].detail
     renamed = ModelTask(kind="classifier", output="probs")
-    v = by_gate(spec, with_task(cohort(100, 1.0), renamed), with_task(BASE, CLF))
+    v = by_gate(spec, with_task(fleet(5, 1.0), renamed), with_task(FLEET, CLF))
     assert v["max_confidence_drop"].verdict == "pass"
 
 
@@ -384,18 +555,21 @@ def test_ab_on_confidence_is_not_decided_for_models_without_one() -> None:
 # ---------------------------------------------------------------- shadow agreement rules
 
 
-def shadow(agreements: int, *tasks: ModelTask, rule: str) -> CohortStats:
-    return replace(cohort(100, 1.0), agreements=agreements, tasks=frozenset(tasks),
+def shadow(agreements: int, *tasks: ModelTask, rule: str, n: int = 1000) -> CohortStats:
+    return replace(cohort(n, 1.0), agreements=agreements, tasks=frozenset(tasks),
                    agreement_rules=frozenset({rule}))  # fmt: skip
 
 
 def test_min_agreement_names_the_rule_it_read() -> None:
     spec = GateSpec(min_agreement=0.9, min_samples=10)
     numeric = "all outputs within rtol=0.01, atol=0.001"
-    v = by_gate(spec, shadow(95, NONE, rule=numeric), BASE)["min_agreement"]
-    assert v.verdict == "pass" and v.detail == f"shadow agreement: {numeric}"
-    v = by_gate(spec, shadow(50, CLF, rule="same top class of 'out'"), BASE)["min_agreement"]
+    v = by_gate(spec, shadow(950, NONE, rule=numeric), BASE)["min_agreement"]
+    assert v.verdict == "pass" and v.detail == f"shadow agreement: {numeric}, Wilson interval"
+    v = by_gate(spec, shadow(500, CLF, rule="same top class of 'out'"), BASE)["min_agreement"]
     assert v.verdict == "fail" and "same top class of 'out'" in v.detail
+    # 95 of 100 cannot show 90 % or more: inconclusive.
+    few = by_gate(spec, shadow(95, NONE, rule=numeric, n=100), BASE)["min_agreement"]
+    assert few.verdict == "inconclusive" and few.low is not None and few.low < 0.9
 
 
 def test_top_class_agreement_of_a_non_classifier_is_not_applicable() -> None:
@@ -403,7 +577,7 @@ def test_top_class_agreement_of_a_non_classifier_is_not_applicable() -> None:
     spec = GateSpec(min_agreement=0.9, min_samples=10)
     v = by_gate(spec, shadow(10, NONE, rule=LEGACY_AGREEMENT_RULE), BASE)["min_agreement"]
     assert v.verdict == "not_applicable" and "no classifier" in v.detail
-    ok = by_gate(spec, shadow(95, CLF, rule=LEGACY_AGREEMENT_RULE), BASE)["min_agreement"]
+    ok = by_gate(spec, shadow(950, CLF, rule=LEGACY_AGREEMENT_RULE), BASE)["min_agreement"]
     assert ok.verdict == "pass"
 
 

@@ -78,16 +78,25 @@ def test_a_device_that_activates_moves_from_baseline_to_candidate() -> None:
     """Its windows of the old version leave the baseline; the new version's count for
     the candidate; counts per state follow."""
     r = live()
-    assert r.add_window("a", "1", False, Rollup.of(stats(100, 3, 0.5)), window_end=11.0)
-    assert r.add_window("b", "1", False, Rollup.of(stats(50, 3, 0.5)), window_end=11.0)
+    r.set_view(AssignmentView("c", "activated", 1.0))
+    # Each device's first window of a version is its settle window (the swap's): not counted.
+    for device, version in (("a", "1"), ("b", "1"), ("c", "2")):
+        r.add_window(device, version, False, Rollup.of(stats(5, 5, 2.0)), 11.0, 10.5)
+    assert r.cohort("baseline").count == r.cohort("candidate").count == 0
+    # c settled (its window starts >= 11 + settle_s 1): it opens the comparison window.
+    assert r.add_window("c", "2", False, Rollup.of(stats(40, 5, 2.0)), 13.0, 12.0)
+    assert r.add_window("a", "1", False, Rollup.of(stats(100, 3, 0.5)), 14.0, 12.0)
+    assert r.add_window("b", "1", False, Rollup.of(stats(50, 3, 0.5)), 14.0, 12.0)
     assert (r.cohort("baseline").devices, r.cohort("baseline").count) == (2, 150)
     r.set_view(AssignmentView("a", "activated", 1.0))
     assert (r.cohort("baseline").devices, r.cohort("baseline").count) == (1, 50)
-    assert r.cohort("candidate").count == 0  # its old-version windows are no evidence
-    r.add_window("a", "2", False, Rollup.of(stats(30, 5, 2.0)), window_end=12.0)
-    assert (r.cohort("candidate").devices, r.cohort("candidate").count) == (1, 30)
-    assert r.counts == {"pending": 2, "activated": 1}
-    assert r.avg_served_latency_ms() == 2.0
+    assert r.cohort("candidate").count == 40  # a's old-version windows are no evidence
+    r.add_window("a", "2", False, Rollup.of(stats(30, 5, 2.0)), 15.0, 14.0)  # a's swap window
+    assert r.cohort("candidate").count == 40
+    r.add_window("a", "2", False, Rollup.of(stats(30, 5, 2.0)), 17.0, 16.0)
+    assert (r.cohort("candidate").devices, r.cohort("candidate").count) == (2, 70)
+    assert r.counts == {"pending": 1, "activated": 2}
+    assert r.avg_served_latency_ms() == 2.0  # served latency counts every window
 
 
 def test_windows_before_the_stage_and_of_other_devices_do_not_count() -> None:

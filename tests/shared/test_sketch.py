@@ -305,3 +305,34 @@ def test_window_refuses_a_sketch_off_contract() -> None:
     ):
         with pytest.raises(ValidationError):
             TelemetryWindow.model_validate_json(json.dumps(_window(**extra)))
+
+
+def test_subtract_undoes_a_merge_of_counts_and_keeps_min_max_as_bounds() -> None:
+    """A device leaving a cohort: counts and sum come back exactly; min/max stay bounds
+    that hold every value left, narrowed to the buckets still counted."""
+    rng = np.random.default_rng(11)
+    kept, leaving = rng.lognormal(0.0, 0.3, 2000), rng.lognormal(1.5, 0.3, 500)
+    a, b = QuantileSketch.latency(), QuantileSketch.latency()
+    a.add(kept)
+    b.add(leaving)
+    total = a.merged(b)
+    total.subtract(b)
+    assert total.bins() == a.bins() and total.count == a.count
+    assert total.sum == pytest.approx(a.sum)
+    lo, hi = total.min, total.max
+    assert lo is not None and hi is not None
+    assert lo <= kept.min() and hi >= kept.max()
+    assert hi <= kept.max() * LATENCY_MAPPING.param  # narrowed to the last bucket kept
+    assert total.quantile(0.95) == pytest.approx(float(np.quantile(kept, 0.95)), rel=0.02)
+    total.subtract(a)
+    assert total.count == 0 and total.min is None and total.sum == 0.0
+
+
+def test_subtract_refuses_counts_it_does_not_hold() -> None:
+    a, b = QuantileSketch.latency(), QuantileSketch.latency()
+    a.add([1.0, 2.0])
+    b.add([1.0, 50.0])
+    with pytest.raises(ValueError, match="does not hold"):
+        a.subtract(b)
+    with pytest.raises(SketchMismatchError):
+        a.subtract(QuantileSketch.confidence())
