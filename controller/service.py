@@ -858,8 +858,8 @@ class Controller:
         written every `telemetry_flush_s`, see `_telemetry_due`)."""
         for w in windows:
             metrics.INFERENCE.add(w)
-            rollup = Rollup.of(self.store.window_stats(w))
-            end = w.window_end.timestamp()
+            rollup = Rollup.of_window(self.store.window_stats(w), w)
+            end, start = w.window_end.timestamp(), w.window_start.timestamp()
             key = (w.model.name, w.model.version, w.shadow, int(end // 60))
             n, total = self._fleet_pending.get(key, (0, Rollup()))
             total.add(rollup)
@@ -869,7 +869,7 @@ class Controller:
             if (
                 live is not None
                 and w.model.name == live.row.model
-                and live.add_window(w.device_id, w.model.version, w.shadow, rollup, end)
+                and live.add_window(w.device_id, w.model.version, w.shadow, rollup, end, start)
             ):
                 self._rollups_pending.add(live.rollout_id)
             done = self._live.get(self._finished_of.get(w.device_id, ""))
@@ -877,7 +877,7 @@ class Controller:
                 done is not None
                 and done is not live
                 and w.model.name == done.row.model
-                and done.add_window(w.device_id, w.model.version, w.shadow, rollup, end)
+                and done.add_window(w.device_id, w.model.version, w.shadow, rollup, end, start)
             ):
                 self._rollups_pending.add(done.rollout_id)
 
