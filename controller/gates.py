@@ -57,9 +57,10 @@ from shared.tasks import LEGACY_AGREEMENT_RULE, describe, has_confidence
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 
-# Two-sided level of every interval: each bound is a one-sided 99 % bound, so a gate
-# with a zero tolerance fails a candidate identical to its baseline 1 % of the time.
-LEVEL = 0.98
+# Two-sided level of every interval: each bound is a one-sided 99.5 % bound, so a gate
+# with a zero tolerance fails a candidate identical to its baseline 0.5 % of the time
+# (bench/gates.py measures it; the target is at most 1 %).
+LEVEL = 0.99
 # A device's own p95 (or mean confidence) counts once it has this many samples in the
 # window: fewer make its p95 little more than its maximum.
 DEVICE_MIN_SAMPLES = 50

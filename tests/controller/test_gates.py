@@ -254,8 +254,8 @@ def test_quantile_interval_covers_the_true_p95() -> None:
     few = QuantileSketch.latency()
     few.add([1.0, 2.0, 3.0])
     k = quantile_interval(few, 0.95)
-    # Of 3 values, at least 2 lie below the p95 but nothing bounds it from above.
-    assert k is not None and k.high == math.inf and k.low == pytest.approx(2.0, rel=0.02)
+    # Of 3 values nothing bounds the p95 from above; below, one of the values does.
+    assert k is not None and k.high == math.inf and 1.0 <= k.low <= 2.0 * 1.02
 
 
 def test_max_latency_ms_reads_the_candidate_devices_p95() -> None:
