@@ -44,9 +44,9 @@ from shared.keys import (
 )
 from shared.model_builder import build_dense_model
 from shared.mqtt import connection_error, make_client
-from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
+from shared.settings import MqttEndpoint, parse_mqtt_url, settings_from_env
 
-_DEFAULTS = Settings()
+_DEFAULTS = settings_from_env()
 
 app = typer.Typer(
     name="hotswap",

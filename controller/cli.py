@@ -58,14 +58,14 @@ from shared.messages import (
     StartRollout,
 )
 from shared.mqtt import connection_error, make_client, subscribe_checked
-from shared.settings import MqttEndpoint, Settings, parse_mqtt_url
+from shared.settings import MqttEndpoint, parse_mqtt_url, settings_from_env
 from shared.tracing import configure_tracing
 
 T = TypeVar("T")
 STRATEGY_NAMES = (
     "direct", "canary", "progressive", "regional", "rolling", "ab", "blue-green", "shadow"
 )  # fmt: skip
-_DEFAULTS = Settings()
+_DEFAULTS = settings_from_env()
 
 MqttUrl = Annotated[
     str, typer.Option("--mqtt-url", envvar="HOTSWAP_MQTT_URL", help="broker, mqtt://host:port")

@@ -30,10 +30,10 @@ from shared.console import (
 from shared.credentials import apply_credentials, load_credentials
 from shared.keys import load_public_key, load_public_keys
 from shared.logs import configure_logging
-from shared.settings import Settings, parse_mqtt_url
+from shared.settings import parse_mqtt_url, settings_from_env
 from shared.tracing import configure_tracing
 
-_DEFAULTS = Settings()
+_DEFAULTS = settings_from_env()
 
 app = typer.Typer(help="Run an edge agent (one device).", no_args_is_help=True)
 

@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 
 from shared.durations import parse_duration
 from shared.errors import HotswapError
+from shared.settings import env_errors
 
 T = TypeVar("T")
 
@@ -243,6 +244,10 @@ class OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         global json_errors
         json_errors = False  # until this run's --log-json says otherwise
+        if env_errors:  # a HOTSWAP_* variable that does not parse: before anything runs
+            _json_if_asked(sys.argv[1:] if args is None else args)
+            error_line(env_errors[0])
+            sys.exit(EXIT_BAD_INPUT)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except typer.TyperException as exc:  # click's usage errors, refused values

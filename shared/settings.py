@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.durations import parse_duration
@@ -36,9 +36,9 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = Field(None, description="S3 endpoint URL (None: AWS default)")
     s3_bucket: str = Field("hotswap-models", description="bucket holding artifacts")
     s3_region: str = Field("us-east-1", description="S3 region for signing requests")
-    presign_ttl_s: int = Field(3600, description="lifetime of presigned artifact URLs")
+    presign_ttl_s: Duration = Field(3600.0, description="lifetime of presigned artifact URLs")
     data_dir: Path = Field(Path("hotswap-data"), description="agent/broker data directory")
-    telemetry_interval_s: float = Field(5.0, description="agent telemetry window length")
+    telemetry_interval_s: Duration = Field(5.0, description="agent telemetry window length")
     download_budget: Duration = Field(
         300.0,
         gt=0,
@@ -46,9 +46,29 @@ class Settings(BaseSettings):
         "(never past the deploy command's expiry)",
     )
     command_ttl_s: int = Field(3600, description="message expiry of device commands")
-    request_timeout_s: float = Field(10.0, description="CLI wait for a controller answer")
+    request_timeout_s: Duration = Field(10.0, description="CLI wait for a controller answer")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(False, description="JSON logs (one event per line)")
+
+
+# What `settings_from_env` refused, one line per variable: the CLI reports it (exit 2)
+# before running any command, instead of a traceback while its modules are imported.
+env_errors: list[str] = []
+
+
+def settings_from_env() -> Settings:
+    """Settings from the environment; a variable that does not parse is noted in
+    `env_errors` and the defaults are used (the CLI then refuses to run)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            field_name = str(error["loc"][0]) if error["loc"] else "?"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            line = f"HOTSWAP_{field_name.upper()}: {message}"
+            if line not in env_errors:
+                env_errors.append(line)
+        return Settings.model_construct()
 
 
 @dataclass(frozen=True, slots=True)

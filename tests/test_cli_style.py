@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -32,6 +33,7 @@ from broker.s3server import DEMO_CREDENTIALS
 from controller.cli import StageProgress
 from shared import topics
 from shared.console import OneLineErrors
+from shared.credentials import CA_FILE, MQTT_FILE, MqttLogin, login_json, private_dir, write_secret
 from shared.messages import RolloutStatus
 from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
@@ -153,6 +155,45 @@ def test_the_installed_entry_point_speaks_the_same_way(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr == f"error: {tmp_path / 'no' / 'x.tflite'}: No such file or directory\n"
+
+
+def test_a_bad_environment_variable_is_one_line_not_a_traceback() -> None:
+    """HOTSWAP_* variables are read while the CLI loads: one that does not parse is exit 2
+    and one line naming it; durations there take units too (HOTSWAP_PRESIGN_TTL_S=1h)."""
+    hotswap = str(Path(sys.executable).parent / "hotswap")
+    bad = subprocess.run(
+        [hotswap, "model", "list"],
+        env=os.environ | {"HOTSWAP_REQUEST_TIMEOUT_S": "soon"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr == (
+        "error: HOTSWAP_REQUEST_TIMEOUT_S: invalid duration 'soon': use 90, 30s, 5m or 1h\n"
+    )
+    good = subprocess.run(
+        [hotswap, "--version"],
+        env=os.environ | {"HOTSWAP_PRESIGN_TTL_S": "1h", "HOTSWAP_REQUEST_TIMEOUT_S": "5s"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert (good.returncode, good.stderr) == (0, "")
+
+
+def test_sub_command_prints_the_mosquitto_sub_line_for_a_login(tmp_path: Path) -> None:
+    """`broker sub-command`: host, port, MQTT 5, the login, the CA for mqtts://, the topic;
+    shell-quoted so that `eval` runs it."""
+    creds = tmp_path / "operator"
+    write_secret(private_dir(creds) / MQTT_FILE, login_json(MqttLogin("hotswap-operator", "pw 1")))
+    (creds / CA_FILE).write_text("not read here")
+    code, out, err = run(
+        "broker", "sub-command", "hotswap/v1/rollouts/+/status",
+        "--credentials", str(creds), "--mqtt-url", "mqtts://broker.example:8883",
+    )  # fmt: skip
+    assert (code, err) == (0, ""), err
+    assert shlex.split(out) == [
+        "mosquitto_sub", "-h", "broker.example", "-p", "8883", "-V", "mqttv5",
+        "-u", "hotswap-operator", "-P", "pw 1", "--cafile", str(creds / CA_FILE),
+        "-t", "hotswap/v1/rollouts/+/status", "-v",
+    ]  # fmt: skip
 
 
 def _all_params(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
