@@ -29,7 +29,8 @@ wire contract as `edge_agent.agent.Agent` does:
 * a telemetry window (`TelemetryWindow`, QoS 0) of its active model every
   `telemetry_interval_s`: plausible counts, a log-normal latency histogram,
   confidences around 0.8 (or, for a version marked degraded, 8 times the latency
-  and errors), and bursts on request for the ingest benchmark.
+  and errors), with the latency and confidence sketches today's agents send, and
+  bursts on request for the ingest benchmark.
 
 What it skips, and says so: the download (no HTTP request to the presigned
 URL), the manifest's signature and digest, the anti-rollback and interface
@@ -83,6 +84,7 @@ from shared.messages import (
 )
 from shared.mqtt import backoff_delays, make_client, refused_code
 from shared.settings import MqttEndpoint
+from shared.sketch import QuantileSketch, SketchData
 
 AGENT_VERSION = "fleet-sim-1"
 MEMORY_MB = 512
@@ -105,6 +107,9 @@ class WindowShape:
     errors: int
     latency: Histogram
     confidence: Histogram
+    # The same calls at high resolution, as today's agents send them (`shared.sketch`)
+    latency_sketch: SketchData
+    confidence_sketch: SketchData
 
 
 def _bucket(value: float, bounds: tuple[float, ...]) -> int:
@@ -125,19 +130,27 @@ def window_shapes(rng: random.Random, n: int, *, degraded: bool) -> list[WindowS
         lat = [0] * len(LATENCY_BUCKETS_MS)
         conf = [0] * len(CONFIDENCE_BUCKETS)
         lat_total = conf_total = 0.0
+        lat_values, conf_values = [], []
         for _ in range(count - errors):
             ms = rng.lognormvariate(0.0, 0.35) * median_ms
             lat[_bucket(ms, LATENCY_BUCKETS_MS)] += 1
             lat_total += ms
+            lat_values.append(ms)
             c = min(1.0, max(0.0, rng.gauss(0.8, 0.08)))
             conf[_bucket(c, CONFIDENCE_BUCKETS)] += 1
             conf_total += c
+            conf_values.append(c)
+        lat_sketch, conf_sketch = QuantileSketch.latency(), QuantileSketch.confidence()
+        lat_sketch.add(lat_values)
+        conf_sketch.add(conf_values)
         shapes.append(
             WindowShape(
                 count,
                 errors,
                 Histogram(counts=tuple(lat), total=lat_total),
                 Histogram(counts=tuple(conf), total=conf_total),
+                lat_sketch.to_data(),
+                conf_sketch.to_data(),
             )
         )
     return shapes
@@ -421,6 +434,8 @@ class Device:
             errors=shape.errors,
             latency_ms=shape.latency,
             confidence=shape.confidence,
+            latency_sketch=shape.latency_sketch,
+            confidence_sketch=shape.confidence_sketch,
             task="classifier:output",
         )
         try:
