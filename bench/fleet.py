@@ -59,7 +59,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
@@ -74,7 +74,7 @@ import boto3
 import httpx
 
 from bench.fleet_provision import create_raw_identity, provision_fleet
-from bench.fleet_raw import RawClient, Requester, StatusWatcher
+from bench.fleet_raw import RawClient, Requester, StatusWatcher, flood, telemetry_messages
 from bench.fleet_sim import raise_nofile_limit, worker_main
 from broker.launcher import Mosquitto, free_port
 from broker.s3server import DEMO_CREDENTIALS, S3Server
@@ -90,7 +90,7 @@ from shared.tflite_schema import read_signature
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fleet-model"
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")
-PHASES = ("p1", "canary", "p4", "p5", "p6")
+PHASES = ("p1", "canary", "p4", "p5", "p5raw", "p6")
 FINAL = {"Succeeded", "Failed", "RolledBack", "Aborted"}
 
 
@@ -550,21 +550,49 @@ class Bench:
         )
 
     async def p5(self, out: dict[str, Any]) -> None:
+        """Telemetry from the simulated devices themselves, `--p5-rate` windows/s."""
         rate, seconds = self.args.p5_rate, self.args.p5_seconds
         progress(f"P5: periodic telemetry paused; {rate:g} windows/s for {seconds:g} s")
+
+        async def send() -> int:
+            before = await self.telemetry_sent()
+            per = rate / len(self.workers)
+            await self.all_workers("burst", rate=per, seconds=seconds)
+            return await self.telemetry_sent() - before
+
+        out["p5"] = await self.ingest("P5", send)
+
+    async def p5raw(self, out: dict[str, Any]) -> None:
+        """The controller's ingest past what the simulated devices can send: one plain
+        paho client (the bench's raw login) sends every device's windows, built once
+        with the simulator's shapes and sketches, `--p5-rate` windows/s."""
+        rate, seconds = self.args.p5_rate, self.args.p5_seconds
+        progress(f"P5 raw source: one paho client sends {rate:g} windows/s for {seconds:g} s")
+        messages = telemetry_messages(self.devices, self.active_ref)
+
+        async def send() -> int:
+            endpoint = self.raw.endpoint
+            sent, _ = await asyncio.to_thread(flood, endpoint, messages, rate, seconds)
+            return sent
+
+        out["p5raw"] = await self.ingest("P5 raw source", send)
+
+    async def telemetry_sent(self) -> int:
+        return sum(p["stats"].get("telemetry_sent", 0) for p in await self.all_workers("report"))
+
+    async def ingest(self, label: str, send: Callable[[], Awaitable[int]]) -> dict[str, Any]:
+        """What the controller accepted and dropped (by reason, from its metrics) of the
+        windows `send` sent, against what the raw subscriber received of them."""
         await self.all_workers("telemetry", on=False)
         await asyncio.sleep(2.0)
         m0 = await self.controller.metrics()
         raw0, _ = self.raw.telemetry_count()
-        sent0 = sum(p["stats"].get("telemetry_sent", 0) for p in await self.all_workers("report"))
         t0 = time.monotonic()
-        per = rate / len(self.workers)
-        bursts = await self.all_workers("burst", rate=per, seconds=seconds)
+        sent = await send()
         send_s = time.monotonic() - t0
-        sent = sum(b["sent"] for b in bursts)
         # Until the controller's counts stop moving (its queue drained) or match what was sent.
-        accepted = last_change = 0.0
-        deadline = time.monotonic() + max(60.0, 4 * seconds)
+        accepted = 0.0
+        deadline = time.monotonic() + max(60.0, 4 * self.args.p5_seconds)
         last_change = time.monotonic()
         while time.monotonic() < deadline:
             m = await self.controller.metrics()
@@ -581,9 +609,6 @@ class Bench:
             await asyncio.sleep(0.1)
         m1 = await self.controller.metrics()
         raw1, raw_last = self.raw.telemetry_count()
-        sent_total = sum(
-            p["stats"].get("telemetry_sent", 0) for p in await self.all_workers("report")
-        )
         await self.all_workers("telemetry", on=True)
 
         def delta(name: str, **labels: str) -> int:
@@ -600,15 +625,15 @@ class Bench:
                 "identity_mismatch",
                 "identity_claim",
                 "db_error",
+                "backlog",
             )
         }
-        sent = sent_total - sent0
         raw_n = raw1 - raw0
         ctrl_s = last_change - t0
         raw_s = raw_last - t0
         ctrl_rate = ok / ctrl_s if ctrl_s > 0 else 0.0
         raw_rate = raw_n / raw_s if raw_s > 0 else 0.0
-        out["p5"] = {
+        result = {
             "sent": sent,
             "send_s": round(send_s, 3),
             "send_rate": round(sent / send_s) if send_s else None,
@@ -619,18 +644,20 @@ class Bench:
             "controller_stored": ok - reasons["db_error"],
             "dropped": reasons,
             # Each lost message counted once: a too-large, malformed or mismatched one is
-            # `rejected` (and dropped by reason); a rate-limited one only dropped.
-            "unaccounted": sent - ok - rejected - reasons["rate_limited"],
+            # `rejected` (and dropped by reason); a rate-limited or backlogged one only
+            # dropped.
+            "unaccounted": sent - ok - rejected - reasons["rate_limited"] - reasons["backlog"],
             "controller_rate": round(ctrl_rate),
             "controller_s": round(ctrl_s, 3),
             "ratio": round(ctrl_rate / raw_rate, 3) if raw_rate else None,
             "count_ratio": round(ok / raw_n, 3) if raw_n else None,
         }
         progress(
-            f"P5: sent {sent}, raw received {raw_n} ({out['p5']['raw_rate']}/s), controller "
-            f"accepted {ok} ({out['p5']['controller_rate']}/s), dropped {reasons}, "
-            f"unaccounted {out['p5']['unaccounted']}, ratio {out['p5']['ratio']}"
+            f"{label}: sent {sent}, raw received {raw_n} ({result['raw_rate']}/s), controller "
+            f"accepted {ok} ({result['controller_rate']}/s), dropped {reasons}, "
+            f"unaccounted {result['unaccounted']}, ratio {result['ratio']}"
         )
+        return result
 
     async def p6(self, out: dict[str, Any]) -> None:
         hold = self.args.hold_s
@@ -933,6 +960,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await phase(bench, out, "p4", p4)
             if "p5" in only:
                 await phase(bench, out, "p5", bench.p5)
+            if "p5raw" in only:
+                await phase(bench, out, "p5raw", bench.p5raw)
             if "p6" in only:
                 await phase(bench, out, "p6", bench.p6)
         finally:
@@ -1027,16 +1056,17 @@ def summary(out: dict[str, Any]) -> str:
             f"{c.get('status')} after {c.get('seconds')} s; raw {p4['raw']['seconds']} s;"
             f" ratio {p4['ratio']}x"
         )
-    if "error" in out.get("p5", {}):
-        lines.append(f"p5 failed: {out['p5']['error']}")
-    elif "p5" in out:
-        p5 = out["p5"]
-        lines.append(
-            f"P5 telemetry: sent {p5['sent']}, controller accepted "
-            f"{p5['controller_accepted']} ({p5['controller_rate']}/s), raw received "
-            f"{p5['raw_received']} ({p5['raw_rate']}/s), ratio {p5['ratio']}; dropped "
-            f"{p5['dropped']}, unaccounted {p5['unaccounted']}"
-        )
+    for key, label in (("p5", "P5 telemetry"), ("p5raw", "P5 telemetry, raw source")):
+        if "error" in out.get(key, {}):
+            lines.append(f"{key} failed: {out[key]['error']}")
+        elif key in out:
+            p5 = out[key]
+            lines.append(
+                f"{label}: sent {p5['sent']}, controller accepted "
+                f"{p5['controller_accepted']} ({p5['controller_rate']}/s), raw received "
+                f"{p5['raw_received']} ({p5['raw_rate']}/s), ratio {p5['ratio']}; dropped "
+                f"{p5['dropped']}, unaccounted {p5['unaccounted']}"
+            )
     if "error" in out.get("p6", {}):
         lines.append(f"p6 failed: {out['p6']['error']}")
     elif "p6" in out:

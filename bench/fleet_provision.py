@@ -8,8 +8,9 @@ dynamic-security API (`provision_devices`), or, with `how="import"`, written
 into the plugin's file of the stopped broker (`provision_fleet`).
 
 `create_raw_identity` adds the login the raw baselines use (plain paho, no
-controller): it may publish on every device and region cmd topic and read
-every device's state, events and telemetry. Does network (MQTT) and file I/O.
+controller): it may publish on every device and region cmd topic and every
+device's telemetry topic (P5's raw source), and read every device's state,
+events and telemetry. Does network (MQTT) and file I/O.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def raw_role() -> dynsec.Role:
     acls: list[dynsec.Acl] = [
         dynsec.Acl("publishClientSend", topics.ALL_DEVICE_CMDS),
         dynsec.Acl("publishClientSend", topics.ALL_REGION_CMDS),
+        # The ingest benchmark's raw source sends windows in every device's name.
+        dynsec.Acl("publishClientSend", topics.ALL_DEVICE_TELEMETRY),
     ]
     for topic in (topics.ALL_DEVICE_EVENTS, topics.ALL_DEVICE_TELEMETRY, topics.ALL_DEVICE_STATES):
         acls += [dynsec.Acl("subscribePattern", topic), dynsec.Acl("publishClientReceive", topic)]

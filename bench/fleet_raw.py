@@ -6,6 +6,11 @@ receives, and publishes signed commands straight to the devices' cmd topics:
 the raw baselines of P1 (deploy → `activated`), P4 (rollback → `rolled_back`)
 and P5 (receiving the same telemetry stream as the controller).
 
+`flood` is the ingest benchmark's raw source: one plain paho client sending
+prebuilt telemetry windows (`telemetry_messages`: every device's, with the
+simulator's shapes and sketches) at a set rate, past what the simulated devices
+can send on this machine.
+
 `Requester` is the operator request API as the CLI speaks it (MQTT 5
 request/response on `hotswap/v1/controller/requests`, a response topic and
 correlation data), timed per request. `StatusWatcher` follows every retained
@@ -17,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomqtt
@@ -30,8 +38,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
+from bench.fleet_sim import window_shapes
 from shared import topics
 from shared.command_auth import SIGNATURE_PROPERTY, sign_command
+from shared.credentials import DeviceIdentity
+from shared.messages import ModelRef, TelemetryWindow
 from shared.mqtt import make_client, publish_properties
 from shared.settings import MqttEndpoint
 
@@ -169,6 +180,70 @@ class RawClient:
         props: Properties = publish_properties(expiry_s=expiry_s)
         props.UserProperty = [(SIGNATURE_PROPERTY, sign_command(topic, payload, key))]
         return self.client.publish(topic, payload, qos=1, properties=props)
+
+
+# ---------------------------------------------------------------- raw telemetry source
+
+
+def telemetry_messages(
+    devices: Sequence[DeviceIdentity], active: dict[str, Any], seed: int = 5
+) -> list[tuple[str, bytes]]:
+    """One telemetry window per device (topic, payload) of its active model, ending now."""
+    rng = random.Random(seed)
+    shapes = window_shapes(rng, 50, degraded=False)
+    end = datetime.now(UTC)
+    ref = ModelRef.model_validate(active)
+    out = []
+    for d in devices:
+        shape = shapes[rng.randrange(len(shapes))]
+        window = TelemetryWindow(
+            device_id=d.device_id,
+            model=ref,
+            window_start=end - timedelta(seconds=1),
+            window_end=end,
+            count=shape.count,
+            errors=shape.errors,
+            latency_ms=shape.latency,
+            confidence=shape.confidence,
+            latency_sketch=shape.latency_sketch,
+            confidence_sketch=shape.confidence_sketch,
+            task="classifier:output",
+        )
+        out.append((topics.device_telemetry(d.device_id), window.to_wire()))
+    return out
+
+
+def flood(
+    endpoint: MqttEndpoint, messages: Sequence[tuple[str, bytes]], rate: float, seconds: float
+) -> tuple[int, float]:
+    """`messages` round-robin at `rate` per second for `seconds`, QoS 0, from one plain
+    paho client (blocking: run it in a thread); (sent, seconds it took)."""
+    connected = threading.Event()
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"hotswap-bench-flood-{uuid.uuid4().hex[:8]}",
+        protocol=paho.MQTTv5,
+    )
+    client.username_pw_set(endpoint.username, endpoint.password)
+    client.max_queued_messages_set(0)
+    client.on_connect = lambda _c, _u, _f, rc, _p: None if rc.is_failure else connected.set()
+    client.connect(endpoint.host, endpoint.port, keepalive=30)
+    client.loop_start()
+    try:
+        if not connected.wait(15):
+            raise RuntimeError("the raw telemetry source could not connect")
+        t0 = time.monotonic()
+        sent = 0
+        while (now := time.monotonic()) - t0 < seconds:
+            for _ in range(int((now - t0) * rate) - sent):
+                topic, payload = messages[sent % len(messages)]
+                client.publish(topic, payload, qos=0)
+                sent += 1
+            time.sleep(0.002)
+        return sent, time.monotonic() - t0
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 # ---------------------------------------------------------------- operator side

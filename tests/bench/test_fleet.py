@@ -25,7 +25,7 @@ N = 40
 def test_fleet_benchmark_counts_every_device_once_and_loses_nothing() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench.fleet", "--devices", str(N), "--processes", "2",
-         "--regions", "3", "--only", "p1,p4,p5,p6", "--telemetry-interval", "1",
+         "--regions", "3", "--only", "p1,p4,p5,p5raw,p6", "--telemetry-interval", "1",
          "--p5-rate", "1000", "--p5-seconds", "2", "--hold-s", "2", "--timeout", "60", "--json"],
         capture_output=True, text=True, timeout=170, cwd=ROOT,
     )  # fmt: skip
@@ -57,6 +57,16 @@ def test_fleet_benchmark_counts_every_device_once_and_loses_nothing() -> None:
     assert accounted + p5["dropped"]["rate_limited"] == p5["sent"]
     assert p5["unaccounted"] == 0
     assert p5["controller_stored"] == p5["controller_accepted"] - p5["dropped"]["db_error"]
+    # The raw source (one paho client in every device's name): the same bookkeeping.
+    flood = r["p5raw"]
+    assert flood["sent"] > 0 and flood["raw_received"] == flood["sent"]
+    assert (
+        flood["controller_accepted"]
+        + flood["controller_rejected"]
+        + sum(flood["dropped"][k] for k in ("rate_limited", "backlog"))
+        == flood["sent"]
+    )
+    assert flood["unaccounted"] == 0
 
     assert r["p6"]["connected"] == N and r["p6"]["unplanned_disconnects"] == 0
     assert r["p6"]["controller_rss_mb"] > 0
