@@ -213,13 +213,14 @@ async def test_canary_of_a_slow_model_is_rolled_back_by_the_latency_gate(
     await fleet.push(slow, "2.0.0+slow")
     rid = await fleet.start(
         version="2.0.0+slow", strategy="canary", canary_percent=25, canary_duration_s=60,
-        gates=GateSpec(max_latency_increase=2.0, min_samples=20),
+        # One canary device against three: a ratio's interval has 2 degrees of freedom
+        # (tests/test_gates_e2e.py judges the ratio with six a side); the candidate's own
+        # p95 (about 10 ms, v1's is about 0.05 ms) has an interval of its own.
+        gates=GateSpec(max_latency_ms=2.0, min_samples=20),
     )  # fmt: skip
     status = await fleet.final(rid)
     assert status.status == "RolledBack", status
-    assert status.reason and "max_latency_increase" in status.reason
-    failing = [g for g in status.gates if g.gate == "max_latency_increase"]
-    assert failing and failing[0].verdict == "fail"
+    assert status.reason and "gate failed: max_latency_ms" in status.reason
     assert len(fleet.deploys[rid]) == 1  # only the canary ever got the candidate
     async with asyncio.timeout(10):
         while fleet.versions() != {"1.0.0"}:
