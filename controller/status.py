@@ -102,7 +102,8 @@ def gate_line(v: GateVerdict) -> str:
     detail = v.detail
     if v.method and v.method != detail:
         detail = f"{detail} ({v.method})" if detail else v.method
-    return f"{v.gate}: {v.verdict.replace('_', ' ')}, {reading} vs {threshold}{counted}; {detail}"
+    tail = f"; {detail}" if detail else ""
+    return f"{v.gate}: {v.verdict.replace('_', ' ')}, {reading} vs {threshold}{counted}{tail}"
 
 
 def cohort_window(summary: CohortSummary) -> str | None:
