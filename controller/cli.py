@@ -576,7 +576,10 @@ def rollout_start(
     ] = None,
     max_latency_increase: Annotated[
         float | None,
-        typer.Option("--max-latency-increase", help="gate: candidate p95 / baseline p95 - 1"),
+        typer.Option(
+            "--max-latency-increase",
+            help="gate: fails when confident the p95 rose more than this (0.05: +5 %)",
+        ),
     ] = None,
     max_confidence_drop: Annotated[
         float | None, typer.Option("--max-confidence-drop", help="gate: mean confidence drop")
