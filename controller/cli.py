@@ -23,7 +23,7 @@ import typer
 from controller import metrics
 from controller.artifacts import ArtifactStore, find_orphans
 from controller.operator import OperatorClient, push_model, read_rollout_status
-from shared import topics
+from shared import topics, tracing
 from shared.console import (
     LogJson,
     LogLevel,
@@ -158,12 +158,12 @@ def controller_run(
     it checks the S3 bucket (waiting up to --s3-wait for S3 to answer).
     """
     configure_logging(log_level, json=log_json, native=True)
-    configure_tracing("hotswap-controller")  # only when OTEL_* variables ask
     # Imported here: the service pulls in the gates' statistics (scipy) and the store,
     # a second of start-up that no operator command needs.
     from controller.service import Controller, ControllerConfig
 
     with cli_errors():
+        configure_tracing("hotswap-controller")  # only when OTEL_* variables ask
         creds = load_credentials(credentials) if credentials is not None else None
         endpoint = parse_mqtt_url(mqtt_url)
         config = ControllerConfig(
@@ -269,8 +269,8 @@ def model_push(
     as_json: Json = False,
 ) -> None:
     """Sign a .tflite model, upload it to S3 and register it with the controller."""
-    configure_tracing("hotswap-cli")  # only when OTEL_* variables ask
     with cli_errors():
+        configure_tracing("hotswap-cli")  # only when OTEL_* variables ask
         model_task = parse_task(task) if task is not None else None
         try:
             data = file.read_bytes()
@@ -640,8 +640,8 @@ def rollout_start(
             "name the devices: --devices, --region or --device-type, or --all for the whole fleet",
             2,
         )
-    configure_tracing("hotswap-cli")  # the rollout's trace starts here when OTEL_* ask
     with cli_errors():
+        configure_tracing("hotswap-cli")  # only when OTEL_* variables ask
         request = StartRollout.model_validate(
             {
                 "model": model,
@@ -682,7 +682,14 @@ def rollout_start(
                 "min_executed": min_executed,
             }
         )
-        result = asyncio.run(_request(_endpoint(mqtt_url, credentials), request))
+        # The rollout's trace starts here: the controller's spans and every device's
+        # deploy join it through the request's traceparent.
+        with tracing.span(
+            "rollout start", attributes={"hotswap.model": model, "hotswap.version": version}
+        ) as started:
+            result = asyncio.run(_request(_endpoint(mqtt_url, credentials), request))
+            if started is not None:
+                started.set_attribute("hotswap.rollout_id", str(result["rolloutId"]))
     if as_json:
         emit_json(result)
     else:

@@ -152,8 +152,8 @@ def agent_run(
 ) -> None:
     """Serve the stored model at once, then follow the controller's commands."""
     configure_logging(log_level, json=log_json, native=True)
-    configure_tracing("hotswap-agent")  # only when OTEL_* variables ask
     with cli_errors():
+        configure_tracing("hotswap-agent")  # only when OTEL_* variables ask
         creds = load_credentials(credentials) if credentials is not None else None
         own = creds.device if creds else None
         device_id = device_id or (own.device_id if own else None)

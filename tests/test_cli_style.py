@@ -111,6 +111,35 @@ def test_a_refused_flag_under_log_json_is_a_json_line() -> None:
     assert code == 2 and err.startswith("error: --log-level")
 
 
+PUSH = (
+    "model",
+    "push",
+    "m.tflite",
+    "--name",
+    "m",
+    "--version",
+    "1",
+    "--signing-key",
+    "k",
+    *UNREACHABLE,
+)
+
+
+@pytest.mark.parametrize("command", [START, PUSH, ("controller", "run"), ("agent", "run")])
+def test_an_unknown_otel_exporter_is_one_line_naming_the_variable(command: tuple[str, ...]) -> None:
+    """`OTEL_TRACES_EXPORTER=jaeger`: exit 2 and one line naming the variable, before the
+    command reads or connects anything; not an internal error. (The services set up their
+    logging for the whole process: they run as one.)"""
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "jaeger"}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker.cli", *command],
+        capture_output=True, text=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: OTEL_TRACES_EXPORTER='jaeger'") and "internal" not in line
+
+
 def test_push_with_an_invalid_version_is_one_line(tmp_path: Path) -> None:
     """A version the manifest refuses is `error: --version: …`, not pydantic's report."""
     model = tmp_path / "m.tflite"

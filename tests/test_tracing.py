@@ -16,7 +16,9 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from structlog.testing import capture_logs
+from typer.testing import CliRunner
 
+from broker.cli import app
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
@@ -24,7 +26,7 @@ from controller.service import Controller
 from edge_agent.agent import Agent, AgentConfig
 from shared import tracing
 from shared.keys import load_public_key
-from shared.messages import ListDevices, StartRollout
+from shared.messages import ListDevices
 from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
 
 EXPORTER = InMemorySpanExporter()
@@ -104,18 +106,22 @@ async def test_a_rollout_is_one_trace_from_the_operator_to_every_device(
         model_v1, name="clf", version="1.0.0", signing_key=signing_keys.private_path,
         endpoint=endpoint, artifacts=ArtifactStore(s3.endpoint, s3.bucket),
     )  # fmt: skip
-    with (
-        capture_logs() as logs,
-        tracing.span("rollout start"),  # what `hotswap rollout start` does with OTEL_* set
-    ):
-        async with OperatorClient(endpoint, timeout=15) as op:
-            started = await op.request(
-                StartRollout(
-                    model="clf", version="1.0.0", devices=tuple(d for d, _ in DEVICES),
-                    strategy="canary", canary_percent=25, canary_duration_s=0.5,
-                )
-            )  # fmt: skip
-        status = await read_rollout_status(endpoint, started["rolloutId"], wait_s=60)
+    with capture_logs() as logs:
+        # The operator's own command, in a thread (it runs its own event loop): its
+        # "rollout start" span is where the rollout's trace begins.
+        done = await asyncio.to_thread(
+            CliRunner().invoke,
+            app,
+            [
+                "rollout", "start", "--model", "clf", "--version", "1.0.0",
+                "--devices", ",".join(d for d, _ in DEVICES), "--strategy", "canary",
+                "--canary-percent", "25", "--canary-duration", "0.5",
+                "--mqtt-url", mosquitto.url, "--credentials", str(mosquitto.credentials("operator")),
+            ],
+        )  # fmt: skip
+        assert done.exit_code == 0, done.stderr
+        rollout_id = done.stdout.strip()
+        status = await read_rollout_status(endpoint, rollout_id, wait_s=60)
     assert status.status == "Succeeded", status
     regional = [e for e in logs if e["event"] == "deploy_sent" and e["region"] == "eu-west"]
     assert regional and len(regional[0]["devices"]) >= 2, "no region publish to trace"
@@ -132,6 +138,8 @@ async def test_a_rollout_is_one_trace_from_the_operator_to_every_device(
     assert register.parent is not None and register.parent.span_id == push.context.span_id
 
     (operator,) = by_name(spans, "rollout start")
+    assert operator.parent is None and operator.attributes is not None
+    assert operator.attributes["hotswap.rollout_id"] == rollout_id
     trace_id = operator.context.trace_id
     assert trace_id != push.context.trace_id
     (request,) = by_name(spans, "start_rollout")
