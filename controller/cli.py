@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import aiomqtt
 import structlog
 import typer
+from pydantic import ValidationError
 
 from controller import metrics
 from controller.artifacts import ArtifactStore, find_orphans
@@ -455,17 +456,26 @@ def device_list(
 
 
 def parse_stages(text: str) -> tuple[StageSpec, ...]:
-    """`10:5m,25:5m,100:0` → cumulative percent and bake time per stage."""
+    """`10:5m,25:5m,100:0` → cumulative percent and bake time per stage; a ValueError
+    naming `--stages` and the stage at fault else."""
     stages = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         percent, sep, duration = part.partition(":")
-        if not sep:
-            raise ValueError(f"invalid stage {part!r}: use PERCENT:DURATION, e.g. 10:5m")
         try:
-            share = float(percent.rstrip("%"))
-        except ValueError:
-            raise ValueError(f"invalid stage {part!r}: {percent!r} is not a percentage") from None
-        stages.append(StageSpec(percent=share, duration_s=parse_duration(duration)))
+            if not sep:
+                raise ValueError("use PERCENT:DURATION, e.g. 10:5m")
+            try:
+                share = float(percent.rstrip("%"))
+            except ValueError:
+                raise ValueError(f"{percent!r} is not a percentage") from None
+            stages.append(StageSpec(percent=share, duration_s=parse_duration(duration)))
+        except ValidationError as exc:  # out of range: percent in (0, 100], duration >= 0
+            first = exc.errors()[0]
+            field = "percent" if first["loc"][:1] == ("percent",) else "duration"
+            why = str(first["msg"]).lower()
+            raise ValueError(f"--stages: invalid stage {part!r}: {field} {why}") from None
+        except ValueError as exc:
+            raise ValueError(f"--stages: invalid stage {part!r}: {exc}") from None
     return tuple(stages)
 
 
