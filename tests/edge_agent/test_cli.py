@@ -6,11 +6,14 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
 import edge_agent.cli
+from broker.launcher import free_port
 from edge_agent.agent import AgentConfig
+from edge_agent.metrics import AgentMetrics
 from shared.keys import init_keys
 
 
@@ -78,3 +81,53 @@ def test_a_download_budget_that_cannot_work_is_refused(
     result = invoke(monkeypatch, tmp_path, "--download-budget", bad)
     assert result.exit_code == 2, result.output
     assert ("invalid duration" if bad == "5x" else "budget must be positive") in result.output
+
+
+def test_metrics_port_serves_the_agents_own_metrics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--metrics-port`: before the agent runs, its registry answers on that port (loopback
+    unless --metrics-host says otherwise), and the agent counts into that same registry."""
+    port = free_port()
+    given: list[object] = []
+    scraped: list[str] = []
+
+    class Captured:
+        def __init__(self, config: AgentConfig, *, metrics: object = None) -> None:
+            given.append(metrics)
+
+        async def run(self) -> None:
+            pass
+
+    def run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
+        coro.close()
+        scraped.append(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
+
+    monkeypatch.setattr(edge_agent.cli, "Agent", Captured)
+    monkeypatch.setattr(edge_agent.cli, "run_until_signalled", run_until_signalled)
+    result = invoke(monkeypatch, tmp_path, "--metrics-port", str(port))
+    assert result.exit_code == 0, result.output
+    (metrics,) = given
+    assert isinstance(metrics, AgentMetrics)
+    assert 'hotswap_build_info{component="agent"' in scraped[0]
+    assert "process_resident_memory_bytes" in scraped[0]
+
+
+def test_without_metrics_port_nothing_is_served_or_counted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The default: no endpoint, and the agent gets no metrics to count into."""
+    given: list[object] = []
+
+    class Captured:
+        def __init__(self, config: AgentConfig, *, metrics: object = None) -> None:
+            given.append(metrics)
+
+        async def run(self) -> None:
+            pass
+
+    monkeypatch.delenv("HOTSWAP_METRICS_PORT", raising=False)
+    monkeypatch.setattr(edge_agent.cli, "Agent", Captured)
+    monkeypatch.setattr(edge_agent.cli, "run_until_signalled", lambda coro: coro.close())
+    assert invoke(monkeypatch, tmp_path).exit_code == 0
+    assert given == [None]
