@@ -28,6 +28,7 @@ from shared import topics, tracing
 from shared.console import (
     LogJson,
     LogLevel,
+    announce,
     cli_errors,
     duration_option,
     emit_json,
@@ -188,8 +189,8 @@ def controller_run(
             except OSError as exc:
                 fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}")
         if check_bucket(controller.artifacts, create=create_bucket, wait_s=s3_wait):
-            _say(log_json, "bucket_created", f"created bucket {s3_bucket}", bucket=s3_bucket)
-        _say(
+            announce(log_json, "bucket_created", f"created bucket {s3_bucket}", bucket=s3_bucket)
+        announce(
             log_json,
             "controller_starting",
             f"controller: broker {config.mqtt}, database {db_url}, bucket {s3_bucket}",
@@ -217,14 +218,6 @@ def check_bucket(artifacts: ArtifactStore, *, create: bool, wait_s: float) -> bo
                 )
                 told = True
         time.sleep(0.5)
-
-
-def _say(as_json: bool, event: str, text: str, **facts: Any) -> None:
-    """A start-up line for people, or the same as a log event under --log-json."""
-    if as_json:
-        structlog.get_logger().info(event, **facts)
-    else:
-        progress(text)
 
 
 def _endpoint(mqtt_url: str, credentials: Path | None) -> MqttEndpoint:

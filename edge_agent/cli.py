@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import structlog
 import typer
 
 from edge_agent.agent import Agent, AgentConfig
@@ -20,11 +19,11 @@ from edge_agent.metrics import AgentMetrics
 from shared.console import (
     LogJson,
     LogLevel,
+    announce,
     cli_errors,
     duration_option,
     fail,
     parse_duration_flag,
-    progress,
     run_until_signalled,
 )
 from shared.credentials import apply_credentials, load_credentials
@@ -201,19 +200,16 @@ def agent_run(
             data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             fail(f"cannot use data directory {data_dir}: {exc.strerror}")
-        if log_json:
-            structlog.get_logger().info(
-                "agent_starting",
-                device_id=device_id,
-                region=region,
-                device_type=device_type,
-                broker=str(config.mqtt),
-                data_dir=str(data_dir),
-            )
-        else:
-            progress(
-                f"agent {device_id} ({region}/{device_type}): broker {config.mqtt}, data {data_dir}"
-            )
+        announce(
+            log_json,
+            "agent_starting",
+            f"agent {device_id} ({region}/{device_type}): broker {config.mqtt}, data {data_dir}",
+            device_id=device_id,
+            region=region,
+            device_type=device_type,
+            broker=str(config.mqtt),
+            data_dir=str(data_dir),
+        )
         metrics = AgentMetrics(device_id) if metrics_port else None
         if metrics is not None:
             try:

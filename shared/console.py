@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import structlog
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -175,6 +176,15 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
 def progress(message: str) -> None:
     """A progress line for people, on stderr so stdout stays machine-readable."""
     print(message, file=sys.stderr, flush=True)
+
+
+def announce(as_json: bool, event: str, text: str, **facts: Any) -> None:
+    """A service's start-up line: `text` for people on stderr, or under --log-json the
+    same as a log event `event` with `facts`, so that stderr stays JSON lines."""
+    if as_json:
+        structlog.get_logger().info(event, **facts)
+    else:
+        progress(text)
 
 
 def parse_duration_flag(text: str) -> float:

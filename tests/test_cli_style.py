@@ -308,6 +308,39 @@ def test_log_json_turns_native_and_stdlib_lines_into_json() -> None:
     assert "XNNPACK" in native["line"] and native["level"] == "info"
 
 
+@pytest.mark.parametrize("as_json", [True, False], ids=["log-json", "plain"])
+def test_agent_start_up_is_one_line_for_people_or_json_lines_only(
+    tmp_path: Path, signing_keys: KeyPair, as_json: bool
+) -> None:
+    """`agent run` while its broker is down: its start-up line, then its retries. Under
+    --log-json every line is a JSON event, the start-up one included; plain, it is the
+    sentence for people."""
+    args = [
+        sys.executable, "-m", "broker.cli", "agent", "run", "--device-id", "cam-1",
+        "--region", "eu-west", "--device-type", "camera", "--data-dir", str(tmp_path / "a"),
+        "--trusted-key", str(signing_keys.public_path), *UNREACHABLE,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [*args, "--log-json"] if as_json else args,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines = []
+    try:
+        for line in proc.stderr:  # the start-up line, then retries: stop at the first retry
+            lines.append(line.rstrip("\n"))
+            if "mqtt_unavailable" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)  # drains and closes the pipe
+    if as_json:
+        events = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+        assert events[0]["event"] == "agent_starting" and events[0]["device_id"] == "cam-1"
+    else:
+        assert lines[0].startswith("agent cam-1 (eu-west/camera): broker mqtt://"), lines
+
+
 def test_controller_log_json_is_json_lines_only_errors_included(
     mosquitto: Mosquitto, s3_server: Any, tmp_path: Path
 ) -> None:
