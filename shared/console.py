@@ -75,24 +75,47 @@ def _flag_of(loc: Sequence[int | str]) -> str | None:
     return None
 
 
+def _with_flag(message: str) -> str:
+    """`message` led by the flag whose value it quotes, when it names no flag itself and
+    exactly one option's value stands in it as a whole word: `invalid device id 'a b'`
+    is `--device-id: invalid device id 'a b'`, `/x: No such file …` `--dir: /x: …`."""
+    ctx = get_current_context(silent=True)
+    if ctx is None or re.search(r"(?<![\w-])--[a-z]", message):
+        return message
+    named = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        values = value if isinstance(value, list | tuple) else [value]
+        texts = [str(v) for v in values if isinstance(v, str | Path) and len(str(v)) >= 2]
+        longs = [o for o in param.opts if o.startswith("--")]
+        if longs and any(
+            re.search(rf"(?<![\w./-]){re.escape(t)}(?![\w/-])", message) for t in texts
+        ):
+            named.append(longs[0])
+    return f"{named[0]}: {message}" if len(named) == 1 else message
+
+
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn the project's errors into one line on stderr and an exit code."""
+    """Turn the project's errors into one line on stderr and an exit code; a refused
+    value's line leads with its flag."""
     try:
         yield
     except HotswapError as exc:
-        fail(str(exc), EXIT_BAD_INPUT if exc.reason in BAD_INPUT_REASONS else EXIT_FAILURE)
+        if exc.reason in BAD_INPUT_REASONS:
+            fail(_with_flag(str(exc)), EXIT_BAD_INPUT)
+        fail(str(exc), EXIT_FAILURE)
     except ValidationError as exc:  # a request model refused a flag's value
         first = exc.errors()[0]
         where = _flag_of(first["loc"]) or ".".join(str(x) for x in first["loc"])
         message = str(first["msg"]).removeprefix("Value error, ")
         fail(f"{where}: {message}" if where else message, EXIT_BAD_INPUT)
     except ValueError as exc:  # invalid URLs, ids and values from our own validators
-        fail(str(exc).splitlines()[-1].strip() or repr(exc), EXIT_BAD_INPUT)
+        fail(_with_flag(str(exc).splitlines()[-1].strip() or repr(exc)), EXIT_BAD_INPUT)
     except OSError as exc:  # a path given on the command line: missing, not writable, …
         if exc.filename is None:
             fail(exc.strerror or str(exc))
-        fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_BAD_INPUT)
+        fail(_with_flag(f"{exc.filename}: {exc.strerror or exc}"), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         fail("interrupted", 130)
 

@@ -82,6 +82,10 @@ BAD_INPUT = [
     (("controller", "run", "--metrics-port", "99999"), "--metrics-port"),
     (("model", "orphans", "--older-than", "yesterday"), "--older-than"),
     (("rollout", "status"), "ROLLOUT_ID"),
+    # Refused values our own checks find name their flag too, not only the value.
+    (("keys", "init", "--dir", "/dev/null/keys"), "--dir: /dev/null/keys"),
+    (("device", "list", "--mqtt-url", "bogus"), "--mqtt-url: invalid MQTT URL 'bogus'"),
+    ((*START, "--credentials", "/nonexistent/creds"), "--credentials: "),
     (("device", "revoke", "cam-1"), "--credentials"),
     (("no-such-command",), "no-such-command"),
     (("rollout", "start", "--no-such-flag"), "--no-such-flag"),
@@ -156,6 +160,12 @@ def test_push_with_an_invalid_version_is_one_line(tmp_path: Path) -> None:
     assert code == 2, (code, out, err)
     assert len(err.splitlines()) == 1 and err.startswith("error: --version"), err
     assert "pydantic" not in err
+    code, _, err = run(
+        "model", "push", str(model), "--name", "clf", "--version", "1.0.0",
+        "--signing-key", str(tmp_path / "missing.key"), *UNREACHABLE,
+    )  # fmt: skip
+    assert (code, err) == (2, f"error: --signing-key: cannot read signing key "
+                              f"{tmp_path / 'missing.key'}: No such file or directory\n")  # fmt: skip
 
 
 def test_a_bug_is_one_line_and_exit_1() -> None:
