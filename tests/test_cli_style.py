@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import textwrap
@@ -349,6 +350,28 @@ def test_agent_start_up_is_one_line_for_people_or_json_lines_only(
         assert events[0]["event"] == "agent_starting" and events[0]["device_id"] == "cam-1"
     else:
         assert lines[0].startswith("agent cam-1 (eu-west/camera): broker mqtt://"), lines
+
+
+def test_controller_metrics_bind_loopback_unless_told(tmp_path: Path) -> None:
+    """`controller run` serves its metrics on 127.0.0.1 by default and on --metrics-host
+    when given: a port already taken there is one error line naming that address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for extra, host in (((), "127.0.0.1"), (("--metrics-host", "203.0.113.7"), "203.0.113.7")):
+            done = subprocess.run(
+                [
+                    sys.executable, "-m", "broker.cli", "controller", "run", *UNREACHABLE,
+                    "--db-url", f"sqlite:///{tmp_path / 'c.db'}", "--metrics-port", str(port),
+                    *extra,
+                ],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.startswith(f"error: cannot serve metrics on {host}:{port}: "), (
+                done.stderr
+            )
 
 
 def test_controller_log_json_is_json_lines_only_errors_included(
