@@ -175,6 +175,7 @@ def controller_run(
             s3_bucket=s3_bucket,
             s3_region=s3_region,
             presign_ttl_s=round(presign_ttl),
+            command_ttl_s=max(1, round(_DEFAULTS.command_ttl_s)),  # HOTSWAP_COMMAND_TTL_S
             command_key=(
                 load_private_key(creds.command_key) if creds and creds.command_key else None
             ),

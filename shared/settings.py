@@ -45,7 +45,9 @@ class Settings(BaseSettings):
         description="agent: time one download may take, retries and their backoff included "
         "(never past the deploy command's expiry)",
     )
-    command_ttl_s: int = Field(3600, description="message expiry of device commands")
+    command_ttl_s: Duration = Field(
+        3600.0, gt=0, description="controller: expiry of the commands it sends devices"
+    )
     request_timeout_s: Duration = Field(10.0, description="CLI wait for a controller answer")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_json: bool = Field(False, description="JSON logs (one event per line)")

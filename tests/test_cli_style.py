@@ -221,6 +221,34 @@ def test_a_bad_environment_variable_is_one_line_not_a_traceback() -> None:
     assert (good.returncode, good.stderr) == (0, "")
 
 
+CONFIG_OF_CONTROLLER_RUN = textwrap.dedent(
+    """
+    import sys
+    import controller.service
+    from broker.cli import app
+
+    class Captured:  # prints the configuration `controller run` built, then stops
+        def __init__(self, config):
+            print(config.command_ttl_s, config.presign_ttl_s)
+            sys.exit(0)
+
+    controller.service.Controller = Captured
+    app(["controller", "run", "--metrics-port", "0"])
+    """
+)
+
+
+def test_command_ttl_variable_reaches_the_controller() -> None:
+    """HOTSWAP_COMMAND_TTL_S (docs/security.md) sets the expiry of the controller's
+    commands, as a duration like every other; it was read and then ignored."""
+    env = {**os.environ, "HOTSWAP_COMMAND_TTL_S": "2m", "HOTSWAP_PRESIGN_TTL_S": "1h"}
+    done = subprocess.run(
+        [sys.executable, "-c", CONFIG_OF_CONTROLLER_RUN],
+        capture_output=True, text=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "120 3600\n"), done.stderr
+
+
 def test_sub_command_prints_the_mosquitto_sub_line_for_a_login(tmp_path: Path) -> None:
     """`broker sub-command`: host, port, MQTT 5, the login, the CA for mqtts://, the topic;
     shell-quoted so that `eval` runs it."""
