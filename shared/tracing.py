@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -93,8 +94,9 @@ def configure_tracing(
     else:
         names = [n.strip() for n in environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")]
         for name in names:
-            if name == "console":
-                provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+            if name == "console":  # on stderr, one JSON object a line: stdout is `--json`'s
+                console = ConsoleSpanExporter(out=sys.stderr, formatter=_one_line)
+                provider.add_span_processor(BatchSpanProcessor(console))
             elif name == "otlp":
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                     OTLPSpanExporter,
@@ -111,6 +113,10 @@ def configure_tracing(
     _provider["exporters"] = [exporter] if exporter is not None else []
     _state["enabled"] = True
     return True
+
+
+def _one_line(span: Any) -> str:
+    return str(span.to_json(indent=None)) + "\n"
 
 
 def stop_tracing() -> None:

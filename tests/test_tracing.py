@@ -9,6 +9,10 @@ for an OTLP backend; everything that produces and carries the spans is real: the
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -213,3 +217,25 @@ def test_while_off_nothing_is_recorded_or_carried(traced: InMemorySpanExporter) 
 
     assert tracing.context_of(Props()) is None and tracing.traceparent_of(Props()) is None
     assert [s.name for s in traced.get_finished_spans()] == ["on"]
+
+
+def test_console_exporter_writes_one_json_line_a_span_on_stderr(
+    tmp_path: Path, signing_keys: KeyPair, model_v1: bytes
+) -> None:
+    """OTEL_TRACES_EXPORTER=console: spans go to stderr, one JSON object a line, so that
+    stdout stays `--json`'s alone and JSON log lines stay JSON lines."""
+    model = tmp_path / "m.tflite"
+    model.write_bytes(model_v1)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "broker.cli", "model", "push", str(model), "--name", "clf",
+            "--version", "1.0.0", "--signing-key", str(signing_keys.private_path),
+            "--mqtt-url", "mqtt://127.0.0.1:1", "--json",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "OTEL_TRACES_EXPORTER": "console"},
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == "", (done.stdout, done.stderr)
+    error, *spans = done.stderr.splitlines()
+    assert error.startswith("error: cannot reach the MQTT broker")
+    assert [json.loads(line)["name"] for line in spans] == ["push"], done.stderr
