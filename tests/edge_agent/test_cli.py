@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +17,37 @@ from edge_agent.metrics import AgentMetrics
 from shared.keys import init_keys
 
 
-def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> AgentConfig:
-    """The AgentConfig `agent run FLAGS` builds, captured instead of running the agent."""
-    seen: list[AgentConfig] = []
+def started(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    *flags: str,
+    before_run: Callable[[], None] = lambda: None,
+) -> tuple[AgentConfig, AgentMetrics | None]:
+    """What `agent run FLAGS` hands the agent (its configuration and metrics), captured
+    instead of running it; `before_run` is called where the agent would start."""
+    seen: list[tuple[AgentConfig, AgentMetrics | None]] = []
 
     class Captured:
-        def __init__(self, config: AgentConfig, **_: object) -> None:
-            seen.append(config)
+        def __init__(self, config: AgentConfig, *, metrics: AgentMetrics | None = None) -> None:
+            seen.append((config, metrics))
 
         async def run(self) -> None:
             pass
 
     def run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
         coro.close()
+        before_run()
 
     monkeypatch.setattr(edge_agent.cli, "Agent", Captured)
     monkeypatch.setattr(edge_agent.cli, "run_until_signalled", run_until_signalled)
     result = invoke(monkeypatch, tmp_path, *flags)
     assert result.exit_code == 0, result.output
     return seen[0]
+
+
+def configured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> AgentConfig:
+    """The AgentConfig `agent run FLAGS` builds."""
+    return started(monkeypatch, tmp_path, *flags)[0]
 
 
 def invoke(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *flags: str) -> Result:
@@ -89,25 +101,12 @@ def test_metrics_port_serves_the_agents_own_metrics(
     """`--metrics-port`: before the agent runs, its registry answers on that port (loopback
     unless --metrics-host says otherwise), and the agent counts into that same registry."""
     port = free_port()
-    given: list[object] = []
     scraped: list[str] = []
 
-    class Captured:
-        def __init__(self, config: AgentConfig, *, metrics: object = None) -> None:
-            given.append(metrics)
-
-        async def run(self) -> None:
-            pass
-
-    def run_until_signalled(coro: Coroutine[Any, Any, None]) -> None:
-        coro.close()
+    def scrape() -> None:
         scraped.append(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
 
-    monkeypatch.setattr(edge_agent.cli, "Agent", Captured)
-    monkeypatch.setattr(edge_agent.cli, "run_until_signalled", run_until_signalled)
-    result = invoke(monkeypatch, tmp_path, "--metrics-port", str(port))
-    assert result.exit_code == 0, result.output
-    (metrics,) = given
+    _, metrics = started(monkeypatch, tmp_path, "--metrics-port", str(port), before_run=scrape)
     assert isinstance(metrics, AgentMetrics)
     assert 'hotswap_build_info{component="agent"' in scraped[0]
     assert "process_resident_memory_bytes" in scraped[0]
@@ -117,17 +116,5 @@ def test_without_metrics_port_nothing_is_served_or_counted(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The default: no endpoint, and the agent gets no metrics to count into."""
-    given: list[object] = []
-
-    class Captured:
-        def __init__(self, config: AgentConfig, *, metrics: object = None) -> None:
-            given.append(metrics)
-
-        async def run(self) -> None:
-            pass
-
     monkeypatch.delenv("HOTSWAP_METRICS_PORT", raising=False)
-    monkeypatch.setattr(edge_agent.cli, "Agent", Captured)
-    monkeypatch.setattr(edge_agent.cli, "run_until_signalled", lambda coro: coro.close())
-    assert invoke(monkeypatch, tmp_path).exit_code == 0
-    assert given == [None]
+    assert started(monkeypatch, tmp_path)[1] is None
