@@ -27,6 +27,9 @@ and stay `inconclusive`:
   strictest setting) and at `--tolerance`;
 * +5 %, +10 %, +20 %, +50 % regressions (`--detection-trials` each) at tolerance 0
   (the detection rate) and at `--tolerance`;
+* an identical candidate read `--looks` times as its windows arrive (`--samples`
+  more calls a device each time), rolled back on the first `fail`, as the
+  controller does during a bake (`--detection-trials` trials);
 * how many candidate devices (at `--samples` each, the baseline three times as
   many) a +5 % regression needs to be detected in 95 % of trials at tolerance 0:
   the device-to-device spread, not the samples per device, is what limits it.
@@ -112,6 +115,44 @@ class Simulator:
             stats = CohortStats(0, w.count, w.errors, w.latency_ms, w.confidence)
             rollups.append(Rollup.of_window(stats, w))
         return cohort_stats(rollups)
+
+    def looked_trial(self, shape: Shape, looks: int, tolerances: tuple[float, ...]) -> list[str]:
+        """An identical candidate read `looks` times as its windows arrive (the controller
+        re-reads the gates on new telemetry and rolls back on the first `fail`): per
+        tolerance, `fail` if any reading failed, else the last reading's verdict."""
+        sides = []
+        both = ((CANDIDATE, shape.candidate_devices), (BASELINE, shape.baseline_devices))
+        for ref, devices in both:
+            per_device = []
+            for _ in range(devices):
+                median = shape.median_ms * math.exp(self.rng.normal(0.0, shape.device_spread))
+                sigma = shape.sigma * math.exp(self.rng.normal(0.0, shape.sigma_spread))
+                lat = self.rng.lognormal(math.log(median), sigma, shape.samples * looks)
+                recorder = TelemetryRecorder("bench-device", self.now)
+                recorder.register(ref, SIGNATURE, TASK)
+                windows = []
+                for chunk in np.array_split(lat, looks):
+                    for i, ms in enumerate(chunk.tolist()):
+                        recorder.observe(ref, ms, self.outputs[i % 16], self.x)
+                    (w,) = recorder.drain(self.now)
+                    stats = CohortStats(0, w.count, w.errors, w.latency_ms, w.confidence)
+                    windows.append(Rollup.of_window(stats, w))
+                self.calls += len(lat)
+                per_device.append(windows)
+            sides.append(per_device)
+        totals = [[Rollup() for _ in side] for side in sides]
+        out = ["pass" for _ in tolerances]
+        for look in range(looks):
+            for side, total in zip(sides, totals, strict=True):
+                for windows, t in zip(side, total, strict=True):
+                    t.add(windows[look])
+            candidate, baseline = (cohort_stats(t) for t in totals)
+            for k, tolerance in enumerate(tolerances):
+                spec = GateSpec(max_latency_increase=tolerance, min_samples=1)
+                (verdict,) = evaluate_gates(spec, candidate, baseline)
+                if out[k] != "fail":
+                    out[k] = verdict.verdict
+        return out
 
     def trial(self, shape: Shape, regression: float, tolerances: tuple[float, ...]) -> list[str]:
         candidate = self.cohort(CANDIDATE, shape.candidate_devices, shape, 1.0 + regression)
@@ -199,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigma-spread", type=float, default=0.1, help="log-sd of devices' sigma")
     p.add_argument("--device-spread", type=float, default=0.05, help="log-sd of device medians")
     p.add_argument("--tolerance", type=float, default=0.05, help="an operator's tolerance")
+    p.add_argument("--looks", type=int, default=5, help="readings of a bake (identical)")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
@@ -229,6 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in REGRESSIONS:
         got = rates(sim, shape, r, tolerances, a.detection_trials, f"+{r:.0%}")
         report["regressions"][f"+{r:.0%}"] = dict(zip(keys, got, strict=True))
+    counts = [Counter[str]() for _ in tolerances]
+    for t in range(a.detection_trials):
+        for c, verdict in zip(counts, sim.looked_trial(shape, a.looks, tolerances), strict=True):
+            c[verdict] += 1
+        if (t + 1) % 50 == 0:
+            print(f"  identical, {a.looks} looks: {t + 1}/{a.detection_trials}", file=sys.stderr)
+    report["looks"] = a.looks
+    n = a.detection_trials
+    looked = [{k: c[k] / n for k in ("fail", "pass", "inconclusive")} for c in counts]
+    report["identical_looked"] = dict(zip(keys, looked, strict=True))
     report["five_percent"] = devices_for_five_percent(sim, shape, a.search_trials)
     report["inferences"] = sim.calls
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -255,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     row(f"identical ({a.trials})", report["identical"])
+    row(f"identical x{a.looks} ({a.detection_trials})", report["identical_looked"])
     for name, cols in report["regressions"].items():
         row(f"{name} ({a.detection_trials})", cols)
     five = report["five_percent"]

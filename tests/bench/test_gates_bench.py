@@ -20,12 +20,13 @@ def test_gate_benchmark_reports_every_condition() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gates.py"), "--json", "--trials", "4",
          "--detection-trials", "4", "--search-trials", "2", "--candidate-devices", "10",
-         "--baseline-devices", "20", "--samples", "60"],
+         "--baseline-devices", "20", "--samples", "60", "--looks", "3"],
         capture_output=True, text=True, check=True, timeout=110,
     )  # fmt: skip
     report = json.loads(out.stdout)
     assert set(report["regressions"]) == {"+5%", "+10%", "+20%", "+50%"}
-    for cols in (report["identical"], *report["regressions"].values()):
+    looked = report["identical_looked"]
+    for cols in (report["identical"], looked, *report["regressions"].values()):
         for rates in cols.values():
             assert sum(rates.values()) == pytest.approx(1.0)
     assert report["regressions"]["+50%"]["tolerance_0"]["fail"] == 1.0
@@ -33,4 +34,4 @@ def test_gate_benchmark_reports_every_condition() -> None:
     five = report["five_percent"]
     assert five["candidate_devices"] >= 10 and five["tried"]
     # Every call went through the agent's recorder: trials x devices x samples.
-    assert report["inferences"] >= (4 + 4 * 4) * 30 * 60
+    assert report["inferences"] >= (4 + 4 * 4 + 4 * 3) * 30 * 60
