@@ -183,7 +183,7 @@ def controller_run(
         try:
             controller = Controller(config)
         except Exception as exc:  # the database URL is the usual suspect
-            fail(f"cannot open the database {db_url}: {str(exc).splitlines()[0]}")
+            fail(f"--db-url: cannot open the database {db_url}: {str(exc).splitlines()[0]}")
         if metrics_port:
             try:
                 metrics.serve_metrics(metrics_port, metrics_host)

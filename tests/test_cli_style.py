@@ -402,6 +402,20 @@ def test_controller_metrics_bind_loopback_unless_told(tmp_path: Path) -> None:
             )
 
 
+def test_a_database_url_that_cannot_be_opened_names_db_url(tmp_path: Path) -> None:
+    """`controller run --db-url bogus://x`: one line naming --db-url and the URL."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "broker.cli", "controller", "run", *UNREACHABLE,
+            "--db-url", "bogus://x", "--metrics-port", "0",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: --db-url: cannot open the database bogus://x: "), line
+
+
 def test_controller_log_json_is_json_lines_only_errors_included(
     mosquitto: Mosquitto, s3_server: Any, tmp_path: Path
 ) -> None:
