@@ -11,7 +11,6 @@ reaches every device in as few publishes.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 from paho.mqtt.properties import Properties
 
-from controller.service import Controller, ControllerConfig
+from controller.service import Controller
 from shared import topics
 from shared.keys import init_keys, load_private_key
 from shared.manifest import build_manifest, sign_manifest
@@ -37,9 +36,7 @@ from shared.messages import (
     RolloutStatus,
     StartRollout,
 )
-from shared.settings import MqttEndpoint
 from shared.tflite import read_signature
-from tests.conftest import S3
 
 N = 2000
 REGIONS = ("eu-west", "us-east")
@@ -78,21 +75,8 @@ class Recorder:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, s3: S3, model_v1: bytes) -> Any:
-    config = ControllerConfig(
-        mqtt=MqttEndpoint(host="127.0.0.1", port=1, tls=False),  # never connected
-        db_url=f"sqlite:///{tmp_path / 'controller.db'}",
-        s3_endpoint=s3.endpoint,
-        s3_bucket=s3.bucket,
-        status_interval_s=0.0,
-        step_gap_s=0.0,
-    )
-    controller = Controller(config)
-    priv, _ = init_keys(tmp_path / f"k{uuid.uuid4().hex[:6]}")
-    manifest = build_manifest(
-        name="m", version="2.0", data=model_v1, signature=read_signature(model_v1)
-    )
-    controller.store.register_model(sign_manifest(manifest, load_private_key(priv)), "m/2", 0.0)
+async def engine(detached_engine: Controller) -> Any:
+    controller = detached_engine
     recorder = Recorder()
     await controller.attach(recorder)
     for i in range(N):

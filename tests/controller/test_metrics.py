@@ -9,7 +9,6 @@ import os
 import random
 import shutil
 import subprocess
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -17,10 +16,8 @@ import pytest
 from paho.mqtt.properties import Properties
 
 from controller import metrics
-from controller.service import Controller, ControllerConfig
+from controller.service import Controller
 from shared import topics
-from shared.keys import init_keys, load_private_key
-from shared.manifest import build_manifest, sign_manifest
 from shared.messages import (
     ControlRollout,
     DeviceRecord,
@@ -28,9 +25,6 @@ from shared.messages import (
     ModelRef,
     StartRollout,
 )
-from shared.settings import MqttEndpoint
-from shared.tflite import read_signature
-from tests.conftest import S3
 
 
 class Recorder:
@@ -46,23 +40,9 @@ class Recorder:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, s3: S3, model_v1: bytes) -> Controller:
-    config = ControllerConfig(
-        mqtt=MqttEndpoint(host="127.0.0.1", port=1, tls=False),  # never connected
-        db_url=f"sqlite:///{tmp_path / 'controller.db'}",
-        s3_endpoint=s3.endpoint,
-        s3_bucket=s3.bucket,
-        status_interval_s=0.0,
-        step_gap_s=0.0,
-    )
-    controller = Controller(config)
-    priv, _ = init_keys(tmp_path / f"k{uuid.uuid4().hex[:6]}")
-    manifest = build_manifest(
-        name="m", version="2.0", data=model_v1, signature=read_signature(model_v1)
-    )
-    controller.store.register_model(sign_manifest(manifest, load_private_key(priv)), "m/2", 0.0)
-    await controller.attach(Recorder())
-    return controller
+async def engine(detached_engine: Controller) -> Controller:
+    await detached_engine.attach(Recorder())
+    return detached_engine
 
 
 def from_rows(controller: Controller) -> dict[tuple[str, str, str], int]:
