@@ -226,3 +226,12 @@ def test_every_hotswap_process_sends_its_traces_to_jaeger() -> None:
         assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://jaeger:4318", name
     assert "4318:4318" in SERVICES["jaeger"]["ports"]
     assert SERVICES["jaeger"]["image"].startswith("jaegertracing/all-in-one")
+
+
+def test_the_observability_images_are_pinned_to_a_release() -> None:
+    """Prometheus, Grafana and Jaeger name a release (`:latest` changes under the
+    provisioned dashboard and the scrape configuration without anyone noticing)."""
+    for name in ("prometheus", "grafana", "jaeger"):
+        image = SERVICES[name]["image"]
+        _, _, tag = image.rpartition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), (name, image)
