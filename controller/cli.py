@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from controller import metrics
 from controller.artifacts import ArtifactStore, find_orphans
 from controller.operator import OperatorClient, push_model, read_rollout_status
+from controller.progress import DEVICE_STATES
 from shared import topics, tracing
 from shared.console import (
     LogJson,
@@ -792,6 +793,11 @@ def _print_status(status: RolloutStatus) -> None:
         print(f"devices   hotswap rollout devices {status.rollout_id} [--state STATE]")
 
 
+# What `rollout devices --state` can name: the states a device passes through in a
+# rollout and, once it answered a rollback, the status's `rollback_failed`.
+LISTED_STATES = (*DEVICE_STATES, "rollback_failed")
+
+
 @rollout_app.command("devices")
 def rollout_devices(
     rollout_id: Annotated[str, typer.Argument(help="the rollout id")],
@@ -805,6 +811,8 @@ def rollout_devices(
     as_json: Json = False,
 ) -> None:
     """List a rollout's devices and their state, a page at a time (by device id)."""
+    if state is not None and state not in LISTED_STATES:
+        fail(f"--state {state!r}: not a device state (one of: {', '.join(LISTED_STATES)})", 2)
     request = ListRolloutDevices(rollout_id=rollout_id, state=state, offset=offset, limit=limit)
     with cli_errors():
         raw = asyncio.run(_request(_endpoint(mqtt_url, credentials), request))
