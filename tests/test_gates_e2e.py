@@ -59,19 +59,17 @@ class GateFleet(Fleet):
 
     async def settled(
         self, rollout_id: str, within_s: float = 60
-    ) -> tuple[RolloutStatus, GateVerdict | None]:
+    ) -> tuple[RolloutStatus, list[GateVerdict]]:
         """The status once final or Paused (inconclusive gates pause at the bake's end),
-        and the latency gate as last read while the canary stage was on (the final
-        status carries the last stage's, which has no baseline)."""
-        canary: GateVerdict | None = None
+        and every latency-gate reading published while the canary stage was on (the
+        final status carries the last stage's, which has no baseline)."""
+        canary: list[GateVerdict] = []
         async with asyncio.timeout(within_s):
             while True:
                 with contextlib.suppress(RequestError):
                     status = await self.status(rollout_id)
                     if status.stage.startswith("canary"):
-                        canary = next(
-                            (g for g in status.gates if g.gate == "max_latency_increase"), canary
-                        )
+                        canary += [g for g in status.gates if g.gate == "max_latency_increase"]
                     if status.final or status.status == "Paused":
                         return status, canary
                 await asyncio.sleep(0.1)
@@ -145,9 +143,10 @@ def reading(gate: GateVerdict | None) -> str:
 
 
 async def test_same_cost_candidates_pass_ten_canaries_out_of_ten(fleet: GateFleet) -> None:
-    """Ten canaries of same-architecture models (other weights): each one's latency gate
-    passes (the whole interval within the tolerance) and the rollout reaches every device."""
-    readings = []
+    """Ten canaries of same-architecture models (other weights): each one's stage ends on
+    passing gates (an inconclusive one would pause it, a failing one roll it back) and the
+    rollout reaches every device; no reading of any of them ever failed."""
+    readings: list[str] = []
     for i in range(10):
         version = f"2.0.{i}"
         await fleet.push(build_dense_model(hidden=HIDDEN, seed=10 + i), version)
@@ -155,13 +154,17 @@ async def test_same_cost_candidates_pass_ten_canaries_out_of_ten(fleet: GateFlee
             version=version, strategy="canary", canary_percent=50, canary_duration_s=BAKE_S,
             gates=GateSpec(**{**GATES, "max_latency_increase": HEALTHY_TOLERANCE}),
         )  # fmt: skip
-        status, gate = await fleet.settled(rid)
-        readings.append(reading(gate))
+        status, seen = await fleet.settled(rid)
+        readings.append(reading(seen[-1] if seen else None))
         assert status.status == "Succeeded", (i, status.reason, readings)
         assert fleet.versions() == {version}
-        assert gate is not None and gate.verdict == "pass", readings
-        assert gate.high is not None and gate.high <= HEALTHY_TOLERANCE
-        assert (gate.devices, gate.baseline_devices) == (SIDE, SIDE), gate
+        assert all(g.verdict != "fail" for g in seen), [reading(g) for g in seen]
+        # The last published canary reading may precede the bake's end by a status tick;
+        # any that passed did so with its whole interval within the tolerance.
+        for g in seen:
+            if g.verdict == "pass":
+                assert g.high is not None and g.high <= HEALTHY_TOLERANCE, reading(g)
+                assert 1 <= (g.devices or 0) <= SIDE and 1 <= (g.baseline_devices or 0) <= SIDE
 
 
 async def test_a_thirty_percent_slower_candidate_never_passes(fleet: GateFleet) -> None:
@@ -175,9 +178,9 @@ async def test_a_thirty_percent_slower_candidate_never_passes(fleet: GateFleet) 
         version="2.0.0+slow", strategy="canary", canary_percent=50, canary_duration_s=SLOW_BAKE_S,
         gates=GateSpec(**GATES),
     )  # fmt: skip
-    status, last_read = await fleet.settled(rid)
+    status, seen = await fleet.settled(rid)
     gate = next((g for g in status.gates if g.gate == "max_latency_increase"), None)
-    assert last_read is None or last_read.verdict != "pass", reading(last_read)
+    assert all(g.verdict != "pass" for g in seen), [reading(g) for g in seen]
     assert status.status in ("RolledBack", "Paused"), (status.status, status.reason)
     assert status.devices_updated <= SIDE
     if status.status == "RolledBack":
