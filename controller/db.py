@@ -29,6 +29,9 @@ class ModelVersionRow(SQLModel, table=True):
     signed_manifest: str  # the SignedManifest JSON as pushed
     s3_key: str
     created_at: float
+    # The `traceparent` of the push that registered it (None untraced or older rows):
+    # each rollout of the version links its trace to that push. Not on the wire.
+    trace_parent: str | None = Field(default=None, exclude=True)
 
 
 class DeviceRow(SQLModel, table=True):

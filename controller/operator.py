@@ -209,6 +209,7 @@ async def push_model(
     stops between upload and registration leaves objects that nothing serves
     (`hotswap model orphans` lists and deletes them).
     """
+    tracing.annotate({"hotswap.model": name, "hotswap.version": version})
     signature = read_signature(data)
     if task is not None:
         check_task(task, signature)

@@ -1096,8 +1096,10 @@ class Controller:
                 reason="bad_request",
             )
         model = self.store.get_model(request.model, request.version)
+        pushed = [model.trace_parent]  # the rollout's span links to each version's push
         if strategy(request.strategy).two_versions and request.version_b:
             other = self.store.get_model(request.model, request.version_b)
+            pushed.append(other.trace_parent)
             if other.signature != model.signature:
                 raise RequestError(
                     f"A/B versions must share a tensor signature: {model.version} is "
@@ -1116,7 +1118,7 @@ class Controller:
             superseded=[x.rollout_id for x in created.superseded],
         )
         TRACES.begin(
-            rollout.rollout_id, model=model.name, version=model.version,
+            rollout.rollout_id, pushed, model=model.name, version=model.version,
             strategy=rollout.strategy, devices=len(targets),
         )  # fmt: skip
         for older in created.superseded:
@@ -1184,7 +1186,9 @@ class Controller:
                 f"{manifest.size}",
                 reason="artifact_mismatch",
             )
-        row = self.store.register_model(request.manifest, request.s3_key, now)
+        row = self.store.register_model(
+            request.manifest, request.s3_key, now, trace_parent=tracing.origin()
+        )
         log.info("model_registered", model=manifest.ref, sha256=manifest.sha256)
         return row_to_wire(row, exclude={"signed_manifest", "id"})
 

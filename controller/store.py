@@ -176,8 +176,11 @@ class Store:
 
     # ------------------------------------------------------------ models
 
-    def register_model(self, signed: SignedManifest, s3_key: str, now: float) -> ModelVersionRow:
-        """Record a pushed model; the same manifest twice is fine, a changed one is not."""
+    def register_model(
+        self, signed: SignedManifest, s3_key: str, now: float, trace_parent: str | None = None
+    ) -> ModelVersionRow:
+        """Record a pushed model; the same manifest twice is fine, a changed one is not.
+        `trace_parent`: the push's trace context, kept for the version's rollouts."""
         manifest = signed.unverified()
         with self.session() as s:
             existing = s.exec(
@@ -203,6 +206,7 @@ class Store:
                 signed_manifest=signed.model_dump_json(by_alias=True),
                 s3_key=s3_key,
                 created_at=now,
+                trace_parent=trace_parent,
             )
             s.add(row)
             s.commit()

@@ -14,28 +14,40 @@ No I/O; while tracing is off every method returns after one flag check.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Span, SpanContext, Status, StatusCode
 
 from shared import tracing
 from shared.messages import DeviceEvent
 
 _FAILED = {"Failed", "RolledBack", "Aborted"}
+_ENDED_KEPT = 1000  # ended rollouts whose trace a reopening continues
 
 
 class RolloutTraces:
     def __init__(self) -> None:
         self._rollout: dict[str, Span] = {}
         self._stage: dict[str, Span] = {}
+        # The span of each rollout that ended lately: an operator's rollback reopens a
+        # finished rollout, and its work continues that rollout's trace. Bounded.
+        self._ended: OrderedDict[str, SpanContext] = OrderedDict()
 
-    def begin(self, rollout_id: str, **attributes: Any) -> None:
-        """The rollout was created (inside its request's span, which becomes its parent)."""
+    def begin(self, rollout_id: str, pushed: Sequence[str | None] = (), **attributes: Any) -> None:
+        """The rollout was created (inside its request's span, which becomes its parent).
+
+        `pushed`: the `traceparent` each version it deploys was pushed under (the model
+        versions' `trace_parent`): the rollout's span links to those pushes, which are
+        traces of their own (a version is pushed once and rolled out many times)."""
         if not tracing.enabled():
             return
         self._rollout[rollout_id] = tracing.tracer().start_span(
-            "rollout", attributes={"hotswap.rollout_id": rollout_id, **_attrs(attributes)}
+            "rollout",
+            attributes={"hotswap.rollout_id": rollout_id, **_attrs(attributes)},
+            links=tracing.links(pushed),
         )
 
     def stage(self, rollout_id: str, name: str, index: int) -> None:
@@ -55,7 +67,7 @@ class RolloutTraces:
         """Something that happened to the rollout now (rolling back, paused, …)."""
         if not tracing.enabled():
             return
-        current = self._stage.get(rollout_id) or self._rollout.get(rollout_id)
+        current = self._current(rollout_id)
         if current is not None:
             current.add_event(name, _attrs(attributes))
 
@@ -70,14 +82,16 @@ class RolloutTraces:
         if status in _FAILED:
             rollout.set_status(Status(StatusCode.ERROR, reason or status))
         rollout.end()
+        self._ended[rollout_id] = rollout.get_span_context()
+        while len(self._ended) > _ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     def headers(self, rollout_id: str | None) -> list[tuple[str, str]]:
         """The `traceparent` a command of this rollout carries: its current stage (or the
         rollout itself before the first stage)."""
         if not tracing.enabled() or rollout_id is None:
             return []
-        current = self._stage.get(rollout_id) or self._rollout.get(rollout_id)
-        return tracing.headers_of(current)
+        return tracing.headers_of(self._current(rollout_id))
 
     def device_event(self, event: DeviceEvent, traceparent: str | None) -> None:
         """A device's event arrived carrying its deploy span: a short span under it."""
@@ -99,12 +113,24 @@ class RolloutTraces:
         ):
             pass
 
+    def _current(self, rollout_id: str) -> Span | None:
+        """The span a rollout's work belongs to now: its stage, else itself; a rollout that
+        ended here and works again (reopened by a rollback) gets a span in its trace."""
+        current = self._stage.get(rollout_id) or self._rollout.get(rollout_id)
+        if current is None and rollout_id in self._ended:
+            current = self._rollout_span(rollout_id)
+        return current
+
     def _rollout_span(self, rollout_id: str) -> Span:
         span = self._rollout.get(rollout_id)
-        if span is None:  # started before this controller did
+        if span is None:
+            ended = self._ended.pop(rollout_id, None)
+            # Reopened (an operator's rollback of a finished rollout): in its own trace,
+            # under the span that ended; else started before this controller did.
+            parent = trace.NonRecordingSpan(ended) if ended is not None else trace.INVALID_SPAN
             span = self._rollout[rollout_id] = tracing.tracer().start_span(
-                "rollout (resumed)",
-                context=trace.set_span_in_context(trace.INVALID_SPAN),
+                "rollout (reopened)" if ended is not None else "rollout (resumed)",
+                context=trace.set_span_in_context(parent),
                 attributes={"hotswap.rollout_id": rollout_id},
             )
         return span

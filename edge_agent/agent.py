@@ -894,17 +894,23 @@ class Agent:
         if active is not None and target is not None and target.sha256 == active.ref.sha256:
             return self._event(command, "rolled_back", model=active.ref, detail="already active")
         if standby is not None and (target is None or target.sha256 == standby.ref.sha256):
-            self.runtime.swap_back()
+            with tracing.span("swap"):  # the resident standby back in: one reference swap
+                self.runtime.swap_back()
             self._set_pointers(standby, active)
             return self._event(command, "rolled_back", model=standby.ref)
         if target is not None and self.store.has(target.sha256):
             data, signed = await asyncio.to_thread(self.store.read, target.sha256)
-            # Still signed by a trusted key (a removed key's models are not rolled back to).
-            manifest = verify_manifest(signed, self._trusted, device_type=self.config.device_type)
-            verify_digest(manifest, target.sha256)  # the file (hashed by read) is the signed one
-            slot = await asyncio.to_thread(self._load, manifest, data)
+            with tracing.span("verify"):
+                # Still signed by a trusted key (a removed key's models are not rolled back to).
+                manifest = verify_manifest(
+                    signed, self._trusted, device_type=self.config.device_type
+                )
+                # The file (hashed by read) is the signed one.
+                verify_digest(manifest, target.sha256)
+            slot = await asyncio.to_thread(self._load, manifest, data)  # load, warm-up spans
             verify_tensor_signature(manifest, slot.signature, active.signature if active else None)
-            self.runtime.activate(slot)
+            with tracing.span("swap"):
+                self.runtime.activate(slot)
             self._set_pointers(slot, active)
             return self._event(command, "rolled_back", model=slot.ref)
         raise NoModelError(

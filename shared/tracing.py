@@ -19,11 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, ParamSpec, TypeVar
 
+import structlog
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
@@ -32,6 +42,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 TRACEPARENT = "traceparent"
+SHORT_EXPORT_TIMEOUT_S = 1.0  # an operator's command waits this long for a backend at exit
+_TIMEOUT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 _PROPAGATOR = TraceContextTextMapPropagator()
 _state = {"enabled": False}
 _provider: dict[str, Any] = {}  # the SDK's TracerProvider once installed
@@ -55,14 +67,22 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def configure_tracing(
-    service: str, *, environ: Mapping[str, str] = os.environ, exporter: Any = None
+    service: str,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    exporter: Any = None,
+    short_lived: bool = False,
 ) -> bool:
     """Install a tracer provider when the environment asks (or `exporter` is given:
     tests pass the SDK's in-memory exporter); True when traces are now recorded.
 
     `service` is the default `service.name` (`OTEL_SERVICE_NAME` and
     `OTEL_RESOURCE_ATTRIBUTES` win). Calling it again changes nothing: a process
-    has one provider.
+    has one provider. `short_lived` (an operator's command): the OTLP export at exit
+    gives up after `SHORT_EXPORT_TIMEOUT_S` unless `OTEL_EXPORTER_OTLP_TIMEOUT` (or
+    its `_TRACES_` form) says otherwise, so that an unreachable backend costs a
+    command about a second, not the SDK's 10 s of retries. The SDK's own log lines
+    (export failures) go through our logger, one line each.
     """
     if _state["enabled"]:
         return True
@@ -102,7 +122,9 @@ def configure_tracing(
                     OTLPSpanExporter,
                 )
 
-                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+                timeout = _export_timeout(environ, short_lived)
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(timeout=timeout)))
+                _route_sdk_logs(_otlp_endpoint(environ))
             elif name:
                 raise ValueError(
                     f"OTEL_TRACES_EXPORTER={name!r}: hotswap exports traces with otlp "
@@ -113,6 +135,60 @@ def configure_tracing(
     _provider["exporters"] = [exporter] if exporter is not None else []
     _state["enabled"] = True
     return True
+
+
+def _export_timeout(environ: Mapping[str, str], short_lived: bool) -> float | None:
+    """The OTLP exporter's timeout in seconds: None (the SDK reads its variables, 10 s by
+    default) unless a short-lived command runs and the user set none."""
+    if not short_lived or any(environ.get(v) for v in _TIMEOUT_VARIABLES):
+        return None
+    return SHORT_EXPORT_TIMEOUT_S
+
+
+def _otlp_endpoint(environ: Mapping[str, str]) -> str:
+    """Where the OTLP/HTTP exporter sends spans (as the SDK resolves it), for log lines."""
+    if traces := environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return traces
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
+    return base.rstrip("/") + "/v1/traces"
+
+
+# The SDK says each retry before its final word; only the final word is worth a line.
+_RETRY_NOISE = ("Transient error", "Shutdown in progress")
+
+
+class _SdkLogLines(logging.Handler):
+    """The OpenTelemetry SDK's own log records as our log lines: a structlog event when
+    logging is configured (a JSON line under --log-json), else one `warning: …` line on
+    stderr (an operator's command), never the SDK's bare multi-line messages."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(logging.WARNING)
+        self.endpoint = endpoint
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(record.getMessage().split())
+            if message.startswith(_RETRY_NOISE):
+                return
+            if structlog.is_configured():
+                structlog.get_logger("opentelemetry").warning(
+                    "traces_not_exported", endpoint=self.endpoint, detail=message
+                )
+            else:
+                print(
+                    f"warning: traces not exported to {self.endpoint}: {message}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        except Exception:  # a log line must never break the exporter's thread
+            self.handleError(record)
+
+
+def _route_sdk_logs(endpoint: str) -> None:
+    sdk = logging.getLogger("opentelemetry")
+    sdk.handlers = [_SdkLogLines(endpoint)]
+    sdk.propagate = False
 
 
 def _one_line(span: Any) -> str:
@@ -170,6 +246,12 @@ def traced(
     return wrap
 
 
+def annotate(attributes: Mapping[str, Any]) -> None:
+    """Set attributes on the current span (nothing while tracing is off)."""
+    if _state["enabled"]:
+        trace.get_current_span().set_attributes(dict(attributes))
+
+
 def headers(context: Context | None = None) -> list[tuple[str, str]]:
     """The `traceparent` user property of `context` (default: the current one); none while
     tracing is off or no span is recording."""
@@ -209,6 +291,39 @@ def traceparent_of(properties: object) -> str | None:
         return None
     pairs: Sequence[tuple[str, str]] = getattr(properties, "UserProperty", None) or ()
     return next((v for k, v in pairs if k == TRACEPARENT), None)
+
+
+def origin() -> str | None:
+    """The `traceparent` of the operator's action the current span serves: the span the
+    current one continues when it came from a message (a request's `traceparent`: the
+    operator's `push`), else the current span itself; None while tracing is off.
+
+    Kept with what the action made (a model version), so that later work on it (a
+    rollout) can link back to it."""
+    if not _state["enabled"]:
+        return None
+    current = trace.get_current_span()
+    # The SDK's spans know their parent; a remote one is the caller's span.
+    parent = getattr(current, "parent", None)
+    if isinstance(parent, trace.SpanContext) and parent.is_valid and parent.is_remote:
+        current = trace.NonRecordingSpan(parent)
+    pairs = headers_of(current) if current.get_span_context().is_valid else []
+    return pairs[0][1] if pairs else None
+
+
+def links(traceparents: Iterable[str | None]) -> list[trace.Link]:
+    """Span links to each valid `traceparent` (None and malformed ones left out)."""
+    if not _state["enabled"]:
+        return []
+    out = []
+    for value in traceparents:
+        if not value:
+            continue
+        extracted = _PROPAGATOR.extract({TRACEPARENT: value})
+        linked = trace.get_current_span(extracted).get_span_context()
+        if linked.is_valid:
+            out.append(trace.Link(linked))
+    return out
 
 
 def context_from(traceparent: str | None) -> Context | None:

@@ -19,18 +19,22 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import text
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from broker.cli import app
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
+from controller.db import make_engine
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller
+from controller.store import Store
 from edge_agent.agent import Agent, AgentConfig
 from shared import tracing
 from shared.keys import load_public_key
-from shared.messages import ListDevices
+from shared.messages import ControlRollout, ListDevices, StartRollout
+from shared.settings import MqttEndpoint
 from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
 
 EXPORTER = InMemorySpanExporter()
@@ -104,7 +108,8 @@ async def test_a_rollout_is_one_trace_from_the_operator_to_every_device(
 ) -> None:
     """push → register_model is one trace; rollout start → rollout → stage canary / rest →
     each device's deploy (receive, verify, download, load, warm-up, swap, health
-    confirmation) → the controller's spans of its events are another, one trace id."""
+    confirmation) → the controller's spans of its events are another, one trace id; the
+    rollout's span links to the push's."""
     endpoint = mosquitto.endpoint("operator")
     await push_model(
         model_v1, name="clf", version="1.0.0", signing_key=signing_keys.private_path,
@@ -155,6 +160,11 @@ async def test_a_rollout_is_one_trace_from_the_operator_to_every_device(
     for stage in stages.values():
         assert stage.parent is not None and stage.parent.span_id == rollout.context.span_id
     assert rollout.attributes is not None and rollout.attributes["hotswap.status"] == "Succeeded"
+    # The push is a trace of its own (a version is pushed once, rolled out many times):
+    # the rollout's span links to it.
+    assert [(k.context.trace_id, k.context.span_id) for k in rollout.links] == [
+        (push.context.trace_id, push.context.span_id)
+    ]
 
     deploys = by_name(spans, "deploy")
     devices = {
@@ -239,3 +249,123 @@ def test_console_exporter_writes_one_json_line_a_span_on_stderr(
     error, *spans = done.stderr.splitlines()
     assert error.startswith("error: cannot reach the MQTT broker")
     assert [json.loads(line)["name"] for line in spans] == ["push"], done.stderr
+
+
+async def wait_final(endpoint: MqttEndpoint, rollout_id: str) -> str:
+    return (await read_rollout_status(endpoint, rollout_id, wait_s=60)).status
+
+
+def rollout_span(spans: tuple[ReadableSpan, ...], rollout_id: str) -> ReadableSpan:
+    (span,) = [
+        s
+        for s in by_name(spans, "rollout")
+        if s.attributes and s.attributes["hotswap.rollout_id"] == rollout_id
+    ]
+    return span
+
+
+def device_spans(
+    spans: tuple[ReadableSpan, ...], name: str, trace_id: int
+) -> dict[str, ReadableSpan]:
+    """Each device's `name` span (a command's) in trace `trace_id`."""
+    return {
+        str(s.attributes["hotswap.device_id"]): s
+        for s in by_name(spans, name)
+        if s.attributes is not None and s.context.trace_id == trace_id
+    }
+
+
+def children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> set[str]:
+    return {s.name for s in spans if s.parent and s.parent.span_id == parent.context.span_id}
+
+
+async def test_a_switch_and_a_rollback_join_the_rollout_trace_and_an_ab_test_links_both_pushes(
+    fleet: Controller,
+    traced: InMemorySpanExporter,
+    mosquitto: Mosquitto,
+    s3: S3,
+    signing_keys: KeyPair,
+    model_v1: bytes,
+    model_v2: bytes,
+) -> None:
+    """v1 everywhere; v2 blue-green: each device's `switch` (receive, swap, health
+    confirmation) is in v2's rollout trace; the operator's rollback of the finished v2
+    rollout reopens it in the same trace, and each device's `rollback` (receive, swap)
+    joins it; an A/B rollout of both links to both pushes."""
+    endpoint = mosquitto.endpoint("operator")
+    store = ArtifactStore(s3.endpoint, s3.bucket)
+    for data, version in ((model_v1, "1.0.0"), (model_v2, "2.0.0")):
+        await push_model(
+            data, name="clf", version=version, signing_key=signing_keys.private_path,
+            endpoint=endpoint, artifacts=store,
+        )  # fmt: skip
+    pushes = {
+        str(s.attributes["hotswap.version"]): s
+        for s in by_name(traced.get_finished_spans(), "push")
+        if s.attributes is not None
+    }
+    assert set(pushes) == {"1.0.0", "2.0.0"}
+    devices = tuple(d for d, _ in DEVICES)
+    async with OperatorClient(endpoint, timeout=15) as op:
+
+        async def start(**spec: object) -> str:
+            spec = {"model": "clf", "devices": devices, **spec}
+            return str((await op.request(StartRollout.model_validate(spec)))["rolloutId"])
+
+        first = await start(version="1.0.0")
+        assert await wait_final(endpoint, first) == "Succeeded"
+        blue_green = await start(version="2.0.0", strategy="blue-green")
+        assert await wait_final(endpoint, blue_green) == "Succeeded"
+        await op.request(ControlRollout(rollout_id=blue_green, action="rollback"))
+        assert await wait_final(endpoint, blue_green) == "RolledBack"
+        ab = await start(version="1.0.0", version_b="2.0.0", strategy="ab")
+        await op.request(ControlRollout(rollout_id=ab, action="abort"))
+    async with asyncio.timeout(10):  # the reopened rollout's span ends with it
+        while not by_name(traced.get_finished_spans(), "rollout (reopened)"):
+            await asyncio.sleep(0.1)
+    spans = traced.get_finished_spans()
+
+    pushed = rollout_span(spans, blue_green)
+    trace_id = pushed.context.trace_id
+    assert [k.context.span_id for k in pushed.links] == [pushes["2.0.0"].context.span_id]
+    switches = device_spans(spans, "switch", trace_id)
+    assert set(switches) == set(devices)
+    for device, switch in switches.items():
+        assert children(spans, switch) >= {"receive", "swap", "health confirmation"}, device
+
+    (reopened,) = by_name(spans, "rollout (reopened)")
+    assert reopened.context.trace_id == trace_id
+    assert reopened.parent is not None and reopened.parent.span_id == pushed.context.span_id
+    rollbacks = device_spans(spans, "rollback", trace_id)
+    assert set(rollbacks) == set(devices)
+    for device, rollback in rollbacks.items():
+        assert rollback.parent is not None, device
+        assert rollback.parent.span_id == reopened.context.span_id, device
+        assert children(spans, rollback) >= {"receive", "swap"}, device
+    answers = [s for s in by_name(spans, "device rolled_back") if s.context.trace_id == trace_id]
+    assert len(answers) == len(devices)
+
+    both = rollout_span(spans, ab)
+    assert {(k.context.trace_id, k.context.span_id) for k in both.links} == {
+        (p.context.trace_id, p.context.span_id) for p in pushes.values()
+    }
+
+
+def test_a_database_from_before_the_push_trace_column_gains_it(tmp_path: Path) -> None:
+    """A model_versions table without `trace_parent` (an older controller's) gets the
+    column at start-up; its rows read None and rollouts of them carry no link."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE model_versions DROP COLUMN trace_parent"))
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (name, version, sha256, size, signature, "
+                "device_types, signed_manifest, s3_key, created_at) "
+                "VALUES ('m', '1.0', 'ab', 1, '()', '', '{}', 'm/1', 0)"
+            )
+        )
+    engine.dispose()
+    store = Store(url)
+    assert store.get_model("m", "1.0").trace_parent is None
+    assert "trace_parent" not in store.get_model("m", "1.0").model_dump()  # not on the wire
