@@ -266,7 +266,7 @@ def model_push(
 ) -> None:
     """Sign a .tflite model, upload it to S3 and register it with the controller."""
     with cli_errors():
-        configure_tracing("hotswap-cli")  # only when OTEL_* variables ask
+        configure_tracing("hotswap-cli", short_lived=True)  # only when OTEL_* variables ask
         model_task = parse_task(task) if task is not None else None
         try:
             data = file.read_bytes()
@@ -646,7 +646,7 @@ def rollout_start(
             2,
         )
     with cli_errors():
-        configure_tracing("hotswap-cli")  # only when OTEL_* variables ask
+        configure_tracing("hotswap-cli", short_lived=True)  # only when OTEL_* variables ask
         request = StartRollout.model_validate(
             {
                 "model": model,

@@ -6,8 +6,11 @@ A rollout's trace starts in the operator's `rollout start` (its request's
 until the rollout ends, with one `stage …` span per stage under it. Every command
 a stage publishes (one per region chunk, or per device) carries the stage span
 as its parent, so each device's `deploy` span (the agent's) and the events it
-sends back are children of that stage. Spans live in memory: a controller that
-restarts mid-rollout continues it in a new `rollout (resumed)` trace.
+sends back are children of that stage. The `rollout` span links to the push of each
+version it deploys (a trace of its own). A finished rollout that works again (an
+operator's rollback) continues in its trace under `rollout (reopened)`. Spans live
+in memory: a controller that restarts mid-rollout continues it in a new
+`rollout (resumed)` trace.
 
 No I/O; while tracing is off every method returns after one flag check.
 """

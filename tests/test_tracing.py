@@ -13,10 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import text
@@ -24,7 +27,7 @@ from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
 from broker.cli import app
-from broker.launcher import Mosquitto
+from broker.launcher import Mosquitto, free_port
 from controller.artifacts import ArtifactStore
 from controller.db import make_engine
 from controller.operator import OperatorClient, push_model, read_rollout_status
@@ -37,6 +40,7 @@ from shared.messages import ControlRollout, ListDevices, StartRollout
 from shared.settings import MqttEndpoint
 from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
 
+ROOT = Path(__file__).resolve().parents[1]
 EXPORTER = InMemorySpanExporter()
 # Three in one region: the stage after the canary reaches two or three of them with one
 # region publish (a selector naming them), which carries one traceparent for all.
@@ -369,3 +373,133 @@ def test_a_database_from_before_the_push_trace_column_gains_it(tmp_path: Path) -
     store = Store(url)
     assert store.get_model("m", "1.0").trace_parent is None
     assert "trace_parent" not in store.get_model("m", "1.0").model_dump()  # not on the wire
+
+
+class OtlpReceiver:
+    """A small OTLP/HTTP trace receiver on a free local port: POST /v1/traces bodies,
+    decoded with opentelemetry-proto; answers `status` (503 is one the SDK retries)."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.requests: list[ExportTraceServiceRequest] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    receiver.requests.append(ExportTraceServiceRequest.FromString(body))
+                self.send_response(receiver.status if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list[tuple[str, str]]:
+        """(service.name, span name) of every span received."""
+        out = []
+        for request in self.requests:
+            for resource in request.resource_spans:
+                service = next(
+                    a.value.string_value
+                    for a in resource.resource.attributes
+                    if a.key == "service.name"
+                )
+                out += [(service, s.name) for scope in resource.scope_spans for s in scope.spans]
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    server = OtlpReceiver()
+    yield server
+    server.close()
+
+
+def push_unreachable(
+    tmp_path: Path, signing_keys: KeyPair, model_v1: bytes, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`hotswap model push` in its own process, at a broker that is not there."""
+    model = tmp_path / "m.tflite"
+    model.write_bytes(model_v1)
+    return subprocess.run(
+        [
+            sys.executable, "-m", "broker.cli", "model", "push", str(model), "--name", "clf",
+            "--version", "1.0.0", "--signing-key", str(signing_keys.private_path),
+            "--mqtt-url", "mqtt://127.0.0.1:1",
+        ],
+        capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def test_the_otlp_exporter_delivers_a_command_s_spans(
+    receiver: OtlpReceiver, tmp_path: Path, signing_keys: KeyPair, model_v1: bytes
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT: the real OTLP/HTTP exporter sends the command's spans
+    to it (protobuf, /v1/traces) before the process exits; nothing else is printed."""
+    done = push_unreachable(
+        tmp_path, signing_keys, model_v1, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "error: cannot reach the MQTT broker at mqtt://127.0.0.1:1: [Errno 111] Connection refused"
+    ]
+    assert receiver.spans() == [("hotswap-cli", "push")]
+
+
+def test_a_backend_that_does_not_answer_costs_a_command_one_try_and_one_line(
+    receiver: OtlpReceiver, tmp_path: Path, signing_keys: KeyPair, model_v1: bytes
+) -> None:
+    """A backend answering 503 (the SDK retries it for 10 s by default): an operator's
+    command tries about a second's worth (one or two sends), then says so in one
+    `warning:` line, not the SDK's retry lines; OTEL_EXPORTER_OTLP_TIMEOUT, when set,
+    is honoured (4 s: the SDK's 1 s and 2 s back-offs fit, three sends or more)."""
+    receiver.status = 503
+    done = push_unreachable(
+        tmp_path, signing_keys, model_v1, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url
+    )
+    error, warning = done.stderr.splitlines()
+    assert error.startswith("error: cannot reach the MQTT broker")
+    assert warning.startswith(f"warning: traces not exported to {receiver.url}/v1/traces: ")
+    assert 1 <= len(receiver.requests) <= 2, len(receiver.requests)
+
+    receiver.requests.clear()
+    done = push_unreachable(
+        tmp_path, signing_keys, model_v1,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_EXPORTER_OTLP_TIMEOUT="4",
+    )  # fmt: skip
+    assert len(done.stderr.splitlines()) == 2, done.stderr
+    assert len(receiver.requests) >= 3, len(receiver.requests)
+
+
+def test_export_failures_under_log_json_are_json_lines(tmp_path: Path) -> None:
+    """A service with --log-json (its logging configured as JSON) whose OTLP endpoint is
+    closed: what the SDK says of it is one JSON event; stderr stays JSON lines."""
+    script = (
+        "from shared.logs import configure_logging\n"
+        "from shared import tracing\n"
+        "configure_logging('info', json=True)\n"
+        "assert tracing.configure_tracing('svc', short_lived=True)\n"
+        "with tracing.span('work'):\n"
+        "    pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, check=False, timeout=60, cwd=ROOT,
+        env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "traces_not_exported" and event["level"] == "warning", event
+    assert event["endpoint"].endswith("/v1/traces")
