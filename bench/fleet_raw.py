@@ -29,7 +29,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomqtt
@@ -42,7 +41,7 @@ from bench.fleet_sim import window_shapes
 from shared import topics
 from shared.command_auth import SIGNATURE_PROPERTY, sign_command
 from shared.credentials import DeviceIdentity
-from shared.messages import ModelRef, TelemetryWindow
+from shared.messages import ModelRef
 from shared.mqtt import make_client, publish_properties
 from shared.settings import MqttEndpoint
 
@@ -191,24 +190,10 @@ def telemetry_messages(
     """One telemetry window per device (topic, payload) of its active model, ending now."""
     rng = random.Random(seed)
     shapes = window_shapes(rng, 50, degraded=False)
-    end = datetime.now(UTC)
     ref = ModelRef.model_validate(active)
     out = []
     for d in devices:
-        shape = shapes[rng.randrange(len(shapes))]
-        window = TelemetryWindow(
-            device_id=d.device_id,
-            model=ref,
-            window_start=end - timedelta(seconds=1),
-            window_end=end,
-            count=shape.count,
-            errors=shape.errors,
-            latency_ms=shape.latency,
-            confidence=shape.confidence,
-            latency_sketch=shape.latency_sketch,
-            confidence_sketch=shape.confidence_sketch,
-            task="classifier:output",
-        )
+        window = shapes[rng.randrange(len(shapes))].window(d.device_id, ref, 1.0)
         out.append((topics.device_telemetry(d.device_id), window.to_wire()))
     return out
 

@@ -111,6 +111,23 @@ class WindowShape:
     latency_sketch: SketchData
     confidence_sketch: SketchData
 
+    def window(self, device_id: str, model: ModelRef, seconds: float) -> TelemetryWindow:
+        """This shape as a device's window of `model`, ending now."""
+        end = datetime.now(UTC)
+        return TelemetryWindow(
+            device_id=device_id,
+            model=model,
+            window_start=end - timedelta(seconds=seconds),
+            window_end=end,
+            count=self.count,
+            errors=self.errors,
+            latency_ms=self.latency,
+            confidence=self.confidence,
+            latency_sketch=self.latency_sketch,
+            confidence_sketch=self.confidence_sketch,
+            task="classifier:output",
+        )
+
 
 def _bucket(value: float, bounds: tuple[float, ...]) -> int:
     for i, bound in enumerate(bounds):
@@ -423,21 +440,7 @@ class Device:
             return False
         w = self.worker
         shapes = w.degraded_shapes if active.version in w.degraded else w.shapes
-        shape = shapes[w.rng.randrange(len(shapes))]
-        end = datetime.now(UTC)
-        window = TelemetryWindow(
-            device_id=self.spec.device_id,
-            model=active,
-            window_start=end - timedelta(seconds=seconds),
-            window_end=end,
-            count=shape.count,
-            errors=shape.errors,
-            latency_ms=shape.latency,
-            confidence=shape.confidence,
-            latency_sketch=shape.latency_sketch,
-            confidence_sketch=shape.confidence_sketch,
-            task="classifier:output",
-        )
+        window = shapes[w.rng.randrange(len(shapes))].window(self.spec.device_id, active, seconds)
         try:
             await client.publish(topics.device_telemetry(self.spec.device_id), window.to_wire())
         except aiomqtt.MqttError:

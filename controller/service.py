@@ -1472,33 +1472,34 @@ class Controller:
             await self._deploy(live, members, activate=activate, shadow=shadow, now=now)
 
     async def _on_retries(self, live: LiveRollout, run: Sequence[RetryDevice], now: float) -> None:
-        devices = [a.device_id for a in run]
-        for row in await asyncio.to_thread(
-            self.store.reset_for_retry, live.rollout_id, devices, now
-        ):
-            live.set_view(assignment_view(row))
-            log.info("device_retry", rollout_id=live.rollout_id, device_id=row.device_id)
+        await self._mark(live, run, self.store.reset_for_retry, "device_retry", now)
 
     async def _on_timeouts(
         self, live: LiveRollout, run: Sequence[TimeOutDevice], now: float
     ) -> None:
-        devices = [a.device_id for a in run]
-        for row in await asyncio.to_thread(
-            self.store.mark_timed_out, live.rollout_id, devices, now
-        ):
-            live.set_view(assignment_view(row))
-            log.warning("device_timed_out", rollout_id=live.rollout_id, device_id=row.device_id)
+        await self._mark(live, run, self.store.mark_timed_out, "device_timed_out", now)
 
     async def _on_rollback_timeouts(
         self, live: LiveRollout, run: Sequence[TimeOutRollback], now: float
     ) -> None:
+        await self._mark(live, run, self.store.mark_rollback_timed_out, "rollback_timed_out", now)
+
+    async def _mark(
+        self,
+        live: LiveRollout,
+        run: Sequence[RetryDevice | TimeOutDevice | TimeOutRollback],
+        persist: Callable[[str, Sequence[str], float], list[AssignmentRow]],
+        event: str,
+        now: float,
+    ) -> None:
+        """Persist a run's change to its devices' rows (one transaction), then follow it
+        in memory and log each device (a retry as info, a timeout as a warning)."""
         devices = [a.device_id for a in run]
-        rows = await asyncio.to_thread(
-            self.store.mark_rollback_timed_out, live.rollout_id, devices, now
-        )
+        rows = await asyncio.to_thread(persist, live.rollout_id, devices, now)
+        say = log.info if event == "device_retry" else log.warning
         for row in rows:
             live.set_view(assignment_view(row))
-            log.warning("rollback_timed_out", rollout_id=live.rollout_id, device_id=row.device_id)
+            say(event, rollout_id=live.rollout_id, device_id=row.device_id)
 
     async def _on_rollbacks(
         self, live: LiveRollout, run: Sequence[SendRollback], now: float
