@@ -319,10 +319,7 @@ def _plan(
     earlier = sorted({d for i in range(index) for d in waiting(i)})
     actions += [SendDeploy(d) for d in earlier]
     staging = stage.action in ("stage", "shadow")
-    actions += [
-        TimeOutDevice(d)
-        for d in progress.timed_out(index, now, rollout.device_timeout_s, staged_too=not staging)
-    ]
+    actions += [TimeOutDevice(d) for d in progress.timed_out(index, now, rollout.device_timeout_s)]
     if retrying or progress.not_done(index, staged_is_done=staging):
         return actions
     if rollout.stage_settled_at is None:

@@ -114,7 +114,6 @@ class Progress:
     staged: list[set[str]] = field(default_factory=list)
     in_flight: set[str] = field(default_factory=set)
     sent: _ByTime = field(default_factory=_ByTime)  # in flight, by when it was sent
-    staged_since: _ByTime = field(default_factory=_ByTime)
     retryable: set[str] = field(default_factory=set)
     failures: set[str] = field(default_factory=set)  # final, not activated, not left
     left: set[str] = field(default_factory=set)
@@ -170,8 +169,6 @@ class Progress:
             _toggle(self.in_flight, d, add)
             if v.sent_at is not None:
                 self.sent.put(d, v.sent_at) if add else self.sent.drop(d)
-        elif state == "staged" and v.sent_at is not None:
-            self.staged_since.put(d, v.sent_at) if add else self.staged_since.drop(d)
         if state in RETRYABLE_STATES and self.retries and v.attempts <= self.retries:
             _toggle(self.retryable, d, add)
         if state in FINAL_DEVICE_STATES and state != "activated" and state not in LEFT_STATES:
@@ -212,12 +209,12 @@ class Progress:
             waiting += sum(counts.values()) - done
         return waiting
 
-    def timed_out(self, upto: int, now: float, timeout_s: float, *, staged_too: bool) -> list[str]:
-        """Devices of stages 0..`upto` whose command is out `timeout_s` or longer."""
-        out = [d for d in self.sent.expired(now, timeout_s) if self._upto(d, upto)]
-        if staged_too:
-            out += [d for d in self.staged_since.expired(now, timeout_s) if self._upto(d, upto)]
-        return sorted(out)
+    def timed_out(self, upto: int, now: float, timeout_s: float) -> list[str]:
+        """Devices of stages 0..`upto` whose command is out `timeout_s` or longer.
+
+        A staged device is not among them: it answered its command and waits for ours
+        (a blue-green switch); its clock starts again when the switch goes out."""
+        return sorted(d for d in self.sent.expired(now, timeout_s) if self._upto(d, upto))
 
     def _upto(self, device_id: str, upto: int) -> bool:
         first = self.first_stage(device_id)

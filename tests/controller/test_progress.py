@@ -31,7 +31,6 @@ def _snapshot(p: Progress) -> dict[str, object]:
         "staged": p.staged,
         "in_flight": p.in_flight,
         "sent": p.sent.keys,
-        "staged_since": p.staged_since.keys,
         "retryable": p.retryable,
         "failures": p.failures,
         "left": p.left,
@@ -133,3 +132,25 @@ def test_a_retried_device_of_an_earlier_stage_that_never_answers_times_out() -> 
         gates,
         43.0,
     )
+
+
+def test_staged_devices_waiting_for_their_switch_are_not_timed_out() -> None:
+    """Blue-green: the devices staged the candidate long ago (the operator approved the
+    switch 20 minutes later). The switch goes out to them, and nothing times them out:
+    before, the same step also said TimeOutDevice for each (their deploy was sent more
+    than the device timeout ago), and the executor timed out the devices it had just
+    sent the switch to."""
+    from controller.planner import SendSwitch
+
+    devices = ("a", "b")
+    stages = [Stage("stage", devices, action="stage"), Stage("switch", devices, action="switch")]
+    progress = Progress.of(stages, [AssignmentView(d, "staged", 10.0) for d in devices])
+    rollout = RolloutView("r-1", "blue-green", "InProgress", device_timeout_s=600.0, stage_index=1)
+    assert plan_next_actions(rollout, stages, progress, None, 1_210.0) == [SendSwitch(devices)]
+    progress.update(AssignmentView("a", "switching", 1_210.0))
+    progress.update(AssignmentView("b", "switching", 1_210.0))
+    assert plan_next_actions(rollout, stages, progress, None, 1_800.0) == []
+    assert plan_next_actions(rollout, stages, progress, None, 1_810.0) == [
+        TimeOutDevice("a"),
+        TimeOutDevice("b"),
+    ]
