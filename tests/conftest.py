@@ -35,6 +35,7 @@ from broker.launcher import Mosquitto
 from broker.provision import DynsecAdmin, provision_device
 from broker.s3server import S3Server
 from controller.service import ControllerConfig
+from edge_agent.agent import AgentConfig
 from shared import topics
 from shared.credentials import (
     MQTT_FILE,
@@ -48,7 +49,7 @@ from shared.credentials import (
     private_dir,
     write_secret,
 )
-from shared.keys import init_keys, load_private_key
+from shared.keys import init_keys, load_private_key, load_public_key
 from shared.messages import FINAL_PHASES, DeviceEvent
 from shared.model_builder import build_dense_model
 from shared.settings import MqttEndpoint, parse_mqtt_url
@@ -235,6 +236,28 @@ async def running_task(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def fleet_agent_config(
+    broker: Mosquitto,
+    keys: KeyPair,
+    data_dir: Path,
+    device_id: str,
+    region: str = "eu-west",
+    device_type: str = "camera",
+    **settings: Any,
+) -> AgentConfig:
+    """An agent of a test fleet: its own provisioned login on `broker`, its store in
+    `data_dir`, trusting the test signing key; `settings` are AgentConfig's."""
+    return AgentConfig(
+        device_id=device_id,
+        region=region,
+        device_type=device_type,
+        data_dir=data_dir,
+        trusted_keys=(load_public_key(keys.public_path),),
+        mqtt=device_endpoint(broker, device_id, region, device_type),
+        **settings,
+    )
 
 
 def controller_config(broker: Mosquitto, s3: S3, tmp_path: Path, **kw: Any) -> ControllerConfig:

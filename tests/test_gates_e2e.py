@@ -21,12 +21,11 @@ import pytest
 
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
-from edge_agent.agent import Agent, AgentConfig
+from edge_agent.agent import Agent
 from shared.errors import RequestError
-from shared.keys import load_public_key
 from shared.messages import GateSpec, GateVerdict, ListDevices, RolloutStatus, StartRollout
 from shared.model_builder import build_dense_model
-from tests.conftest import S3, KeyPair, device_endpoint
+from tests.conftest import S3, KeyPair, fleet_agent_config
 from tests.test_rollouts import ControllerProcess, Fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serial, pytest.mark.timeout(240)]
@@ -89,13 +88,13 @@ async def fleet(
     sys.setswitchinterval(0.0002)
     agents = [
         Agent(
-            AgentConfig(
-                device_id=device_id,
-                region=region,
-                device_type=device_type,
-                data_dir=tmp_path / "agents" / device_id,
-                trusted_keys=(load_public_key(signing_keys.public_path),),
-                mqtt=device_endpoint(mosquitto, device_id, region, device_type),
+            fleet_agent_config(
+                mosquitto,
+                signing_keys,
+                tmp_path / "agents" / device_id,
+                device_id,
+                region,
+                device_type,
                 workload_hz=200.0,
                 telemetry_interval_s=0.5,
                 max_latency_factor=1e6,  # the controller's gates are under test

@@ -27,12 +27,17 @@ from controller import metrics
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller
-from edge_agent.agent import Agent, AgentConfig
+from edge_agent.agent import Agent
 from edge_agent.metrics import AgentMetrics
-from shared.keys import load_public_key
 from shared.messages import GateSpec, ListDevices, RolloutStatus, StartRollout
 from shared.model_builder import build_dense_model
-from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
+from tests.conftest import (
+    S3,
+    KeyPair,
+    controller_config,
+    fleet_agent_config,
+    running_task,
+)
 from tests.controller.test_metrics import check_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -101,13 +106,13 @@ async def scraped(
     agent_port = agent_metrics.serve(0, "127.0.0.1")
     agents = [
         Agent(
-            AgentConfig(
-                device_id=device_id,
-                region=region,
-                device_type=device_type,
-                data_dir=tmp_path / device_id,
-                trusted_keys=(load_public_key(signing_keys.public_path),),
-                mqtt=device_endpoint(mosquitto, device_id, region, device_type),
+            fleet_agent_config(
+                mosquitto,
+                signing_keys,
+                tmp_path / device_id,
+                device_id,
+                region,
+                device_type,
                 workload_hz=100.0,
                 telemetry_interval_s=0.3,
                 max_latency_factor=1e6,

@@ -24,10 +24,9 @@ import pytest
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
 from controller.operator import OperatorClient, push_model, read_rollout_status
-from edge_agent.agent import Agent, AgentConfig
+from edge_agent.agent import Agent
 from shared import topics
 from shared.errors import RequestError
-from shared.keys import load_public_key
 from shared.manifest import ModelTask
 from shared.messages import (
     COMMAND,
@@ -45,7 +44,7 @@ from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
 from shared.settings import MqttEndpoint
 from shared.tflite import make_interpreter
-from tests.conftest import S3, KeyPair, device_endpoint, observer_endpoint
+from tests.conftest import S3, KeyPair, fleet_agent_config, observer_endpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -140,13 +139,13 @@ async def fleet(
     endpoint = mosquitto.endpoint("operator")
     agents = [
         Agent(
-            AgentConfig(
-                device_id=device_id,
-                region=region,
-                device_type=device_type,
-                data_dir=tmp_path / "agents" / device_id,
-                trusted_keys=(load_public_key(signing_keys.public_path),),
-                mqtt=device_endpoint(mosquitto, device_id, region, device_type),
+            fleet_agent_config(
+                mosquitto,
+                signing_keys,
+                tmp_path / "agents" / device_id,
+                device_id,
+                region,
+                device_type,
                 workload_hz=100.0,
                 telemetry_interval_s=0.5,
                 # The controller's gates are under test, not the agent's own health watch.

@@ -33,12 +33,17 @@ from controller.db import make_engine
 from controller.operator import OperatorClient, push_model, read_rollout_status
 from controller.service import Controller
 from controller.store import Store
-from edge_agent.agent import Agent, AgentConfig
+from edge_agent.agent import Agent
 from shared import tracing
-from shared.keys import load_public_key
 from shared.messages import ControlRollout, ListDevices, StartRollout
 from shared.settings import MqttEndpoint
-from tests.conftest import S3, KeyPair, controller_config, device_endpoint, running_task
+from tests.conftest import (
+    S3,
+    KeyPair,
+    controller_config,
+    fleet_agent_config,
+    running_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTER = InMemorySpanExporter()
@@ -71,13 +76,13 @@ async def fleet(
     controller = Controller(controller_config(mosquitto, s3, tmp_path))
     agents = [
         Agent(
-            AgentConfig(
-                device_id=device_id,
-                region=region,
-                device_type="camera",
-                data_dir=tmp_path / device_id,
-                trusted_keys=(load_public_key(signing_keys.public_path),),
-                mqtt=device_endpoint(mosquitto, device_id, region, "camera"),
+            fleet_agent_config(
+                mosquitto,
+                signing_keys,
+                tmp_path / device_id,
+                device_id,
+                region,
+                "camera",
                 workload_hz=50.0,
                 telemetry_interval_s=0.5,
             )

@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from paho.mqtt.properties import Properties
 
 from controller import metrics
 from controller.service import Controller
@@ -25,18 +24,7 @@ from shared.messages import (
     ModelRef,
     StartRollout,
 )
-
-
-class Recorder:
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int = 0,
-        retain: bool = False,
-        properties: Properties | None = None,
-    ) -> None:
-        pass
+from tests.controller.conftest import Recorder
 
 
 @pytest.fixture

@@ -47,11 +47,10 @@ import pytest
 
 from broker.launcher import Mosquitto, free_port
 from broker.s3server import DEMO_CREDENTIALS
-from edge_agent.agent import Agent, AgentConfig
-from shared.keys import load_public_key
+from edge_agent.agent import Agent
 from shared.mqtt import make_client
 from shared.settings import MqttEndpoint
-from tests.conftest import S3, KeyPair, device_endpoint
+from tests.conftest import S3, KeyPair, fleet_agent_config
 
 
 @dataclass
@@ -254,13 +253,13 @@ async def make_agents(
     }
     agents = [
         Agent(
-            AgentConfig(
-                device_id=device_id,
-                region=region,
-                device_type=device_type,
-                data_dir=tmp_path / "agents" / device_id,
-                trusted_keys=(load_public_key(signing_keys.public_path),),
-                mqtt=device_endpoint(mosquitto, device_id, region, device_type),
+            fleet_agent_config(
+                mosquitto,
+                signing_keys,
+                tmp_path / "agents" / device_id,
+                device_id,
+                region,
+                device_type,
                 **(defaults | config),
             )
         )
