@@ -1472,31 +1472,33 @@ class Controller:
             await self._deploy(live, members, activate=activate, shadow=shadow, now=now)
 
     async def _on_retries(self, live: LiveRollout, run: Sequence[RetryDevice], now: float) -> None:
-        await self._mark(live, run, self.store.reset_for_retry, "device_retry", now)
+        await self._mark(live, run, self.store.reset_for_retry, log.info, "device_retry", now)
 
     async def _on_timeouts(
         self, live: LiveRollout, run: Sequence[TimeOutDevice], now: float
     ) -> None:
-        await self._mark(live, run, self.store.mark_timed_out, "device_timed_out", now)
+        await self._mark(live, run, self.store.mark_timed_out, log.warning, "device_timed_out", now)
 
     async def _on_rollback_timeouts(
         self, live: LiveRollout, run: Sequence[TimeOutRollback], now: float
     ) -> None:
-        await self._mark(live, run, self.store.mark_rollback_timed_out, "rollback_timed_out", now)
+        await self._mark(
+            live, run, self.store.mark_rollback_timed_out, log.warning, "rollback_timed_out", now
+        )
 
     async def _mark(
         self,
         live: LiveRollout,
         run: Sequence[RetryDevice | TimeOutDevice | TimeOutRollback],
         persist: Callable[[str, Sequence[str], float], list[AssignmentRow]],
+        say: Callable[..., Any],
         event: str,
         now: float,
     ) -> None:
         """Persist a run's change to its devices' rows (one transaction), then follow it
-        in memory and log each device (a retry as info, a timeout as a warning)."""
+        in memory and `say` the event for each device."""
         devices = [a.device_id for a in run]
         rows = await asyncio.to_thread(persist, live.rollout_id, devices, now)
-        say = log.info if event == "device_retry" else log.warning
         for row in rows:
             live.set_view(assignment_view(row))
             say(event, rollout_id=live.rollout_id, device_id=row.device_id)
