@@ -218,6 +218,9 @@ class _Inbound:
 
 
 # Intents after which the planner has more to say at once.
+# What reading a rollout whose rows are damaged raises (a spec or stage that no longer
+# parses): the rollout is marked, the controller goes on.
+_DAMAGED = (ValidationError, ValueError, KeyError, TypeError)
 _MOVES = (StartRollout, SettleStage, AdvanceStage, BeginRollback, DecideWinner)
 # Device intents the executor applies a run at a time (one transaction, few publishes).
 
@@ -579,7 +582,7 @@ class Controller:
         for row in self.store.recently_finished(since) + self.store.open_rollouts():
             try:
                 self._track(await self._loaded(row))
-            except (ValidationError, ValueError, KeyError, TypeError) as exc:
+            except _DAMAGED as exc:
                 # A damaged row: said on that rollout; every other one is served.
                 self._step_failed(row, exc)
 
@@ -640,7 +643,7 @@ class Controller:
         row = self.store.get_rollout(rollout_id)
         try:
             live = await self._loaded(row)
-        except (ValidationError, ValueError, KeyError, TypeError) as exc:
+        except _DAMAGED as exc:
             self._untrack_devices(rollout_id)
             self._forget(rollout_id)
             self._step_failed(row, exc)
@@ -1217,9 +1220,16 @@ class Controller:
         now = self.clock()
         dirty, self._dirty = self._dirty, set()
         for rid in sorted(dirty - self._live.keys()):
-            # Not in memory (finished long ago): a late answer changed its record.
+            # Not in memory (finished long ago, or its rows are damaged): a late answer
+            # changed its record.
             with contextlib.suppress(RequestError):
-                await self._publish_status(await self._loaded(self.store.get_rollout(rid)))
+                row = self.store.get_rollout(rid)
+                try:
+                    loaded = await self._loaded(row)
+                except _DAMAGED as exc:
+                    self._step_failed(row, exc)  # said on the rollout (once); not served
+                    continue
+                await self._publish_status(loaded)
         open_count = 0
         for rid, live in list(self._live.items()):
             if live.row.finished_at is not None:
