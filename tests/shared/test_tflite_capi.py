@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,9 +61,12 @@ def test_c_api_gives_the_python_interpreters_tensors_and_outputs(name: str) -> N
 def test_loading_and_running_let_other_threads_run_python() -> None:
     """While a model compiles and runs through the C API, another Python thread keeps going.
 
-    The Python interpreter holds the GIL through allocate_tensors(); here a
-    ticker thread must advance during the calls (in at least one of five
-    loads, to ride out a busy machine's scheduling).
+    The Python interpreter holds the GIL through allocate_tensors(). With the
+    switch interval set far out, the ticker thread can only run while the main
+    thread has given the GIL up; one load (or five runs) during which it ticks
+    three times shows the call released it. A busy machine may not schedule
+    the ticker within a 1 ms load, so loads repeat, up to 20 s, until one shows
+    it. (Through the Python interpreter no load ever gets past one tick.)
     """
     data = build_dense_model(seed=1, **MODELS["wide"])  # type: ignore[arg-type]
     x = np.ones((16, 256), np.float32)
@@ -75,11 +79,14 @@ def test_loading_and_running_let_other_threads_run_python() -> None:
             ticks += 1
             time.sleep(0)  # gives the GIL up at once, like any thread doing Python work
 
+    during_load, during_run = [0], [0]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
     t = threading.Thread(target=ticker)
     t.start()
     try:
-        during_load, during_run = [], []
-        for _ in range(5):
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline and (max(during_load) < 3 or max(during_run) < 3):
             before = ticks
             interp = make_interpreter(data)
             during_load.append(ticks - before)
@@ -90,8 +97,9 @@ def test_loading_and_running_let_other_threads_run_python() -> None:
     finally:
         stop.set()
         t.join()
-    assert max(during_load) >= 3, during_load
-    assert max(during_run) >= 3, during_run
+        sys.setswitchinterval(switch)
+    assert max(during_load) >= 3, during_load[-20:]
+    assert max(during_run) >= 3, during_run[-20:]
 
 
 def test_threads_with_their_own_interpreters_run_concurrently_and_correctly() -> None:
