@@ -18,6 +18,17 @@ interval, the samples and devices each side counted (`GateVerdict`):
   and is **inconclusive** otherwise, or with fewer than `min_samples` inferences,
   or too few devices for a spread: too little evidence never passes.
 
+The controller reads the gates on every tick of a bake and rolls back on the first
+`fail`, so the bound a `fail` is decided on is **sequential** (`look_level`): a
+reading's information epoch is how many times its samples doubled past
+`min_samples`; epoch k spends BAKE_ALPHA / 2**(k + 1) of the bake's false-rollback
+budget (the sum over all epochs is BAKE_ALPHA), and any number of readings within
+an epoch share it (`epoch_tail`: the continuous-monitoring crossing rate of a score
+statistic over one doubling of its information). It needs nothing but the reading's
+own counts: no state across ticks. The other bound, the one a `pass` is decided on,
+stays at the single-reading LEVEL: the planner takes a `pass` once, at the bake's
+end (docs/gates.md, "Repeated looks").
+
 Cohorts from agents without sketches (any inference counted without one) fall back
 to the fixed histograms and a point comparison, and the verdict says so. Input
 drift (PSI) stays a point reading. `not_applicable`: the gate reads something the
@@ -36,9 +47,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Literal
 
+from scipy import optimize as scipy_optimize
 from scipy import stats as scipy_stats
 
 from shared.manifest import ModelTask
@@ -57,10 +70,14 @@ from shared.tasks import LEGACY_AGREEMENT_RULE, describe, has_confidence
 
 Verdict = Literal["pass", "fail", "inconclusive"]
 
-# Two-sided level of every interval: each bound is a one-sided 99.5 % bound, so a gate
-# with a zero tolerance fails a candidate identical to its baseline 0.5 % of the time
-# (bench/gates.py measures it; the target is at most 1 %).
+# Two-sided level of a single reading's interval: each bound is a one-sided 99.5 % bound.
+# The bound a `pass` is decided on stays there (a pass is taken once, at a bake's end).
 LEVEL = 0.99
+# One gate's false-rollback budget over a whole bake (one stage, any number of readings):
+# what one reading at LEVEL spent before. Epochs of evidence share it (`look_level`), so
+# a gate with a zero tolerance fails a candidate identical to its baseline at most this
+# often over the bake (bench/gates.py measures it; the target is at most 1 %).
+BAKE_ALPHA = (1 - LEVEL) / 2
 # A device's own p95 (or mean confidence) counts once it has this many samples in the
 # window: fewer make its p95 little more than its maximum.
 DEVICE_MIN_SAMPLES = 50
@@ -366,19 +383,94 @@ def agreement_problem(candidate: CohortStats) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Interval:
-    """An estimate and its two-sided LEVEL interval."""
+    """An estimate and its interval (each bound at its own one-sided level: `Tails`)."""
 
     estimate: float
     low: float
     high: float
 
 
-def t_quantile(df: int) -> float:
-    """The two-sided LEVEL quantile of Student's t with `df` degrees of freedom."""
-    return float(scipy_stats.t.ppf(0.5 + LEVEL / 2, df))
+@dataclass(frozen=True, slots=True)
+class Tails:
+    """The one-sided error probability of each bound of an interval."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.low < 0.5 and 0 < self.high < 0.5):
+            raise ValueError(f"tails must lie in (0, 0.5): {self.low}, {self.high}")
 
 
-def difference_interval(candidate: DeviceSpread, baseline: DeviceSpread) -> Interval | None:
+SINGLE = Tails((1 - LEVEL) / 2, (1 - LEVEL) / 2)  # one reading: both bounds at LEVEL
+
+
+def look_epoch(samples: int, min_samples: int) -> int:
+    """How many times a reading's samples doubled past `min_samples` (0 below 2x)."""
+    return max(0, (samples // max(min_samples, 1)).bit_length() - 1)
+
+
+def epoch_alpha(epoch: int) -> float:
+    """What epoch k may spend of a bake's false-rollback budget: BAKE_ALPHA / 2**(k+1)."""
+    return float(BAKE_ALPHA / 2 ** (epoch + 1))
+
+
+def _crossing(z: float) -> float:
+    """P(a score statistic crosses z at some reading while its information doubles),
+    continuous monitoring: P(Z > z) at the epoch's first reading plus the expected
+    upcrossings after it, (ln 2 / 2) z phi(z) (the statistic over log-information is an
+    Ornstein-Uhlenbeck process with correlation exp(-|s|/2); Siegmund's approximation)."""
+    normal = NormalDist()
+    return (1 - normal.cdf(z)) + math.log(2) / 2 * z * normal.pdf(z)
+
+
+@lru_cache(maxsize=64)
+def epoch_tail(epoch: int) -> float:
+    """The one-sided tail of each reading's fail bound in `epoch`: any number of readings
+    of the epoch together cross it with probability `epoch_alpha(epoch)` at most
+    (bench/gates.py measures 20 readings of a bake, and ticks as dense as you like)."""
+    alpha = epoch_alpha(epoch)
+    z = float(scipy_optimize.brentq(lambda z: _crossing(z) - alpha, 1.0, 40.0, xtol=1e-10))
+    return 1 - NormalDist().cdf(z)
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """The level a reading of a gate uses: its epoch and the tails of its two bounds."""
+
+    epoch: int
+    tails: Tails
+    fail_tail: float  # the tail of the bound a `fail` is decided on
+
+    @property
+    def fail_level(self) -> float:
+        """The one-sided level of the fail bound."""
+        return 1 - self.fail_tail
+
+
+def look_level(samples: int, min_samples: int, *, lower_is_better: bool) -> Look:
+    """The sequential level of one reading (pure: nothing remembered between readings).
+
+    The bound a `fail` is decided on (`low` for a `max_` gate, `high` for a `min_` one)
+    takes `epoch_tail` of the reading's epoch; the other, read for a `pass` once at a
+    bake's end, stays at the single-reading LEVEL.
+    """
+    epoch = look_epoch(samples, min_samples)
+    fail = epoch_tail(epoch)
+    single = SINGLE.low
+    tails = Tails(fail, single) if lower_is_better else Tails(single, fail)
+    return Look(epoch, tails, fail)
+
+
+def t_quantile(df: int, tail: float = SINGLE.high) -> float:
+    """The one-sided (1 - tail) quantile of Student's t with `df` degrees of freedom (by
+    default the two-sided LEVEL one)."""
+    return float(scipy_stats.t.ppf(1 - tail, df))
+
+
+def difference_interval(
+    candidate: DeviceSpread, baseline: DeviceSpread, tails: Tails = SINGLE
+) -> Interval | None:
     """mean(candidate) - mean(baseline) of per-device values: pooled two-sample t interval.
 
     One variance for both sides (the devices of a fleet, a random share of which run the
@@ -392,22 +484,23 @@ def difference_interval(candidate: DeviceSpread, baseline: DeviceSpread) -> Inte
     mean1, mean2 = candidate.mean, baseline.mean
     assert mean1 is not None and mean2 is not None
     s2 = (candidate.squares + baseline.squares) / df
-    half = t_quantile(df) * math.sqrt(s2 * (1 / k1 + 1 / k2))
+    se = math.sqrt(s2 * (1 / k1 + 1 / k2))
     d = mean1 - mean2
-    return Interval(d, d - half, d + half)
+    return Interval(d, d - t_quantile(df, tails.low) * se, d + t_quantile(df, tails.high) * se)
 
 
-def quantile_interval(sketch: QuantileSketch | None, q: float) -> Interval | None:
-    """The q-quantile of a sketch's values and its distribution-free interval at LEVEL: the
+def quantile_interval(
+    sketch: QuantileSketch | None, q: float, tails: Tails = SINGLE
+) -> Interval | None:
+    """The q-quantile of a sketch's values and its distribution-free interval: the
     values at the order-statistic ranks the binomial distribution gives (ranks are exact
     in a sketch, values within its 2 %). Treats the values as independent draws."""
     if sketch is None or not sketch.count:
         return None
     n = sketch.count
     estimate = sketch.quantile(q)
-    tail = (1 - LEVEL) / 2
-    lo_rank = int(scipy_stats.binom.ppf(tail, n, q)) - 1
-    hi_rank = int(scipy_stats.binom.ppf(1 - tail, n, q))
+    lo_rank = int(scipy_stats.binom.ppf(tails.low, n, q)) - 1
+    hi_rank = int(scipy_stats.binom.ppf(1 - tails.high, n, q))
     low, high = sketch.at_rank(lo_rank), sketch.at_rank(hi_rank)
     if estimate is None or low is None or high is None:
         return None
@@ -418,17 +511,23 @@ def quantile_interval(sketch: QuantileSketch | None, q: float) -> Interval | Non
     return Interval(estimate, min(low, estimate), max(high, estimate))
 
 
-def wilson_interval(successes: int, n: int) -> Interval | None:
-    """A proportion and its Wilson score interval at LEVEL (sound at 0 and near 0)."""
-    if n <= 0:
-        return None
-    z = NormalDist().inv_cdf(0.5 + LEVEL / 2)
-    p = successes / n
+def _wilson_bound(p: float, n: int, z: float, sign: int) -> float:
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
+    return centre + sign * half
+
+
+def wilson_interval(successes: int, n: int, tails: Tails = SINGLE) -> Interval | None:
+    """A proportion and its Wilson score interval (sound at 0 and near 0)."""
+    if n <= 0:
+        return None
+    normal = NormalDist()
+    p = successes / n
+    low = _wilson_bound(p, n, normal.inv_cdf(1 - tails.low), -1)
+    high = _wilson_bound(p, n, normal.inv_cdf(1 - tails.high), 1)
+    low = 0.0 if successes == 0 else max(0.0, low)
+    high = 1.0 if successes == n else min(1.0, high)
     return Interval(p, low, high)
 
 
@@ -460,13 +559,14 @@ def _reading(
     interval: Interval | None,
     counted: _Counted,
     *,
+    look: Look,
     lower_is_better: bool,
     method: str,
     short: str | None,
     why_no_interval: str = "",
 ) -> GateVerdict:
     """A statistical verdict: inconclusive while `short` (too few samples) or without an
-    interval; else `decide`."""
+    interval; else `decide`. `look`: the levels `interval` was computed at."""
     outcome: GateOutcome = "inconclusive"
     if short is None and interval is not None:
         outcome = decide(interval, threshold, lower_is_better=lower_is_better)
@@ -482,6 +582,7 @@ def _reading(
         low=interval.low if interval is not None else None,
         high=interval.high if interval is not None else None,
         level=LEVEL if interval is not None else None,
+        fail_level=look.fail_level if interval is not None else None,
         samples=counted.samples, baseline_samples=counted.baseline_samples,
         devices=counted.devices, baseline_devices=counted.baseline_devices, method=method,
     )  # fmt: skip
@@ -537,6 +638,9 @@ def evaluate_gates(
             return f"baseline {bn} of {n}{what} samples"
         return None
 
+    def look(samples: int, *, lower_is_better: bool = True) -> Look:
+        return look_level(samples, n, lower_is_better=lower_is_better)
+
     def devices_short(needs_base: bool, what: str) -> str:
         k1, k2 = candidate.device_p95.devices, baseline.device_p95.devices
         if what == "confidence":
@@ -557,11 +661,12 @@ def evaluate_gates(
     base95 = baseline.latency.quantile(0.95, LATENCY_BUCKETS_MS)
     if spec.max_latency_ms is not None:
         if sketched:
-            i = quantile_interval(candidate.latency_sketch, GATE_QUANTILE)
+            at = look(candidate.count)
+            i = quantile_interval(candidate.latency_sketch, GATE_QUANTILE, at.tails)
             out.append(
                 _reading(
                     "max_latency_ms", spec.max_latency_ms, i, latency_counted,
-                    lower_is_better=True,
+                    look=at, lower_is_better=True,
                     method="candidate p95, order-statistic interval",
                     short=short(False), why_no_interval="no latencies",
                 )
@@ -575,11 +680,12 @@ def evaluate_gates(
                 )
             )  # fmt: skip
     if spec.max_error_rate is not None:
-        i = wilson_interval(candidate.errors, candidate.count)
+        at = look(candidate.count)
+        i = wilson_interval(candidate.errors, candidate.count, at.tails)
         verdict = _reading(
             "max_error_rate", spec.max_error_rate, i,
             _Counted(candidate.count, None, candidate.devices, None),
-            lower_is_better=True, method="candidate errors/inferences, Wilson interval",
+            look=at, lower_is_better=True, method="candidate errors/inferences, Wilson interval",
             short=short(False), why_no_interval="no inferences",
         )  # fmt: skip
         if (
@@ -595,13 +701,15 @@ def evaluate_gates(
         out.append(verdict)
     if spec.max_latency_increase is not None:
         if sketched:
+            at = look(min(candidate.count, baseline.count))
             i = _exp_interval(
-                difference_interval(candidate.device_p95, baseline.device_p95), minus_one=True
+                difference_interval(candidate.device_p95, baseline.device_p95, at.tails),
+                minus_one=True,
             )
             out.append(
                 _reading(
                     "max_latency_increase", spec.max_latency_increase, i, latency_counted,
-                    lower_is_better=True,
+                    look=at, lower_is_better=True,
                     method="devices' p95, candidate / baseline - 1 (geometric means), t interval",
                     short=short(True), why_no_interval=devices_short(True, "latency"),
                 )
@@ -621,7 +729,10 @@ def evaluate_gates(
         if problem is not None:
             out.append(_not_applicable("max_confidence_drop", spec.max_confidence_drop, problem))
         else:
-            diff = difference_interval(baseline.device_confidence, candidate.device_confidence)
+            at = look(min(candidate.confidence.n, baseline.confidence.n))
+            diff = difference_interval(
+                baseline.device_confidence, candidate.device_confidence, at.tails
+            )
             out.append(
                 _reading(
                     "max_confidence_drop", spec.max_confidence_drop, diff,
@@ -629,7 +740,7 @@ def evaluate_gates(
                         candidate.confidence.n, baseline.confidence.n,
                         candidate.device_confidence.devices, baseline.device_confidence.devices,
                     ),
-                    lower_is_better=True,
+                    look=at, lower_is_better=True,
                     method="devices' mean confidence, baseline - candidate, t interval",
                     # A detector's inferences with nothing above its threshold have no
                     # confidence: the samples that count are those with one.
@@ -644,13 +755,14 @@ def evaluate_gates(
             out.append(_not_applicable("min_agreement", spec.min_agreement, problem))
         else:
             ok = candidate.count - candidate.errors
-            i = wilson_interval(candidate.agreements, ok)
+            at = look(ok, lower_is_better=False)
+            i = wilson_interval(candidate.agreements, ok, at.tails)
             what = f"shadow agreement: {rules}" if rules else "shadow agreement"
             out.append(
                 _reading(
                     "min_agreement", spec.min_agreement, i,
                     _Counted(ok, None, candidate.devices, None),
-                    lower_is_better=False, method=f"{what}, Wilson interval",
+                    look=at, lower_is_better=False, method=f"{what}, Wilson interval",
                     short=short(False), why_no_interval="no successful inferences",
                 )
             )  # fmt: skip

@@ -9,6 +9,7 @@ readings (estimate, interval, what each side counted) for the CLI.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -85,10 +86,9 @@ def gate_line(v: GateVerdict) -> str:
     reading = "-"
     if v.observed is not None:
         reading = f"{v.observed:.4g}"
-        if v.low is not None and v.high is not None and v.level is not None:
-            reading += f" [{v.low:.4g}, {v.high:.4g}] ({v.level:.0%} interval)"
-        elif v.low is not None and v.level is not None:
-            reading += f" [{v.low:.4g}, unbounded] ({v.level:.0%} interval)"
+        if v.low is not None and v.level is not None:
+            high = f"{v.high:.4g}" if v.high is not None else "unbounded"
+            reading += f" [{v.low:.4g}, {high}] ({interval_levels(v)})"
     counted = ""
     if v.samples is not None:
         counted = f"; candidate {v.samples} samples"
@@ -104,6 +104,28 @@ def gate_line(v: GateVerdict) -> str:
         detail = f"{detail} ({v.method})" if detail else v.method
     tail = f"; {detail}" if detail else ""
     return f"{v.gate}: {v.verdict.replace('_', ' ')}, {reading} vs {threshold}{counted}{tail}"
+
+
+def one_sided(level: float) -> str:
+    """A one-sided level as a percentage with two significant digits of what it leaves
+    out: 99.5%, 99.951%, 99.99977%."""
+    left = 100 * (1 - level)
+    digits = max(1, 1 - math.floor(math.log10(left))) if left > 0 else 1
+    return f"{100 * level:.{digits}f}".rstrip("0").rstrip(".") + "%"
+
+
+def interval_levels(v: GateVerdict) -> str:
+    """`99% interval`, or, for a reading with a sequential fail bound, each bound's
+    one-sided level: `low 99.951%, high 99.5% one-sided` (low is a `max_` gate's fail
+    bound, high a `min_` gate's)."""
+    assert v.level is not None
+    if v.fail_level is None:
+        return f"{v.level:.0%} interval"
+    other = one_sided((1 + v.level) / 2)
+    fail = one_sided(v.fail_level)
+    if v.gate.startswith("min_"):
+        return f"low {other}, high {fail} one-sided"
+    return f"low {fail}, high {other} one-sided"
 
 
 def cohort_window(summary: CohortSummary) -> str | None:

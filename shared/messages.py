@@ -390,9 +390,12 @@ class GateVerdict(WireModel):
 
     `observed` is the estimate; `low`/`high` its interval at `level` (two-sided: each
     bound is one-sided at (1 + level) / 2), None where the gate has none (a point reading,
-    or agents without sketches); the samples and devices each side counted; `method` how
-    it was computed (`docs/gates.md`). Fields after `detail` are optional (older
-    controllers do not send them).
+    or agents without sketches), except that the bound a `fail` is decided on (`low` of a
+    `max_` gate, `high` of `min_agreement`) is one-sided at `fail_level` when that is set:
+    the sequential level of this reading of the bake (`controller.gates.look_level`).
+    The samples and devices each side counted; `method` how it was computed
+    (`docs/gates.md`). Fields after `detail` are optional (older controllers do not send
+    them).
     """
 
     gate: str
@@ -403,6 +406,7 @@ class GateVerdict(WireModel):
     low: float | None = None
     high: float | None = None
     level: float | None = None
+    fail_level: float | None = None  # one-sided level of the fail bound; None: at `level`
     samples: int | None = None  # candidate's inferences (or confidence values) counted
     baseline_samples: int | None = None
     devices: int | None = None  # candidate devices whose own statistic counted

@@ -3,6 +3,7 @@ the histogram fallback for agents without sketches, merging, A/B compare."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -11,15 +12,22 @@ import numpy as np
 import pytest
 
 from controller.gates import (
+    BAKE_ALPHA,
     LEVEL,
+    SINGLE,
     CohortStats,
     DeviceSpread,
+    Tails,
     TensorInputs,
     compare_ab,
     describe_failures,
     difference_interval,
+    epoch_alpha,
+    epoch_tail,
     evaluate_gates,
     format_reading,
+    look_epoch,
+    look_level,
     merge_tensor_inputs,
     overall,
     psi,
@@ -633,3 +641,103 @@ def test_tensor_inputs_merge_by_name_and_layout() -> None:
     assert [t.name for t in m.input_tensors] == ["image", "features"]
     assert m.input_tensors[0].histogram.counts == (80, 20, 10, 10, 10, 10, 10, 10)
     assert merge_tensor_inputs((), m.input_tensors) == m.input_tensors
+
+
+# ---------------------------------------------------------------- repeated looks
+
+
+def test_epochs_count_doublings_of_the_evidence_and_share_the_bake_budget() -> None:
+    """Epoch k starts at min_samples * 2**k; the epochs' shares sum to the bake's budget,
+    and each reading's fail tail shrinks by epoch, below what its epoch may spend."""
+    assert [look_epoch(n, 2000) for n in (0, 1999, 2000, 3999, 4000, 8000, 64_000)] == [
+        0, 0, 0, 0, 1, 2, 5,
+    ]  # fmt: skip
+    assert sum(epoch_alpha(k) for k in range(60)) == pytest.approx(BAKE_ALPHA)
+    tails = [epoch_tail(k) for k in range(8)]
+    assert all(a > b for a, b in itertools.pairwise(tails))
+    assert all(epoch_tail(k) < epoch_alpha(k) / 3 for k in range(8))  # many readings share it
+    assert tails[0] < SINGLE.low  # even the first reading is stricter than one at LEVEL
+
+
+def test_look_level_tightens_only_the_bound_a_fail_is_decided_on() -> None:
+    """A max_ gate fails on its low bound, min_agreement on its high one: that bound takes
+    the epoch's tail, the other (read for a pass, once, at the bake's end) stays at LEVEL."""
+    up = look_level(9000, 2000, lower_is_better=True)
+    assert up.epoch == 2 and up.tails == Tails(epoch_tail(2), SINGLE.high)
+    assert up.fail_level == 1 - epoch_tail(2)
+    down = look_level(9000, 2000, lower_is_better=False)
+    assert down.tails == Tails(SINGLE.low, epoch_tail(2))
+
+
+def _spread(mean: float, sd: float, k: int) -> DeviceSpread:
+    """k device values with exactly this mean and (sample) sd."""
+    z = np.linspace(-1.0, 1.0, k)
+    z = (z - z.mean()) / z.std(ddof=1)
+    return DeviceSpread.of((mean + sd * z).tolist())
+
+
+def test_a_reading_the_single_level_would_fail_is_inconclusive_at_its_epoch() -> None:
+    """Devices' log p95 +0.04 apart with sd 0.05 (20 vs 60 devices): a t of 3.1, beyond the
+    99.5 % bound one reading used (2.64) but not beyond the sequential one of its epoch;
+    the verdict states both levels, and its pass-side bound is the single-reading one."""
+    cand, base = _spread(0.04, 0.05, 20), _spread(0.0, 0.05, 60)
+    fixed = difference_interval(cand, base)
+    assert fixed is not None and fixed.low > 0  # what every reading did before
+    spec = GateSpec(max_latency_increase=0.0)
+    v = by_gate(
+        spec,
+        CohortStats(20, 2000, device_p95=cand),
+        CohortStats(60, 6000, device_p95=base),
+    )["max_latency_increase"]
+    assert v.verdict == "inconclusive" and v.low is not None and v.low < 0
+    assert (v.level, v.fail_level) == (LEVEL, pytest.approx(1 - epoch_tail(0)))
+    assert v.high == pytest.approx(math.exp(fixed.high) - 1)
+    # Twice the evidence is the next epoch: a stricter fail bound still.
+    w = by_gate(
+        spec,
+        CohortStats(20, 4000, device_p95=cand),
+        CohortStats(60, 12000, device_p95=base),
+    )["max_latency_increase"]
+    assert w.fail_level == pytest.approx(1 - epoch_tail(1)) and w.low is not None
+    assert w.low < v.low
+
+
+def test_a_clear_regression_still_fails_at_the_first_reading() -> None:
+    """+30 % on 20 devices against 30, read once the cohort reaches min_samples: fail."""
+    spec = GateSpec(max_latency_increase=0.1, min_samples=8000)
+    v = by_gate(spec, fleet(20, 1.3, seed=21), FLEET)["max_latency_increase"]
+    assert v.verdict == "fail" and v.fail_level == pytest.approx(1 - epoch_tail(0))
+
+
+def test_a_healthy_bake_read_many_times_is_not_rolled_back() -> None:
+    """Error rate exactly at the tolerance, 200 bakes each read 100 times while the
+    inferences grow 32-fold: every reading at LEVEL rolls back many bakes, the sequential
+    readings at most 1 % of them (seeded: the same bakes every run)."""
+    rng = np.random.default_rng(13)
+    ns = np.unique(np.round(2000 * 32.0 ** (np.arange(100) / 99))).astype(np.int64)
+    steps = np.diff(np.concatenate([[0], ns]))
+    spec = GateSpec(max_error_rate=0.01)
+    fixed = sequential = 0
+    for _ in range(200):
+        errors = np.cumsum(rng.binomial(steps, 0.01)).tolist()
+        readings = [
+            (n, e, by_gate(spec, CohortStats(5, n, e), CohortStats())["max_error_rate"])
+            for n, e in zip(ns.tolist(), errors, strict=True)
+        ]
+        fixed += any(
+            (i := wilson_interval(e, n)) is not None and i.low > 0.01 for n, e, _ in readings
+        )
+        sequential += any(v.verdict == "fail" for _, _, v in readings)
+    assert fixed >= 8  # what repeated readings at LEVEL did: over 4 % of healthy bakes
+    assert sequential <= 2
+
+
+def test_min_agreement_fails_on_its_high_bound_at_the_sequential_level() -> None:
+    """min_agreement fails when the interval's high end is under the threshold: that end
+    is the sequential one (wider than a single reading's), the low end stays at LEVEL."""
+    spec = GateSpec(min_agreement=0.9, min_samples=1000)
+    v = by_gate(spec, shadow(860, NONE, rule="same top class of 'out'"), BASE)["min_agreement"]
+    single = wilson_interval(860, 1000)
+    assert single is not None and v.low is not None and v.high is not None
+    assert v.low == pytest.approx(single.low) and v.high > single.high
+    assert v.verdict == "fail" and v.fail_level == pytest.approx(1 - epoch_tail(0))

@@ -63,3 +63,18 @@ def test_rollout_status_prints_the_window_and_each_gate() -> None:
     text = out.getvalue()
     assert f"gate      {gate_line(FAILING)}" in text
     assert "window    quantiles from sketch; compared from 16:18:07 UTC" in text
+
+
+def test_a_sequential_reading_states_each_bound_level() -> None:
+    """A reading with a sequential fail bound names both one-sided levels: the fail bound's
+    (low of a max_ gate, high of min_agreement) and the pass bound's; an older controller's
+    verdict without `fail_level` still parses and prints as one interval."""
+    seq = FAILING.model_copy(update={"fail_level": 0.9995060602662325})
+    assert "[0.24, 0.389] (low 99.951%, high 99.5% one-sided) vs 0.1" in gate_line(seq)
+    agree = GateVerdict(
+        gate="min_agreement", verdict="fail", observed=0.86, threshold=0.9, low=0.83,
+        high=0.888, level=0.99, fail_level=0.99999773,
+    )  # fmt: skip
+    assert "(low 99.5%, high 99.99977% one-sided)" in gate_line(agree)
+    old = GateVerdict.model_validate_json(FAILING.model_dump_json(exclude={"fail_level"}))
+    assert old.fail_level is None and "(99% interval)" in gate_line(old)
