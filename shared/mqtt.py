@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Self
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -38,23 +39,31 @@ def make_client(
     timeout: float = 10.0,
     max_queued_incoming: int | None = 10_000,
     queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
+    protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5,
 ) -> aiomqtt.Client:
     """An MQTT 5 client for `endpoint`, authenticated with its username/password or certificate.
 
     With `persistent_session` the broker keeps the subscriptions and queued QoS 1
     messages for `session_expiry_s` while the client is away (clean start off).
     `queue_type`: the incoming queue's class (one that decides what to drop, and
-    counts it, instead of aiomqtt's silent discard when full).
+    counts it, instead of aiomqtt's silent discard when full). `protocol` V311: a
+    session that needs no MQTT 5 feature (paho then builds no `Properties` for each
+    message it receives); its persistent session lasts as long as the broker keeps
+    such sessions, not `session_expiry_s`.
     """
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = session_expiry_s if persistent_session else 0
+    v5 = protocol == aiomqtt.ProtocolVersion.V5
+    props: Properties | None = None
+    if v5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s if persistent_session else 0
     return aiomqtt.Client(
         endpoint.host,
         endpoint.port,
         identifier=identifier,
-        protocol=aiomqtt.ProtocolVersion.V5,
+        protocol=protocol,
         will=will,
-        clean_start=not persistent_session,
+        clean_start=not persistent_session if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        clean_session=None if v5 else not persistent_session,
         properties=props,
         keepalive=keepalive,
         timeout=timeout,
