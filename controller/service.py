@@ -435,14 +435,23 @@ class Controller:
                 queue_type=queue_type,
                 protocol=aiomqtt.ProtocolVersion.V311,
             )
+            # Operator requests and their answers too: on the main session a request
+            # waited behind every device answer the broker had queued before it (p99 2 s
+            # during a 10,000-device rollout, for an answer made in 2 ms).
+            requests = make_client(
+                self.config.mqtt,
+                identifier=f"{self.config.client_id}-requests",
+                persistent_session=True,
+                max_queued_incoming=0,
+            )
             # A failed TaskGroup leaves its parent marked as cancelling on 3.11: only a
             # count above this one is a request to stop.
             baseline = task.cancelling() if task is not None else 0
             try:
-                async with client, telemetry:
+                async with client, telemetry, requests:
                     self._client = client
                     delays = backoff_delays()
-                    await self._on_connect(client, telemetry)
+                    await self._on_connect(client, telemetry, requests)
                     sessions += 1
                     if sessions > 1:
                         log.warning("controller_reconnected", broker=str(self.config.mqtt))
@@ -453,6 +462,7 @@ class Controller:
                         async with asyncio.TaskGroup() as tg:
                             tg.create_task(self._receive_loop(client), name="receive")
                             tg.create_task(self._receive_loop(telemetry), name="telemetry")
+                            tg.create_task(self._receive_loop(requests), name="requests")
                             tg.create_task(self._ingest_loop(), name="ingest")
                             tg.create_task(self._tick_loop(), name="tick")
                     except asyncio.CancelledError:
@@ -550,16 +560,18 @@ class Controller:
         except (aiomqtt.MqttError, ValidationError):
             return
 
-    async def _on_connect(self, client: aiomqtt.Client, telemetry: aiomqtt.Client) -> None:
-        # A session kept from a controller before telemetry had its own session still
-        # holds that subscription: every window would come twice.
-        await client.unsubscribe(topics.ALL_DEVICE_TELEMETRY)
+    async def _on_connect(
+        self, client: aiomqtt.Client, telemetry: aiomqtt.Client, requests: aiomqtt.Client
+    ) -> None:
+        # A main session kept from a controller before telemetry and requests had their
+        # own sessions still holds those subscriptions: each would come twice.
+        await client.unsubscribe([topics.ALL_DEVICE_TELEMETRY, topics.CONTROLLER_REQUESTS])
         for session, topic in (
             (client, topics.ALL_DEVICE_REGISTRY),
             (client, topics.ALL_DEVICE_STATES),
             (client, topics.ALL_DEVICE_EVENTS),
             (telemetry, topics.ALL_DEVICE_TELEMETRY),
-            (client, topics.CONTROLLER_REQUESTS),
+            (requests, topics.CONTROLLER_REQUESTS),
         ):
             refused = refused_code(await session.subscribe(topic, qos=1))
             if refused is not None:
@@ -1105,7 +1117,8 @@ class Controller:
 
     def _device_page(self, offset: int, limit: int) -> list[dict[str, Any]]:
         """A page of `device list`, read and shaped in a worker thread."""
-        return [row_to_wire(r) for r in self.store.list_devices(offset, limit)]
+        rows = self.store.device_page(offset, limit)
+        return [{to_camel(k): v for k, v in r.items()} for r in rows]
 
     async def _start(self, request: StartRolloutRequest, now: float) -> dict[str, Any]:
         if not (request.devices or request.region or request.device_type or request.all_devices):

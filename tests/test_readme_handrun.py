@@ -99,8 +99,12 @@ def test_readme_handrun_block_runs_as_written(tmp_path: Path) -> None:
     work = tmp_path / "clone"
     work.mkdir()
     (work / ".venv").symlink_to(sys.prefix)  # the block's `$PWD/.venv/bin`
-    ports = {"MQTT_PORT": free_port(), "S3_PORT": free_port(), "METRICS_PORT": free_port()}
-    assert len(set(ports.values())) == 3
+    # free_port() closes the port it found: two calls may well name the same one.
+    picked: list[int] = []
+    while len(picked) < 3:
+        if (port := free_port()) not in picked:
+            picked.append(port)
+    ports = dict(zip(("MQTT_PORT", "S3_PORT", "METRICS_PORT"), picked, strict=True))
     env = {
         k: v
         for k, v in os.environ.items()

@@ -523,3 +523,20 @@ def test_the_plain_assignment_has_every_column_of_the_row() -> None:
 
     columns = set(AssignmentRow.__table__.columns.keys())  # type: ignore[attr-defined]
     assert {f.name for f in fields(Assignment)} == columns
+
+
+def test_a_device_page_holds_what_the_rows_hold_in_id_order(store: Store) -> None:
+    """`device list`'s page read as plain column dicts: the same fields and values as
+    the rows, ordered by id, offset and limit applied."""
+    ref = ModelRef(name="m", version="1", sha256="a" * 64)
+    for i in (3, 1, 4, 0, 2):
+        state = DeviceState(
+            device_id=f"d{i}", region="eu", device_type="cam", online=i % 2 == 0, active=ref
+        )
+        store.upsert_device(state, float(i))
+    rows = {r.device_id: r.model_dump() for r in store.list_devices()}
+    page = store.device_page(1, 3)
+    assert [d["device_id"] for d in page] == ["d1", "d2", "d3"]
+    assert page == [rows[d["device_id"]] for d in page]
+    assert [d["device_id"] for d in store.device_page(0, None)] == [f"d{i}" for i in range(5)]
+    assert store.device_page(5, 10) == []
