@@ -416,39 +416,14 @@ class Controller:
         sessions = 0
         queue_type = type("IncomingQueue", (_IncomingQueue,), {"limit": backlog})
         while True:
-            client = make_client(
-                self.config.mqtt,
-                identifier=self.config.client_id,
-                will=will,
-                persistent_session=True,
-                max_queued_incoming=0,
-                queue_type=queue_type,
-            )
-            # Telemetry, the bulk of what devices send, comes in on a session of its own
-            # that speaks MQTT 3.1.1: it needs no MQTT 5 feature, and paho then builds no
-            # `Properties` for each window (a sixth of the controller's time at 6,000/s).
-            telemetry = make_client(
-                self.config.mqtt,
-                identifier=f"{self.config.client_id}-telemetry",
-                persistent_session=True,
-                max_queued_incoming=0,
-                queue_type=queue_type,
-                protocol=aiomqtt.ProtocolVersion.V311,
-            )
-            # Operator requests and their answers too: on the main session a request
-            # waited behind every device answer the broker had queued before it (p99 2 s
-            # during a 10,000-device rollout, for an answer made in 2 ms).
-            requests = make_client(
-                self.config.mqtt,
-                identifier=f"{self.config.client_id}-requests",
-                persistent_session=True,
-                max_queued_incoming=0,
-            )
+            client, telemetry, requests = self._sessions(will, queue_type)
             # A failed TaskGroup leaves its parent marked as cancelling on 3.11: only a
             # count above this one is a request to stop.
             baseline = task.cancelling() if task is not None else 0
             try:
-                async with client, telemetry, requests:
+                async with contextlib.AsyncExitStack() as stack:
+                    for session in dict.fromkeys((client, telemetry, requests)):
+                        await stack.enter_async_context(session)
                     self._client = client
                     delays = backoff_delays()
                     await self._on_connect(client, telemetry, requests)
@@ -460,9 +435,8 @@ class Controller:
                     raise_if_cancelled(baseline)
                     try:
                         async with asyncio.TaskGroup() as tg:
-                            tg.create_task(self._receive_loop(client), name="receive")
-                            tg.create_task(self._receive_loop(telemetry), name="telemetry")
-                            tg.create_task(self._receive_loop(requests), name="requests")
+                            for session in dict.fromkeys((client, telemetry, requests)):
+                                tg.create_task(self._receive_loop(session), name="receive")
                             tg.create_task(self._ingest_loop(), name="ingest")
                             tg.create_task(self._tick_loop(), name="tick")
                     except asyncio.CancelledError:
@@ -497,6 +471,48 @@ class Controller:
             finally:
                 self._client = None
                 self.connected.clear()
+
+    def _sessions(
+        self, will: aiomqtt.Will, queue_type: type[_IncomingQueue]
+    ) -> tuple[aiomqtt.Client, aiomqtt.Client, aiomqtt.Client]:
+        """The main session (events, states, registry; commands and statuses go out on
+        it), the telemetry session and the request session.
+
+        Telemetry, the bulk of what devices send, comes in on a session of its own that
+        speaks MQTT 3.1.1: it needs no MQTT 5 feature, and paho then builds no
+        `Properties` for each window (a sixth of the controller's time at 6,000/s).
+        Operator requests come in and are answered on a third: on the main session a
+        request waited behind every device answer the broker had queued before it (p99
+        2 s during a 10,000-device rollout, for an answer made in 2 ms). With a client
+        certificate the broker makes its CN the client id of every session (the
+        certificate listener), so three would take each other over: one does it all.
+        """
+        mqtt = self.config.mqtt
+        main = make_client(
+            mqtt,
+            identifier=self.config.client_id,
+            will=will,
+            persistent_session=True,
+            max_queued_incoming=0,
+            queue_type=queue_type,
+        )
+        if mqtt.cert_file is not None:
+            return main, main, main
+        telemetry = make_client(
+            mqtt,
+            identifier=f"{self.config.client_id}-telemetry",
+            persistent_session=True,
+            max_queued_incoming=0,
+            queue_type=queue_type,
+            protocol=aiomqtt.ProtocolVersion.V311,
+        )
+        requests = make_client(
+            mqtt,
+            identifier=f"{self.config.client_id}-requests",
+            persistent_session=True,
+            max_queued_incoming=0,
+        )
+        return main, telemetry, requests
 
     async def _say_offline(self, client: aiomqtt.Client) -> None:
         """On the way out (SIGTERM): the retained controller state says offline."""
@@ -565,7 +581,16 @@ class Controller:
     ) -> None:
         # A main session kept from a controller before telemetry and requests had their
         # own sessions still holds those subscriptions: each would come twice.
-        await client.unsubscribe([topics.ALL_DEVICE_TELEMETRY, topics.CONTROLLER_REQUESTS])
+        moved = [
+            t
+            for t, s in (
+                (topics.ALL_DEVICE_TELEMETRY, telemetry),
+                (topics.CONTROLLER_REQUESTS, requests),
+            )
+            if s is not client
+        ]
+        if moved:
+            await client.unsubscribe(moved)
         for session, topic in (
             (client, topics.ALL_DEVICE_REGISTRY),
             (client, topics.ALL_DEVICE_STATES),

@@ -24,11 +24,15 @@ from typer.testing import CliRunner
 
 from broker.cli import app
 from broker.launcher import Mosquitto, free_port, wait_for_port
-from broker.tls import init_tls
+from broker.tls import add_client_cert, init_tls
+from controller.operator import OperatorClient
+from controller.service import Controller
 from shared import topics
 from shared.credentials import apply_credentials, endpoint_for, load_credentials
+from shared.messages import Ping
 from shared.mqtt import make_client
 from shared.settings import parse_mqtt_url
+from tests.conftest import S3, controller_config, running_task
 
 NOT_AUTHORIZED = 0x87
 # paho 2.2 leaves the socket of a failed TLS handshake for the garbage collector
@@ -206,3 +210,34 @@ def test_broker_run_finds_its_tls_dir_and_writes_identities_on_first_start(tmp_p
         _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
     assert b"credentials for the controller, operators and the admin" in err
+
+
+async def test_a_controller_with_a_client_certificate_serves_on_one_session(
+    tls_broker: Mosquitto, s3: S3, tmp_path: Path
+) -> None:
+    """On the certificate listener the CN is the client id of every session, so the
+    controller's telemetry and request sessions would take each other and the main one
+    over: with a certificate it runs one session. It stays connected, answers requests
+    and takes telemetry."""
+    assert tls_broker.tls_dir is not None
+    issued = add_client_cert(tls_broker.tls_dir, "hotswap-controller")
+    by_cert = replace(
+        endpoint_for(parse_mqtt_url(tls_broker.tls_cert_url), tls_broker.credentials("controller")),
+        username=None,
+        password=None,
+        cert_file=issued.cert,
+        key_file=issued.key,
+    )
+    controller = Controller(controller_config(tls_broker, s3, tmp_path, mqtt=by_cert))
+    async with running_task(controller.run(), controller.connected):
+        async with OperatorClient(tls_broker.endpoint("operator", tls=True)) as op:
+            for _ in range(5):
+                assert (await op.request(Ping()))["clientId"] == "hotswap-controller"
+                await asyncio.sleep(0.3)
+        async with make_client(tls_broker.endpoint("controller", tls=True), identifier="probe"):
+            pass  # the broker's log is written by now for what came before
+    log = tls_broker.log_path.read_text()
+    assert "hotswap-controller already connected" not in log
+    # The start-up probe (its asked-for id replaced by the CN too), then one session.
+    assert log.count("as hotswap-controller (p5, c0") == 1, log[-3000:]
+    assert "as hotswap-controller (p4" not in log
