@@ -8,6 +8,7 @@ unregistered device) lives here and raises RequestError with a one-line reason.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ from shared.tasks import describe as describe_task
 OPEN_STATUSES = ("Pending", "InProgress", "Paused")
 # A rollback the device answered: its line says rolled_back or rollback_failed.
 ANSWERED_ROLLBACK_STATES = ("rolled_back", "failed", "timed_out")
+# How long a version read as not registered is taken at that, and how many are kept.
+UNREGISTERED_TTL_S = 10.0
+MAX_UNREGISTERED = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,10 @@ class Store:
             make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
         self._meanings: dict[tuple[str, str], _Meaning] = {}
+        # Versions not registered here, with when that was read (time.monotonic): a
+        # device's telemetry of such a version cost a query a window (unbounded by
+        # anything but the device's rate). Forgotten on register and after a while.
+        self._unregistered: dict[tuple[str, str], float] = {}
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -210,6 +218,7 @@ class Store:
             )
             s.add(row)
             s.commit()
+            self._unregistered.pop((manifest.name, manifest.version), None)
             return row
 
     def get_model(self, name: str, version: str) -> ModelVersionRow:
@@ -1025,6 +1034,9 @@ class Store:
         cached = self._meanings.get(key)
         if cached is not None:
             return cached
+        missed = self._unregistered.get(key)
+        if missed is not None and time.monotonic() - missed < UNREGISTERED_TTL_S:
+            return None
         with self.session() as s:
             row = s.exec(
                 select(ModelVersionRow.signed_manifest).where(
@@ -1032,7 +1044,12 @@ class Store:
                 )
             ).first()
         if row is None:
-            return None  # not registered here: read as before tasks (and not cached)
+            # Not registered here: read as before tasks. Remembered for a while (a
+            # bounded number of them: a device may name versions at random).
+            if len(self._unregistered) >= MAX_UNREGISTERED:
+                self._unregistered.clear()
+            self._unregistered[key] = time.monotonic()
+            return None
         try:
             manifest = SignedManifest.model_validate_json(row).unverified()
         except (ValueError, ArtifactError):

@@ -540,3 +540,20 @@ def test_a_device_page_holds_what_the_rows_hold_in_id_order(store: Store) -> Non
     assert page == [rows[d["device_id"]] for d in page]
     assert [d["device_id"] for d in store.device_page(0, None)] == [f"d{i}" for i in range(5)]
     assert store.device_page(5, 10) == []
+
+
+def test_a_version_not_registered_costs_one_query_not_one_a_window(
+    store: Store, tmp_path, model_v1: bytes
+) -> None:
+    """Telemetry naming a version this controller never registered (a device may name
+    any) used to query the database for every window; it is remembered for a while,
+    and forgotten as soon as the version is registered."""
+    queries: list[str] = []
+    sqlalchemy.event.listen(
+        store.engine, "before_cursor_execute", lambda *a: queries.append(str(a[2]))
+    )
+    for _ in range(50):
+        assert store.registered_task("m", "1.0") is None
+    assert len([q for q in queries if "model_versions" in q]) == 1, queries
+    store.register_model(_signed(tmp_path, model_v1), "k", 1.0)
+    assert store.registered_task("m", "1.0") is not None
