@@ -35,7 +35,7 @@ from broker.launcher import Mosquitto
 from broker.provision import DynsecAdmin, provision_device
 from broker.s3server import S3Server
 from controller.service import ControllerConfig
-from edge_agent.agent import AgentConfig
+from edge_agent.agent import Agent, AgentConfig
 from shared import topics
 from shared.credentials import (
     MQTT_FILE,
@@ -258,6 +258,21 @@ def fleet_agent_config(
         mqtt=device_endpoint(broker, device_id, region, device_type),
         **settings,
     )
+
+
+def fleet_agents(
+    broker: Mosquitto,
+    keys: KeyPair,
+    root: Path,
+    devices: Sequence[tuple[str, str, str]],
+    **settings: Any,
+) -> list[Agent]:
+    """Agents of a test fleet, one per `(device_id, region, device_type)`, each with its
+    store in `root/agents/<device_id>` (`fleet_agent_config`); not started."""
+    return [
+        Agent(fleet_agent_config(broker, keys, root / "agents" / d, d, region, kind, **settings))
+        for d, region, kind in devices
+    ]
 
 
 def controller_config(broker: Mosquitto, s3: S3, tmp_path: Path, **kw: Any) -> ControllerConfig:

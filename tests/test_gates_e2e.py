@@ -21,11 +21,10 @@ import pytest
 
 from broker.launcher import Mosquitto
 from controller.artifacts import ArtifactStore
-from edge_agent.agent import Agent
 from shared.errors import RequestError
 from shared.messages import GateSpec, GateVerdict, ListDevices, RolloutStatus, StartRollout
 from shared.model_builder import build_dense_model
-from tests.conftest import S3, KeyPair, fleet_agent_config
+from tests.conftest import S3, KeyPair, fleet_agents
 from tests.test_rollouts import ControllerProcess, Fleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.serial, pytest.mark.timeout(240)]
@@ -86,22 +85,15 @@ async def fleet(
     """
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0002)
-    agents = [
-        Agent(
-            fleet_agent_config(
-                mosquitto,
-                signing_keys,
-                tmp_path / "agents" / device_id,
-                device_id,
-                region,
-                device_type,
-                workload_hz=200.0,
-                telemetry_interval_s=0.5,
-                max_latency_factor=1e6,  # the controller's gates are under test
-            )
-        )
-        for device_id, region, device_type in DEVICES
-    ]
+    agents = fleet_agents(
+        mosquitto,
+        signing_keys,
+        tmp_path,
+        DEVICES,
+        workload_hz=200.0,
+        telemetry_interval_s=0.5,
+        max_latency_factor=1e6,  # the controller's gates are under test
+    )
     controller = ControllerProcess(mosquitto, s3, tmp_path)
     fleet = GateFleet(
         mosquitto.endpoint("operator"),

@@ -45,7 +45,7 @@ from shared.model_builder import build_dense_model
 from shared.mqtt import make_client
 from shared.settings import MqttEndpoint
 from shared.tflite import make_interpreter
-from tests.conftest import S3, KeyPair, fleet_agent_config, observer_endpoint
+from tests.conftest import S3, KeyPair, fleet_agents, observer_endpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -154,23 +154,16 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     """Four agents under load serving v1 (rolled out Direct), a controller process."""
     endpoint = mosquitto.endpoint("operator")
-    agents = [
-        Agent(
-            fleet_agent_config(
-                mosquitto,
-                signing_keys,
-                tmp_path / "agents" / device_id,
-                device_id,
-                region,
-                device_type,
-                workload_hz=100.0,
-                telemetry_interval_s=0.5,
-                # The controller's gates are under test, not the agent's own health watch.
-                max_latency_factor=1e6,
-            )
-        )
-        for device_id, region, device_type in DEVICES
-    ]
+    agents = fleet_agents(
+        mosquitto,
+        signing_keys,
+        tmp_path,
+        DEVICES,
+        workload_hz=100.0,
+        telemetry_interval_s=0.5,
+        # The controller's gates are under test, not the agent's own health watch.
+        max_latency_factor=1e6,
+    )
     controller = ControllerProcess(mosquitto, s3, tmp_path)
     fleet = Fleet(endpoint, ArtifactStore(s3.endpoint, s3.bucket), signing_keys, agents, controller)
     tasks = [asyncio.create_task(a.run()) for a in agents]

@@ -50,7 +50,7 @@ from broker.s3server import DEMO_CREDENTIALS
 from edge_agent.agent import Agent
 from shared.mqtt import make_client
 from shared.settings import MqttEndpoint
-from tests.conftest import S3, KeyPair, fleet_agent_config
+from tests.conftest import S3, KeyPair, fleet_agents
 
 
 @dataclass
@@ -251,20 +251,7 @@ async def make_agents(
         "telemetry_interval_s": 0.5,
         "max_latency_factor": 1e6,  # the controller's gates are under test, not the agent's
     }
-    agents = [
-        Agent(
-            fleet_agent_config(
-                mosquitto,
-                signing_keys,
-                tmp_path / "agents" / device_id,
-                device_id,
-                region,
-                device_type,
-                **(defaults | config),
-            )
-        )
-        for device_id, region, device_type in devices
-    ]
+    agents = fleet_agents(mosquitto, signing_keys, tmp_path, devices, **(defaults | config))
     tasks = [asyncio.create_task(a.run(), name=f"agent-{a.config.device_id}") for a in agents]
     try:
         yield agents
